@@ -1,0 +1,724 @@
+//! Gateway configuration: the TOML file's schema, its defaults (in one place: the `Default` impls below) and
+//! [`Config::validate`], which turns a parsed file into values the rest of the gateway can trust.
+//!
+//! Every section uses `deny_unknown_fields`, so a typo is a startup error that names the key. Every bound the gateway
+//! enforces (queues, maps, limiters, timeouts) is a field here; `docs/configuration.md` and the shipped
+//! `config/gateway.toml` document each one with its default. Secrets are never read from the TOML itself: the file
+//! names a file or an environment variable, and the loaded value is a [`Secret`] whose `Debug` prints `MASKED`.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Errors from loading or validating a configuration. Each message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Path that failed.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrong type (toml's message names the key).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// Path that failed.
+        path: PathBuf,
+        /// toml's description, which names the key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `limits.max_pending_messages`.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A secret value (password, HMAC key). `Debug` and `Display` never print it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is used, never to log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+/// Where a secret comes from: a file (trailing newline trimmed) or an environment variable.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// Read the secret from this file.
+    pub file: Option<PathBuf>,
+    /// Read the secret from this environment variable.
+    pub env: Option<String>,
+}
+
+impl SecretSource {
+    /// Loads the secret. `key` names the config key in errors.
+    pub fn load(&self, key: &'static str) -> Result<Secret, ConfigError> {
+        match (&self.file, &self.env) {
+            (Some(path), None) => std::fs::read_to_string(path)
+                .map(|s| Secret(s.trim_end_matches(['\r', '\n']).to_string()))
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display()))),
+            (None, Some(var)) => std::env::var(var)
+                .map(Secret)
+                .map_err(|_| invalid(key, format!("environment variable {var} is not set"))),
+            _ => Err(invalid(key, "set exactly one of `file` or `env`")),
+        }
+    }
+}
+
+/// One string or a list of strings (used for `nats.url`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single value.
+    One(String),
+    /// Several values.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// All values as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listener, HTTP and shutdown settings.
+    pub server: ServerConfig,
+    /// TLS termination.
+    pub tls: TlsConfig,
+    /// Connection to NATS.
+    pub nats: NatsConfig,
+    /// Room naming, subject mapping and overflow policies.
+    pub rooms: RoomsConfig,
+    /// Per-connection bounds: message sizes, queues, rates.
+    pub limits: LimitsConfig,
+    /// Authentication and default permissions.
+    pub auth: AuthConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `0.0.0.0:8443`.
+    pub listen: SocketAddr,
+    /// Identifier of this gateway instance, put in NATS headers and lifecycle events. Default: random at startup.
+    pub gateway_id: Option<String>,
+    /// Path of the WebSocket endpoint. Default `/ws`.
+    pub ws_path: String,
+    /// Global cap on open connections (TCP accepted, any stage). Over it: 503 before the upgrade. Default 50000.
+    pub max_connections: usize,
+    /// Deadline for TCP accept → TLS → HTTP request → upgrade (slowloris guard). Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Largest HTTP request head (request line + headers) accepted, in bytes. Default 16384.
+    pub max_header_bytes: usize,
+    /// On SIGINT/SIGTERM: time allowed for clients to be closed (1001) and NATS flushed before exit. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Allowed `Origin` values for the upgrade: exact origins (`https://app.example.com`) or `*.example.com` /
+    /// `https://*.example.com` wildcards. Empty (default) = any origin, including none.
+    pub allowed_origins: Vec<String>,
+    /// Proxies (IPs or CIDRs) whose `X-Forwarded-For` / `Forwarded` headers are trusted. Default: none.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8443".parse().expect("static address"),
+            gateway_id: None,
+            ws_path: "/ws".into(),
+            max_connections: 50_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Terminate TLS (wss). When false the listener speaks plain ws (behind a TLS-terminating proxy). Default true.
+    pub enabled: bool,
+    /// PEM certificate chain. Default `certs/dev-cert.pem`.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Default `certs/dev-key.pem`.
+    pub key_file: PathBuf,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cert_file: "certs/dev-cert.pem".into(),
+            key_file: "certs/dev-key.pem".into(),
+        }
+    }
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL, or a list of them. Default `nats://127.0.0.1:4222`.
+    pub url: OneOrMany,
+    /// Client name shown by the NATS server. Default `roomwire`.
+    pub name: String,
+    /// Username (with `password`). Default none.
+    pub user: Option<String>,
+    /// Password source (`{ file = ".." }` or `{ env = ".." }`). Default none.
+    pub password: Option<SecretSource>,
+    /// Token source. Default none.
+    pub token: Option<SecretSource>,
+    /// `.creds` file (JWT + NKey). Default none.
+    pub creds_file: Option<PathBuf>,
+    /// Timeout of each connection attempt. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A client publish not accepted by NATS in this time is answered `unavailable`. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Messages buffered per room subscription between the NATS connection and the room's fan-out task; over it NATS
+    /// reports a slow consumer and drops. Default 65536.
+    pub subscription_capacity: usize,
+    /// Commands (publishes, subscribes) buffered toward the NATS connection. Default 8192.
+    pub client_capacity: usize,
+    /// Subject prefix of lifecycle events (`<prefix>.connect`, `.disconnect`, `.join`, `.leave`).
+    /// Default `roomwire.events`.
+    pub events_prefix: String,
+    /// Publish lifecycle events. Default true.
+    pub events: bool,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: OneOrMany::One("nats://127.0.0.1:4222".into()),
+            name: "roomwire".into(),
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            connect_timeout: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(5),
+            subscription_capacity: 65_536,
+            client_capacity: 8192,
+            events_prefix: "roomwire.events".into(),
+            events: true,
+        }
+    }
+}
+
+/// What to do when a connection's outbound queue is full. See `docs/backpressure.md`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Close the connection with 4008 "slow consumer".
+    Disconnect,
+    /// Drop the oldest queued message of the room; a `gap` notice tells the client.
+    DropOldest,
+    /// Drop the message that does not fit; a `gap` notice tells the client.
+    DropNewest,
+    /// Keep only the newest pending message of the room (conflation).
+    Latest,
+}
+
+/// One `[[rooms.policy]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomPolicy {
+    /// Room pattern: exact name, or with `*` wildcards (`ticker-*`).
+    pub pattern: String,
+    /// Overflow policy for matching rooms.
+    pub overflow: Overflow,
+}
+
+/// `[rooms]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Room `R` maps to subject `<subject_prefix>.R`. Default `rooms`.
+    pub subject_prefix: String,
+    /// Overflow policy of rooms no `[[rooms.policy]]` matches. Default `disconnect`.
+    pub overflow: Overflow,
+    /// Per-room-pattern overflow policies, first match wins.
+    pub policy: Vec<RoomPolicy>,
+    /// Rooms one connection may be in at once; over it: `too_many_rooms`. Default 100.
+    pub max_rooms_per_connection: usize,
+    /// Distinct rooms (NATS subscriptions) this gateway holds at once; over it: `unavailable`. Default 100000.
+    pub max_rooms: usize,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "rooms".into(),
+            overflow: Overflow::Disconnect,
+            policy: Vec::new(),
+            max_rooms_per_connection: 100,
+            max_rooms: 100_000,
+        }
+    }
+}
+
+impl RoomsConfig {
+    /// The overflow policy for `room`.
+    pub fn overflow_for(&self, room: &str) -> Overflow {
+        self.policy
+            .iter()
+            .find(|p| crate::protocol::glob_match(&p.pattern, room))
+            .map_or(self.overflow, |p| p.overflow)
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest WebSocket message from a client, in bytes (after reassembly of fragments). Over it: close 1009.
+    /// Default 65536.
+    pub max_message_size: usize,
+    /// Largest single WebSocket frame from a client. Default 65536.
+    pub max_frame_size: usize,
+    /// tokio-tungstenite read buffer per connection. Small, because an idle connection holds it. Default 4096.
+    pub read_buffer_size: usize,
+    /// Bytes tungstenite batches before writing to the socket. Default 16384.
+    pub write_buffer_size: usize,
+    /// Hard bound on tungstenite's own write buffer (a write over it fails). Default 262144.
+    pub max_write_buffer_size: usize,
+    /// Outbound queue bound, in messages, per connection. Default 1024.
+    pub max_pending_messages: usize,
+    /// Outbound queue bound, in bytes, per connection. Default 1048576.
+    pub max_pending_bytes: usize,
+    /// A write (or flush) to a client that does not finish in this time closes the connection. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Client publishes awaiting NATS at once per connection; beyond it the gateway stops reading from the client.
+    /// Default 64.
+    pub max_inflight_publishes: usize,
+    /// Sustained messages per second per connection (and per user). Over it: error `rate_limited`. Default 100.
+    pub messages_per_second: u32,
+    /// Burst of messages above the sustained rate. Default 200.
+    pub messages_burst: u32,
+    /// Sustained inbound bytes per second per connection (and per user). Default 1048576.
+    pub bytes_per_second: u32,
+    /// Burst of inbound bytes. Default 2097152 (must be ≥ `max_message_size`).
+    pub bytes_burst: u32,
+    /// After this many `rate_limited` answers in a row the connection is closed with 1008. Default 50.
+    pub max_rate_violations: u32,
+    /// Concurrent connections per client IP. Over it: 429. Default 256.
+    pub max_connections_per_ip: usize,
+    /// New connections per second per client IP. Default 20.
+    pub connections_per_second_per_ip: u32,
+    /// Burst of new connections per IP. Default 100.
+    pub connections_burst_per_ip: u32,
+    /// Distinct IPs (and users) tracked by the keyed limiters; the oldest entries are evicted beyond it. Default 100000.
+    pub max_tracked_keys: usize,
+    /// Server sends a WebSocket ping this often. Default `25s`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A connection from which nothing (data or pong) arrived for this long is closed (1001 "heartbeat timeout").
+    /// Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size: 64 * 1024,
+            max_frame_size: 64 * 1024,
+            read_buffer_size: 4096,
+            write_buffer_size: 16 * 1024,
+            max_write_buffer_size: 256 * 1024,
+            max_pending_messages: 1024,
+            max_pending_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+            max_inflight_publishes: 64,
+            messages_per_second: 100,
+            messages_burst: 200,
+            bytes_per_second: 1024 * 1024,
+            bytes_burst: 2 * 1024 * 1024,
+            max_rate_violations: 50,
+            max_connections_per_ip: 256,
+            connections_per_second_per_ip: 20,
+            connections_burst_per_ip: 100,
+            max_tracked_keys: 100_000,
+            heartbeat_interval: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// JWT algorithm family accepted for verification.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKey {
+    /// Key id matched against the token header's `kid`; a key without `kid` matches any token of its algorithm.
+    pub kid: Option<String>,
+    /// `HS256`, `HS384`, `HS512`, `RS256`, `ES256` or `EdDSA`.
+    pub algorithm: String,
+    /// HMAC secret source (HS* only).
+    pub secret: Option<SecretSource>,
+    /// PEM public key file (RS256, ES256, EdDSA).
+    pub public_key_file: Option<PathBuf>,
+}
+
+/// Permissions granted to a connection: room patterns it may join and publish to.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Permissions {
+    /// Patterns of rooms that may be joined. Default `["*"]` for anonymous connections in the dev config.
+    pub join: Vec<String>,
+    /// Patterns of rooms that may be published to.
+    pub publish: Vec<String>,
+}
+
+impl Default for Permissions {
+    fn default() -> Self {
+        Self {
+            join: vec!["*".into()],
+            publish: vec!["*".into()],
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accept connections without a token. Default false; the shipped dev config sets true.
+    pub allow_anonymous: bool,
+    /// Permissions of anonymous connections.
+    pub anonymous: Permissions,
+    /// Keys accepted for JWT verification.
+    pub keys: Vec<JwtKey>,
+    /// JWKS file (JSON) with further public keys, selected by `kid`.
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` (one of), if set.
+    pub audience: Vec<String>,
+    /// Clock leeway for `exp`/`nbf`, in seconds. Default 30.
+    pub leeway_secs: u64,
+    /// Cookie carrying the token, if any (besides `Authorization: Bearer` and `?token=`).
+    pub cookie: Option<String>,
+    /// Personal room template granted to every user for join and publish; `{sub}` is replaced. Default none.
+    pub personal_room: Option<String>,
+    /// Name of the claim holding join patterns. Default `rooms_join`... see docs/security.md. Default `rooms`.
+    pub rooms_claim: String,
+    /// Name of the claim holding publish patterns. Default `publish`.
+    pub publish_claim: String,
+    /// A `token_expiring` warning is sent this long before `exp`. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub expiry_warning: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: false,
+            anonymous: Permissions::default(),
+            keys: Vec::new(),
+            jwks_file: None,
+            issuer: None,
+            audience: Vec::new(),
+            leeway_secs: 30,
+            cookie: None,
+            personal_room: None,
+            rooms_claim: "rooms".into(),
+            publish_claim: "publish".into(),
+            expiry_warning: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and consistency. Messages name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if !s.ws_path.starts_with('/') {
+            return Err(invalid("server.ws_path", "must start with '/'"));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.handshake_timeout.is_zero() {
+            return Err(invalid("server.handshake_timeout", "must be positive"));
+        }
+        if s.max_header_bytes < 8192 {
+            // hyper's smallest read buffer.
+            return Err(invalid("server.max_header_bytes", "must be at least 8192"));
+        }
+        if let Some(id) = &s.gateway_id {
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(invalid("server.gateway_id", "use 1+ characters from [A-Za-z0-9_-]"));
+            }
+        }
+        for origin in &s.allowed_origins {
+            if origin.is_empty() || origin.contains(char::is_whitespace) {
+                return Err(invalid("server.allowed_origins", format!("bad origin {origin:?}")));
+            }
+        }
+        if self.nats.url.to_vec().is_empty() {
+            return Err(invalid("nats.url", "at least one URL is required"));
+        }
+        if self.nats.subscription_capacity == 0 {
+            return Err(invalid("nats.subscription_capacity", "must be at least 1"));
+        }
+        if self.nats.client_capacity == 0 {
+            return Err(invalid("nats.client_capacity", "must be at least 1"));
+        }
+        if self.nats.publish_timeout.is_zero() {
+            return Err(invalid("nats.publish_timeout", "must be positive"));
+        }
+        if self.nats.password.is_some() && self.nats.user.is_none() {
+            return Err(invalid("nats.password", "needs `nats.user`"));
+        }
+        if !crate::protocol::valid_subject_prefix(&self.nats.events_prefix) {
+            return Err(invalid(
+                "nats.events_prefix",
+                "must be dot-separated tokens of [A-Za-z0-9_-]",
+            ));
+        }
+        if !crate::protocol::valid_subject_prefix(&self.rooms.subject_prefix) {
+            return Err(invalid(
+                "rooms.subject_prefix",
+                "must be dot-separated tokens of [A-Za-z0-9_-]",
+            ));
+        }
+        for p in &self.rooms.policy {
+            if p.pattern.is_empty() {
+                return Err(invalid("rooms.policy.pattern", "must not be empty"));
+            }
+        }
+        if self.rooms.max_rooms_per_connection == 0 {
+            return Err(invalid("rooms.max_rooms_per_connection", "must be at least 1"));
+        }
+        if self.rooms.max_rooms == 0 {
+            return Err(invalid("rooms.max_rooms", "must be at least 1"));
+        }
+        let l = &self.limits;
+        if l.max_message_size < 256 {
+            return Err(invalid("limits.max_message_size", "must be at least 256"));
+        }
+        if l.max_frame_size == 0 || l.max_frame_size > l.max_message_size {
+            return Err(invalid(
+                "limits.max_frame_size",
+                "must be between 1 and limits.max_message_size",
+            ));
+        }
+        if !(256..=1024 * 1024).contains(&l.read_buffer_size) {
+            return Err(invalid("limits.read_buffer_size", "must be between 256 and 1048576"));
+        }
+        if l.max_write_buffer_size <= l.write_buffer_size {
+            return Err(invalid(
+                "limits.max_write_buffer_size",
+                "must exceed limits.write_buffer_size",
+            ));
+        }
+        if l.max_pending_messages == 0 {
+            return Err(invalid("limits.max_pending_messages", "must be at least 1"));
+        }
+        if l.max_pending_bytes < l.max_message_size {
+            return Err(invalid(
+                "limits.max_pending_bytes",
+                "must be at least limits.max_message_size",
+            ));
+        }
+        if l.write_timeout.is_zero() {
+            return Err(invalid("limits.write_timeout", "must be positive"));
+        }
+        if l.max_inflight_publishes == 0 {
+            return Err(invalid("limits.max_inflight_publishes", "must be at least 1"));
+        }
+        for (key, v) in [
+            ("limits.messages_per_second", l.messages_per_second),
+            ("limits.messages_burst", l.messages_burst),
+            ("limits.bytes_per_second", l.bytes_per_second),
+            ("limits.connections_per_second_per_ip", l.connections_per_second_per_ip),
+            ("limits.connections_burst_per_ip", l.connections_burst_per_ip),
+            ("limits.max_rate_violations", l.max_rate_violations),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if (l.bytes_burst as usize) < l.max_message_size {
+            return Err(invalid(
+                "limits.bytes_burst",
+                "must be at least limits.max_message_size",
+            ));
+        }
+        if l.max_connections_per_ip == 0 {
+            return Err(invalid("limits.max_connections_per_ip", "must be at least 1"));
+        }
+        if l.max_tracked_keys < 16 {
+            return Err(invalid("limits.max_tracked_keys", "must be at least 16"));
+        }
+        if l.heartbeat_interval.is_zero() || l.heartbeat_timeout <= l.heartbeat_interval {
+            return Err(invalid(
+                "limits.heartbeat_timeout",
+                "must exceed limits.heartbeat_interval (> 0)",
+            ));
+        }
+        if !self.auth.allow_anonymous && self.auth.keys.is_empty() && self.auth.jwks_file.is_none() {
+            return Err(invalid(
+                "auth.keys",
+                "no key configured and auth.allow_anonymous is false: nobody could connect",
+            ));
+        }
+        for key in &self.auth.keys {
+            match key.algorithm.as_str() {
+                "HS256" | "HS384" | "HS512" => {
+                    if key.secret.is_none() {
+                        return Err(invalid("auth.keys.secret", format!("{} needs `secret`", key.algorithm)));
+                    }
+                }
+                "RS256" | "ES256" | "EdDSA" => {
+                    if key.public_key_file.is_none() {
+                        return Err(invalid(
+                            "auth.keys.public_key_file",
+                            format!("{} needs `public_key_file`", key.algorithm),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(invalid(
+                        "auth.keys.algorithm",
+                        format!("unsupported algorithm {other:?}"),
+                    ));
+                }
+            }
+        }
+        if let Some(t) = &self.auth.personal_room {
+            if !t.contains("{sub}") {
+                return Err(invalid("auth.personal_room", "must contain {sub}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gets_defaults_but_needs_auth() {
+        let err = Config::parse("").unwrap_err().to_string();
+        assert!(err.contains("auth.keys"), "{err}");
+        let c = Config::parse("[auth]\nallow_anonymous = true\n").unwrap();
+        assert_eq!(c.server.listen.port(), 8443);
+        assert_eq!(c.rooms.subject_prefix, "rooms");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = Config::parse("[auth]\nallow_anonymous = true\n[limits]\nmax_pending_messages = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.max_pending_messages"), "{err}");
+    }
+
+    #[test]
+    fn nats_url_one_or_many() {
+        let c =
+            Config::parse("[auth]\nallow_anonymous = true\n[nats]\nurl = [\"nats://a:1\", \"nats://b:2\"]\n").unwrap();
+        assert_eq!(c.nats.url.to_vec().len(), 2);
+    }
+
+    #[test]
+    fn policies_first_match_wins() {
+        let c = Config::parse(
+            "[auth]\nallow_anonymous = true\n[[rooms.policy]]\npattern = \"ticker-*\"\noverflow = \"latest\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.rooms.overflow_for("ticker-btc"), Overflow::Latest);
+        assert_eq!(c.rooms.overflow_for("lobby"), Overflow::Disconnect);
+    }
+
+    #[test]
+    fn secret_debug_is_masked() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "MASKED");
+    }
+}

@@ -1,0 +1,574 @@
+//! One upgraded WebSocket: a reader (this task) and a writer task, with one bounded [`Outbox`] between the world and
+//! the writer.
+//!
+//! The writer alone owns the sink. It takes everything queued at once, feeds it and flushes once, under
+//! `limits.write_timeout`; it also sends the heartbeat pings. The reader parses client ops, enforces rate limits,
+//! joins and leaves rooms, forwards publishes to NATS (at most `limits.max_inflight_publishes` awaiting NATS: past
+//! that it stops reading, so TCP pushes back on the client), and watches the heartbeat and token deadlines.
+//!
+//! Every way a connection ends maps to one close code (see `protocol::close` and `docs/protocol.md`); whatever ends
+//! it, the connection leaves all its rooms and a `disconnect` event is published.
+
+use std::{collections::HashMap, collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::Semaphore,
+    time::Instant,
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        self, Message, Utf8Bytes,
+        error::CapacityError,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    auth::Identity,
+    bridge::{BridgeError, Origin},
+    limits::MessageLimiter,
+    metrics::Metrics,
+    outbox::{CloseRequest, Item, Outbox},
+    protocol::{self, ClientOp, ErrorCode, close},
+    rooms::{JoinError, Member, Room},
+    server::Gateway,
+};
+
+/// What the HTTP layer hands over after a successful upgrade.
+#[derive(Debug)]
+pub struct Accepted {
+    /// Local connection number.
+    pub id: u64,
+    /// Client address (after trusted-proxy resolution).
+    pub peer: SocketAddr,
+    /// Who the client is.
+    pub identity: Identity,
+}
+
+/// Serves one WebSocket until it closes. Runs in the connection's own task.
+pub async fn serve<S>(gw: Arc<Gateway>, ws: WebSocketStream<S>, accepted: Accepted)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_id: Arc<str> = format!("{}-{}", gw.gateway_id, accepted.id).into();
+    let outbox = Arc::new(Outbox::new(
+        gw.config.limits.max_pending_messages,
+        gw.config.limits.max_pending_bytes,
+    ));
+    // Cancelled by the writer when it ends, and by the root shutdown (it is a child).
+    let cancel = gw.shutdown.child_token();
+    let (sink, stream) = ws.split();
+
+    gw.metrics.connections.inc();
+    gw.metrics.connections_open.inc();
+    let user = accepted.identity.user.clone();
+    let welcome = protocol::welcome(&conn_id, &gw.gateway_id, user.as_deref());
+    outbox.push_control(Utf8Bytes::from(welcome)).await;
+
+    let writer =
+        tokio::spawn(write_loop(sink, outbox.clone(), cancel.clone(), gw.clone()).instrument(tracing::Span::current()));
+    gw.bridge
+        .event(
+            "connect",
+            Origin {
+                conn: &conn_id,
+                user: user.as_deref(),
+            },
+            None,
+        )
+        .await;
+    tracing::debug!(conn = %conn_id, user = user.as_deref(), "connected");
+
+    let mut conn = Conn {
+        limiter: gw.limits.message_limiter(user.as_deref()),
+        inflight: Arc::new(Semaphore::new(gw.config.limits.max_inflight_publishes)),
+        gw: gw.clone(),
+        id: accepted.id,
+        conn_id: conn_id.clone(),
+        identity: accepted.identity,
+        outbox: outbox.clone(),
+        rooms: HashMap::new(),
+        expiry_warned: false,
+    };
+    let end = conn.read_loop(stream, &cancel).await;
+    tracing::debug!(conn = %conn_id, ?end, "reader finished");
+    outbox.close(end);
+
+    // Leave every room before anything else so fan-out stops queueing for us.
+    let rooms: Vec<Arc<str>> = conn.rooms.keys().cloned().collect();
+    for room in &rooms {
+        conn.gw.rooms.leave(room, conn.id);
+    }
+    // The writer flushes (or not, per the close request) and sends the close frame; bounded by write_timeout.
+    let grace = gw.config.limits.write_timeout + Duration::from_millis(100);
+    if tokio::time::timeout(grace, writer).await.is_err() {
+        tracing::debug!(conn = %conn_id, "writer did not finish in time");
+    }
+    cancel.cancel();
+    let origin = Origin {
+        conn: &conn_id,
+        user: conn.identity.user.as_deref(),
+    };
+    for room in &rooms {
+        gw.bridge.event("leave", origin, Some(room)).await;
+    }
+    gw.bridge.event("disconnect", origin, None).await;
+    gw.metrics.connections_open.dec();
+    tracing::debug!(conn = %conn_id, "disconnected");
+}
+
+/// Per-connection state owned by the reader.
+struct Conn {
+    gw: Arc<Gateway>,
+    id: u64,
+    conn_id: Arc<str>,
+    identity: Identity,
+    outbox: Arc<Outbox>,
+    /// Joined rooms. Bound: `rooms.max_rooms_per_connection`.
+    rooms: HashMap<Arc<str>, Arc<Room>>,
+    limiter: MessageLimiter,
+    /// Publishes awaiting NATS confirmation. Bound: `limits.max_inflight_publishes`.
+    inflight: Arc<Semaphore>,
+    /// Whether the `token_expiring` notice for the current token was sent.
+    expiry_warned: bool,
+}
+
+fn close_req(code: u16, reason: &'static str, flush_queued: bool) -> CloseRequest {
+    CloseRequest {
+        code,
+        reason,
+        flush_queued,
+    }
+}
+
+impl Conn {
+    /// Reads until the client leaves, a deadline passes or the gateway shuts down; returns how to close.
+    async fn read_loop<S>(
+        &mut self,
+        mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
+        cancel: &CancellationToken,
+    ) -> CloseRequest
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let heartbeat_timeout = self.gw.config.limits.heartbeat_timeout;
+        let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
+        loop {
+            let (warn_at, expire_at) = self.token_deadlines();
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    if let Some(req) = self.outbox.close_request() {
+                        return req;
+                    }
+                    return close_req(close::GOING_AWAY, "server shutting down", true);
+                }
+                _ = tokio::time::sleep_until(heartbeat_deadline) => {
+                    self.gw.metrics.closes.get_or_create(&[("reason", "heartbeat_timeout")]).inc();
+                    return close_req(close::GOING_AWAY, "heartbeat timeout", false);
+                }
+                _ = sleep_until_opt(warn_at) => {
+                    let secs = expire_at.map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
+                    self.send(protocol::token_expiring(secs)).await;
+                    self.expiry_warned = true;
+                }
+                _ = sleep_until_opt(expire_at) => {
+                    self.gw.metrics.closes.get_or_create(&[("reason", "token_expired")]).inc();
+                    return close_req(close::TOKEN_EXPIRED, "token expired", true);
+                }
+                frame = stream.next() => {
+                    heartbeat_deadline = Instant::now() + heartbeat_timeout;
+                    match frame {
+                        None => return close_req(close::NORMAL, "", true),
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(req) = self.on_text(&text).await {
+                                return req;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            self.error(None, ErrorCode::BadRequest, "binary frames are not supported in protocol v1").await;
+                        }
+                        Some(Ok(Message::Close(_))) => return close_req(close::NORMAL, "", true),
+                        Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
+                        Some(Err(e)) => return self.read_error(e),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Maps a read error to the close the client sees.
+    fn read_error(&self, e: tungstenite::Error) -> CloseRequest {
+        let m = &self.gw.metrics;
+        match e {
+            tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, max_size: max }) => {
+                tracing::info!(size, max, "message too big");
+                m.closes.get_or_create(&[("reason", "too_big")]).inc();
+                close_req(close::TOO_BIG, "message too big", false)
+            }
+            tungstenite::Error::Capacity(e) => {
+                tracing::info!(error = %e, "frame over capacity");
+                m.closes.get_or_create(&[("reason", "too_big")]).inc();
+                close_req(close::TOO_BIG, "message too big", false)
+            }
+            tungstenite::Error::Protocol(e) => {
+                tracing::info!(error = %e, "protocol error");
+                m.closes.get_or_create(&[("reason", "protocol_error")]).inc();
+                close_req(1002, "protocol error", false)
+            }
+            tungstenite::Error::Utf8(_) => {
+                m.closes.get_or_create(&[("reason", "invalid_utf8")]).inc();
+                close_req(1007, "invalid UTF-8", false)
+            }
+            e => {
+                tracing::debug!(error = %e, "read error");
+                close_req(close::NORMAL, "", false)
+            }
+        }
+    }
+
+    /// Instants of the expiry warning (if not sent yet) and of the expiry, for a token with `exp`.
+    fn token_deadlines(&self) -> (Option<Instant>, Option<Instant>) {
+        let Some(exp) = self.identity.expires_at else {
+            return (None, None);
+        };
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let left = Duration::from_secs(exp.saturating_sub(now_unix));
+        let expire = Instant::now() + left;
+        let warn = if self.expiry_warned {
+            None
+        } else {
+            Some(
+                expire
+                    .checked_sub(self.gw.config.auth.expiry_warning)
+                    .unwrap_or_else(Instant::now),
+            )
+        };
+        (warn, Some(expire))
+    }
+
+    async fn send(&self, frame: String) {
+        self.outbox.push_control(Utf8Bytes::from(frame)).await;
+    }
+
+    async fn ack(&self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.send(protocol::ack(id)).await;
+        }
+    }
+
+    async fn error(&self, id: Option<&str>, code: ErrorCode, message: &str) {
+        self.gw.metrics.errors.get_or_create(&[("reason", code.as_str())]).inc();
+        self.send(protocol::error(id, code, message)).await;
+    }
+
+    /// Handles one text frame. Returns a close request when the connection must end.
+    async fn on_text(&mut self, text: &str) -> Option<CloseRequest> {
+        self.gw.metrics.frames_in.inc();
+        if self.limiter.check(text.len()).is_err() {
+            if self.limiter.abusive() {
+                self.gw.metrics.closes.get_or_create(&[("reason", "rate_abuse")]).inc();
+                return Some(close_req(close::POLICY, "rate limit exceeded repeatedly", false));
+            }
+            let id = protocol::parse_request(text).ok().and_then(|r| r.id);
+            self.error(id, ErrorCode::RateLimited, "rate limit exceeded; message not processed")
+                .await;
+            return None;
+        }
+        let request = match protocol::parse_request(text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.error(e.id, ErrorCode::BadRequest, &e.message).await;
+                return None;
+            }
+        };
+        let id = request.id;
+        match request.op {
+            ClientOp::Ping => self.send(protocol::pong(id)).await,
+            ClientOp::Join { room } => self.join(id, &room).await,
+            ClientOp::Leave { room } => self.leave(id, &room).await,
+            ClientOp::Publish { room, data, echo } => self.publish(id, &room, &data, echo).await,
+            ClientOp::Refresh { token } => self.refresh(id, &token).await,
+        }
+        None
+    }
+
+    async fn check_room(&self, id: Option<&str>, room: &str) -> bool {
+        if protocol::valid_room(room) {
+            return true;
+        }
+        self.error(
+            id,
+            ErrorCode::InvalidRoom,
+            "room names are 1-128 characters of A-Z a-z 0-9 _ - : @ = +",
+        )
+        .await;
+        false
+    }
+
+    async fn join(&mut self, id: Option<&str>, room: &str) {
+        if !self.check_room(id, room).await {
+            return;
+        }
+        if self.rooms.contains_key(room) {
+            return self.ack(id).await;
+        }
+        if !self.identity.may_join(room) {
+            return self
+                .error(id, ErrorCode::Forbidden, "not allowed to join this room")
+                .await;
+        }
+        if self.rooms.len() >= self.gw.config.rooms.max_rooms_per_connection {
+            return self
+                .error(id, ErrorCode::TooManyRooms, "joined the maximum number of rooms")
+                .await;
+        }
+        let member = Member {
+            id: self.id,
+            outbox: self.outbox.clone(),
+        };
+        match self.gw.rooms.join(room, member).await {
+            Ok(entry) => {
+                self.rooms.insert(entry.name().clone(), entry);
+                self.ack(id).await;
+                let origin = Origin {
+                    conn: &self.conn_id,
+                    user: self.identity.user.as_deref(),
+                };
+                self.gw.bridge.event("join", origin, Some(room)).await;
+            }
+            Err(JoinError::Capacity) => {
+                self.error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "this gateway holds the maximum number of rooms",
+                )
+                .await
+            }
+            Err(JoinError::Nats(e)) => {
+                tracing::info!(room, error = %e, "join failed");
+                self.error(id, ErrorCode::Unavailable, "messaging backend unavailable")
+                    .await
+            }
+        }
+    }
+
+    async fn leave(&mut self, id: Option<&str>, room: &str) {
+        if !self.check_room(id, room).await {
+            return;
+        }
+        if self.rooms.remove(room).is_none() {
+            return self.error(id, ErrorCode::NotJoined, "not in this room").await;
+        }
+        self.gw.rooms.leave(room, self.id);
+        self.outbox.forget_room(room);
+        self.ack(id).await;
+        let origin = Origin {
+            conn: &self.conn_id,
+            user: self.identity.user.as_deref(),
+        };
+        self.gw.bridge.event("leave", origin, Some(room)).await;
+    }
+
+    async fn publish(&mut self, id: Option<&str>, room: &str, data: &str, echo: bool) {
+        if !self.check_room(id, room).await {
+            return;
+        }
+        if !self.rooms.contains_key(room) {
+            return self
+                .error(id, ErrorCode::NotJoined, "join the room before publishing to it")
+                .await;
+        }
+        if !self.identity.may_publish(room) {
+            return self
+                .error(id, ErrorCode::Forbidden, "not allowed to publish to this room")
+                .await;
+        }
+        // Inbound backpressure: with max_inflight_publishes awaiting NATS, wait here (and so stop reading).
+        let Ok(permit) = self.inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let subject = protocol::room_subject(&self.gw.config.rooms.subject_prefix, room);
+        let origin = Origin {
+            conn: &self.conn_id,
+            user: self.identity.user.as_deref(),
+        };
+        let payload = Bytes::copy_from_slice(data.as_bytes());
+        // Handing the message to the NATS client happens here, in order; only the confirmation runs apart.
+        if let Err(e) = self.gw.bridge.publish(subject, origin, echo, payload).await {
+            drop(permit);
+            return self.publish_failed(id, e).await;
+        }
+        self.gw.metrics.publishes.inc();
+        let Some(id) = id.map(str::to_owned) else { return };
+        let (gw, outbox) = (self.gw.clone(), self.outbox.clone());
+        tokio::spawn(async move {
+            let frame = match gw.bridge.confirm().await {
+                Ok(()) => protocol::ack(&id),
+                Err(e) => {
+                    Metrics::bump(&gw.metrics.publish_failures, e.label());
+                    gw.metrics
+                        .errors
+                        .get_or_create(&[("reason", ErrorCode::Unavailable.as_str())])
+                        .inc();
+                    protocol::error(
+                        Some(&id),
+                        ErrorCode::Unavailable,
+                        "messaging backend did not accept the message",
+                    )
+                }
+            };
+            outbox.push_control(Utf8Bytes::from(frame)).await;
+            drop(permit);
+        });
+    }
+
+    async fn publish_failed(&self, id: Option<&str>, e: BridgeError) {
+        Metrics::bump(&self.gw.metrics.publish_failures, e.label());
+        match e {
+            BridgeError::TooLarge => {
+                self.error(id, ErrorCode::TooLarge, "message over the backend's maximum payload")
+                    .await
+            }
+            e => {
+                tracing::debug!(error = %e, "publish failed");
+                self.error(id, ErrorCode::Unavailable, "messaging backend unavailable")
+                    .await
+            }
+        }
+    }
+
+    async fn refresh(&mut self, id: Option<&str>, token: &str) {
+        let identity = match self.gw.auth.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => return self.error(id, ErrorCode::Unauthorized, e.reason()).await,
+        };
+        if identity.user != self.identity.user {
+            return self
+                .error(id, ErrorCode::Unauthorized, "token is for another user")
+                .await;
+        }
+        self.identity = identity;
+        self.expiry_warned = false;
+        // Leave rooms the new claims no longer allow, and say so.
+        let revoked: Vec<Arc<str>> = self
+            .rooms
+            .keys()
+            .filter(|r| !self.identity.may_join(r))
+            .cloned()
+            .collect();
+        for room in revoked {
+            self.rooms.remove(&room);
+            self.gw.rooms.leave(&room, self.id);
+            self.outbox.forget_room(&room);
+            self.send(protocol::left(&room, "permission revoked by token refresh"))
+                .await;
+            let origin = Origin {
+                conn: &self.conn_id,
+                user: self.identity.user.as_deref(),
+            };
+            self.gw.bridge.event("leave", origin, Some(&room)).await;
+        }
+        self.ack(id).await;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The writer task: the only owner of the sink.
+async fn write_loop<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    outbox: Arc<Outbox>,
+    cancel: CancellationToken,
+    gw: Arc<Gateway>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &gw.config.limits;
+    let mut ping = tokio::time::interval_at(Instant::now() + limits.heartbeat_interval, limits.heartbeat_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch: VecDeque<Item> = VecDeque::new();
+    loop {
+        let close = tokio::select! {
+            close = outbox.next_batch(&mut batch) => close,
+            _ = ping.tick() => {
+                if !timed_write(&gw, limits.write_timeout, sink.send(Message::Ping(Bytes::new()))).await {
+                    break;
+                }
+                continue;
+            }
+            // The reader ended without a close request reaching us first (should not happen, but never hang).
+            _ = cancel.cancelled(), if outbox.close_request().is_none() => {
+                outbox.close(close_req(close::GOING_AWAY, "server shutting down", true));
+                continue;
+            }
+        };
+        gw.metrics.note_depth(batch.len());
+        let wrote = timed_write(&gw, limits.write_timeout, async {
+            for item in batch.drain(..) {
+                match item {
+                    Item::Control(frame) => sink.feed(Message::Text(frame)).await?,
+                    Item::Room { room, frame, gap } => {
+                        if gap > 0 {
+                            sink.feed(Message::Text(protocol::gap(&room, gap).into())).await?;
+                        }
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                }
+            }
+            sink.flush().await
+        })
+        .await;
+        if !wrote {
+            batch.clear();
+            break;
+        }
+        if let Some(req) = close {
+            let frame = CloseFrame {
+                code: CloseCode::from(req.code),
+                reason: req.reason.into(),
+            };
+            if req.code == close::SLOW_CONSUMER {
+                tracing::info!("closing slow consumer");
+            }
+            let _ = tokio::time::timeout(limits.write_timeout, sink.send(Message::Close(Some(frame)))).await;
+            break;
+        }
+    }
+    cancel.cancel();
+}
+
+/// Runs a write under `write_timeout`. A timeout marks the client a slow consumer. Returns whether it succeeded.
+async fn timed_write(
+    gw: &Gateway,
+    timeout: Duration,
+    write: impl std::future::Future<Output = Result<(), tungstenite::Error>>,
+) -> bool {
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            false
+        }
+        Err(_) => {
+            gw.metrics
+                .slow_consumers
+                .get_or_create(&[("reason", "write_timeout")])
+                .inc();
+            tracing::info!("write timed out: slow consumer dropped");
+            false
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! One TCP connection's life before it becomes a WebSocket: TLS handshake, HTTP/1.1 (hyper), the routes
+//! (`/healthz`, `/readyz`, `/metrics`, the WebSocket path), and the upgrade checks in order: upgrade headers, Origin,
+//! per-IP limits, token. Every refusal is an HTTP status with a short text body ([`Reject::response`]), never a 101.
+//!
+//! The handshake deadline (`server.handshake_timeout`) covers TCP accept → TLS → request head. After a successful
+//! upgrade the same task goes on to serve the WebSocket, so the connection's permit and per-IP guard live exactly
+//! as long as the connection.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    upgrade::OnUpgrade,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::oneshot,
+    time::Instant,
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{handshake::derive_accept_key, protocol::Role},
+};
+
+use crate::{
+    auth::{self, AuthError, Identity},
+    connection::{self, Accepted},
+    limits::{IpGuard, Rejection},
+    metrics::Metrics,
+    server::{Admission, Gateway},
+};
+
+/// Sub-protocol name a client may request; echoed when offered.
+pub const SUBPROTOCOL: &str = "roomwire.v1";
+
+/// Why a request was not upgraded. Each maps to one status in [`Reject::response`].
+#[derive(Debug, thiserror::Error)]
+pub enum Reject {
+    /// Unknown path.
+    #[error("not found")]
+    NotFound,
+    /// A plain request to the WebSocket path.
+    #[error("this endpoint only accepts WebSocket upgrades")]
+    UpgradeRequired,
+    /// Upgrade headers present but wrong (version, key, method).
+    #[error("bad WebSocket upgrade: {0}")]
+    BadUpgrade(&'static str),
+    /// Origin not in `server.allowed_origins`.
+    #[error("origin not allowed")]
+    Origin,
+    /// Per-IP connection count or rate.
+    #[error("{}", .0.reason())]
+    Limited(Rejection),
+    /// Over `server.max_connections`.
+    #[error("server at capacity")]
+    Capacity,
+    /// Token missing or invalid.
+    #[error("{}", .0.reason())]
+    Unauthorized(AuthError),
+}
+
+impl Reject {
+    /// HTTP status of this refusal.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reject::NotFound => StatusCode::NOT_FOUND,
+            Reject::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Reject::BadUpgrade(_) => StatusCode::BAD_REQUEST,
+            Reject::Origin => StatusCode::FORBIDDEN,
+            Reject::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Reject::Capacity => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// Metrics label.
+    fn label(&self) -> &'static str {
+        match self {
+            Reject::NotFound => "not_found",
+            Reject::UpgradeRequired | Reject::BadUpgrade(_) => "bad_upgrade",
+            Reject::Origin => "origin",
+            Reject::Limited(Rejection::ConnectionRate) => "rate",
+            Reject::Limited(Rejection::TooManyPerIp) => "per_ip",
+            Reject::Capacity => "capacity",
+            Reject::Unauthorized(_) => "unauthorized",
+        }
+    }
+
+    /// The response the client sees.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let mut resp = text(self.status(), format!("{self}\n"));
+        if let Reject::UpgradeRequired = self {
+            resp.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        if let Reject::Unauthorized(_) = self {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// What the HTTP service hands back to the connection task after answering 101.
+struct Upgrade {
+    on_upgrade: OnUpgrade,
+    identity: Identity,
+    client: SocketAddr,
+    _ip_guard: IpGuard,
+}
+
+/// Serves one accepted TCP connection: TLS (if enabled), HTTP, then the WebSocket if upgraded.
+pub async fn handle(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadline: Instant, admission: Admission) {
+    let _ = tcp.set_nodelay(true);
+    match &gw.tls {
+        Some(tls) => {
+            let accept = tls.acceptor().accept(tcp);
+            match tokio::time::timeout_at(deadline, accept).await {
+                Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, admission).await,
+                Ok(Err(e)) => {
+                    Metrics::bump(&gw.metrics.rejections, "tls");
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    Metrics::bump(&gw.metrics.rejections, "handshake_timeout");
+                    tracing::debug!("TLS handshake timed out");
+                }
+            }
+        }
+        None => serve_http(gw, tcp, peer, deadline, admission).await,
+    }
+}
+
+async fn serve_http<IO>(gw: Arc<Gateway>, io: IO, peer: SocketAddr, deadline: Instant, admission: Admission)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let over_capacity = matches!(admission, Admission::OverCapacity(_));
+    let (tx, rx) = oneshot::channel::<Upgrade>();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let svc_gw = gw.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let gw = svc_gw.clone();
+        let tx = tx.clone();
+        async move { Ok::<_, Infallible>(route(&gw, req, peer, over_capacity, &tx)) }
+    });
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(remaining.max(std::time::Duration::from_millis(1)))
+        .max_buf_size(gw.config.server.max_header_bytes)
+        .keep_alive(!over_capacity);
+    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = gw.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+    let Ok(upgrade) = rx.await else { return };
+    let upgraded = match upgrade.on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(gw.ws_config)).await;
+    let accepted = Accepted {
+        id: gw.next_conn_id(),
+        peer: upgrade.client,
+        identity: upgrade.identity,
+    };
+    tracing::Span::current().record("peer", tracing::field::display(upgrade.client));
+    connection::serve(gw, ws, accepted).await;
+    drop(admission);
+}
+
+fn route(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    over_capacity: bool,
+    tx: &Mutex<Option<oneshot::Sender<Upgrade>>>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if over_capacity {
+        Metrics::bump(&gw.metrics.rejections, "capacity");
+        return Reject::Capacity.response();
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if gw.ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, gw.metrics.render());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        p if p == gw.config.server.ws_path => match upgrade(gw, req, peer, tx) {
+            Ok(resp) => resp,
+            Err(reject) => {
+                Metrics::bump(&gw.metrics.rejections, reject.label());
+                tracing::debug!(status = %reject.status(), reason = %reject, "upgrade refused");
+                reject.response()
+            }
+        },
+        _ => Reject::NotFound.response(),
+    }
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn upgrade(
+    gw: &Gateway,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    tx: &Mutex<Option<oneshot::Sender<Upgrade>>>,
+) -> Result<Response<Full<Bytes>>, Reject> {
+    if !header_has_token(&req, header::UPGRADE, "websocket") {
+        return Err(Reject::UpgradeRequired);
+    }
+    if req.method() != hyper::Method::GET {
+        return Err(Reject::BadUpgrade("method must be GET"));
+    }
+    if !header_has_token(&req, header::CONNECTION, "upgrade") {
+        return Err(Reject::BadUpgrade("missing `Connection: upgrade`"));
+    }
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(Reject::BadUpgrade("Sec-WebSocket-Version must be 13"));
+    }
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(Reject::BadUpgrade("missing Sec-WebSocket-Key"))?;
+    if key.len() != 24 {
+        return Err(Reject::BadUpgrade("malformed Sec-WebSocket-Key"));
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    if !gw.limits.origin_allowed(req.headers()) {
+        return Err(Reject::Origin);
+    }
+    let client = SocketAddr::new(gw.limits.client_ip(peer, req.headers()), peer.port());
+    let ip_guard = gw.limits.admit(client.ip()).map_err(Reject::Limited)?;
+    let token = auth::extract_token(req.headers(), req.uri(), gw.config.auth.cookie.as_deref());
+    let identity = gw.auth.authenticate(token.as_deref()).map_err(|e| {
+        tracing::info!(uri = %auth::redact_uri(req.uri()), reason = e.reason(), "authentication failed");
+        Reject::Unauthorized(e)
+    })?;
+    let subprotocol = header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+
+    let Some(tx) = tx.lock().take() else {
+        return Err(Reject::BadUpgrade("connection already upgraded"));
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let _ = tx.send(Upgrade {
+        on_upgrade,
+        identity,
+        client,
+        _ip_guard: ip_guard,
+    });
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).map_err(|_| Reject::BadUpgrade("key"))?,
+    );
+    if subprotocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    }
+    Ok(resp)
+}

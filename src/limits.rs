@@ -1,0 +1,586 @@
+//! DoS protection primitives, checked before and after the WebSocket upgrade: the client IP behind trusted
+//! proxies, the `Origin` allow-list, the new-connection rate and concurrent-connection cap per IP ([`Limits::admit`]
+//! returns an [`IpGuard`] that releases the slot on drop), and per-connection message/byte rates that also charge a
+//! per-user budget shared by all of a user's connections ([`MessageLimiter`]). One [`Limits`] is built at startup
+//! and shared via `Arc`. Every map here is bounded: the keyed rate limiters by `limits.max_tracked_keys`, the
+//! per-IP connection counts by the number of open connections.
+//!
+//! IPv6 clients are keyed by their /64 prefix (one subscriber usually owns a whole /64, so per-address keys would
+//! let one client spray addresses); IPv4-mapped IPv6 addresses are treated as IPv4.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    num::NonZeroU32,
+    sync::Arc,
+};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hyper::http::{HeaderMap, header};
+use ipnet::IpNet;
+use parking_lot::{Mutex, RwLock};
+
+use crate::Config;
+
+fn nz(v: u32) -> NonZeroU32 {
+    // Config::validate refuses zero rates; clamp anyway so a hand-built config cannot panic here.
+    NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN)
+}
+
+fn quota(per_second: u32, burst: u32) -> Quota {
+    Quota::per_second(nz(per_second)).allow_burst(nz(burst))
+}
+
+/// Key used for per-IP accounting: IPv4 as is, IPv6 truncated to its /64.
+fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
+/// A keyed limiter whose key count stays within `max` (see [`BoundedKeyed::prune`]).
+struct BoundedKeyed<K: std::hash::Hash + Eq + Clone> {
+    /// Swapped for a fresh limiter as the last-resort eviction; checks take the read lock.
+    limiter: RwLock<DefaultKeyedRateLimiter<K>>,
+    quota: Quota,
+    max: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> BoundedKeyed<K> {
+    fn new(quota: Quota, max: usize) -> Self {
+        Self {
+            limiter: RwLock::new(RateLimiter::keyed(quota)),
+            quota,
+            max,
+        }
+    }
+
+    /// Charges `n` cells to `key`. A request larger than the burst is refused like a rate excess.
+    fn check(&self, key: &K, n: u32) -> bool {
+        let Some(n) = NonZeroU32::new(n) else {
+            return true;
+        };
+        matches!(self.limiter.read().check_key_n(key, n), Ok(Ok(())))
+    }
+
+    fn len(&self) -> usize {
+        self.limiter.read().len()
+    }
+
+    /// Keeps the key count ≤ `max - headroom` (headroom = keys about to be inserted): first drops keys whose state
+    /// is back to "fresh" (`retain_recent`), and if that is not enough, replaces the whole store. This last resort
+    /// forgets every key's history, so an attacker spraying keys can reset other clients' budgets; it only happens
+    /// under such a spray, and the per-IP concurrency cap and the global connection cap still hold.
+    fn prune(&self, headroom: usize) {
+        let limit = self.max.saturating_sub(headroom);
+        if self.len() <= limit {
+            return;
+        }
+        let mut guard = self.limiter.write();
+        guard.retain_recent();
+        if guard.len() > limit {
+            *guard = RateLimiter::keyed(self.quota);
+        } else {
+            guard.shrink_to_fit();
+        }
+    }
+}
+
+/// Why a new connection was refused before the upgrade (answered with HTTP 429).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The IP opened connections faster than `limits.connections_per_second_per_ip` (+ burst).
+    ConnectionRate,
+    /// The IP already holds `limits.max_connections_per_ip` open connections.
+    TooManyPerIp,
+}
+
+impl Rejection {
+    /// Short public text for the 429 body.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::ConnectionRate => "connection rate exceeded",
+            Rejection::TooManyPerIp => "too many connections from this address",
+        }
+    }
+}
+
+/// A message was refused by a rate limit (the client gets a `rate_limited` error frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("rate limited")]
+pub struct RateLimited;
+
+/// Open connections per IP key; an entry exists only while its count is > 0.
+type ConnCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// Shared DoS-protection state. Built once from the config; every map in it is bounded (see the module doc).
+pub struct Limits {
+    trusted_proxies: Vec<IpNet>,
+    /// Parsed `server.allowed_origins`; empty = allow all.
+    origins: Vec<OriginRule>,
+    /// New connections per IP key. ≤ `limits.max_tracked_keys` keys.
+    conn_rate: BoundedKeyed<IpAddr>,
+    /// Open connections per IP key: one entry per key with ≥ 1 open connection, removed at 0.
+    conns: ConnCounts,
+    max_per_ip: usize,
+    /// Messages per user, shared by the user's connections. ≤ `limits.max_tracked_keys` keys.
+    user_msgs: BoundedKeyed<Arc<str>>,
+    /// Bytes per user, shared by the user's connections. ≤ `limits.max_tracked_keys` keys.
+    user_bytes: BoundedKeyed<Arc<str>>,
+    msg_quota: Quota,
+    byte_quota: Quota,
+    max_violations: u32,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("tracked_keys", &self.tracked_keys())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limits {
+    /// Builds the limiters from `server.allowed_origins`, `server.trusted_proxies` and the `[limits]` rates.
+    pub fn new(config: &Config) -> Self {
+        let l = &config.limits;
+        let max = l.max_tracked_keys;
+        let msg_quota = quota(l.messages_per_second, l.messages_burst);
+        let byte_quota = quota(l.bytes_per_second, l.bytes_burst);
+        Self {
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            origins: config
+                .server
+                .allowed_origins
+                .iter()
+                .map(|o| OriginRule::parse(o))
+                .collect(),
+            conn_rate: BoundedKeyed::new(quota(l.connections_per_second_per_ip, l.connections_burst_per_ip), max),
+            conns: Arc::default(),
+            max_per_ip: l.max_connections_per_ip,
+            user_msgs: BoundedKeyed::new(msg_quota, max),
+            user_bytes: BoundedKeyed::new(byte_quota, max),
+            msg_quota,
+            byte_quota,
+            max_violations: l.max_rate_violations,
+        }
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's IP: the peer address, unless the peer is in `server.trusted_proxies`; then the right-most
+    /// address of `X-Forwarded-For` (or `Forwarded: for=`) that is not itself a trusted proxy. Falls back to the
+    /// peer when the header is absent, unparsable at the deciding position, or lists only trusted proxies.
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let peer_ip = peer.ip().to_canonical();
+        if !self.trusted(peer_ip) {
+            return peer_ip;
+        }
+        let mut chain: Vec<&str> = Vec::new();
+        for v in headers.get_all("x-forwarded-for") {
+            chain.extend(v.to_str().unwrap_or("").split(','));
+        }
+        let from_xff = !chain.is_empty();
+        if !from_xff {
+            for v in headers.get_all(header::FORWARDED) {
+                for element in v.to_str().unwrap_or("").split(',') {
+                    for pair in element.split(';') {
+                        if let Some((k, val)) = pair.trim().split_once('=')
+                            && k.trim().eq_ignore_ascii_case("for")
+                        {
+                            chain.push(val);
+                        }
+                    }
+                }
+            }
+        }
+        for entry in chain.iter().rev() {
+            match parse_forwarded_ip(entry) {
+                Some(ip) if self.trusted(ip) => continue,
+                Some(ip) => return ip.to_canonical(),
+                None => return peer_ip,
+            }
+        }
+        peer_ip
+    }
+
+    /// Whether the request's `Origin` is allowed by `server.allowed_origins`. An empty list allows everything;
+    /// otherwise a request without `Origin` is refused. Rules: exact origins (`https://app.example.com`,
+    /// case-insensitive), `*.example.com` (any scheme) and `https://*.example.com`. A wildcard needs at least one
+    /// label (`example.com` itself does not match `*.example.com`) and matches the port only if it names one.
+    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        if self.origins.is_empty() {
+            return true;
+        }
+        let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let origin = origin.trim().to_ascii_lowercase();
+        self.origins.iter().any(|r| r.matches(&origin))
+    }
+
+    /// Admits a new connection from `ip` (before the upgrade): charges the IP's new-connection rate, then takes
+    /// one of its `limits.max_connections_per_ip` slots. The returned guard releases the slot on drop; keep it for
+    /// the connection's lifetime.
+    pub fn admit(&self, ip: IpAddr) -> Result<IpGuard, Rejection> {
+        let key = ip_key(ip);
+        let allowed = self.conn_rate.check(&key, 1);
+        self.conn_rate.prune(0);
+        if !allowed {
+            return Err(Rejection::ConnectionRate);
+        }
+        let mut conns = self.conns.lock();
+        let count = conns.entry(key).or_insert(0);
+        if *count >= self.max_per_ip {
+            return Err(Rejection::TooManyPerIp);
+        }
+        *count += 1;
+        Ok(IpGuard {
+            conns: Arc::clone(&self.conns),
+            key,
+        })
+    }
+
+    /// Keys held by the keyed limiters plus the per-IP connection map (tests assert this stays bounded).
+    pub fn tracked_keys(&self) -> usize {
+        self.conn_rate.len() + self.user_msgs.len() + self.user_bytes.len() + self.conns.lock().len()
+    }
+
+    /// A limiter for one connection: `limits.messages_per_second`/`bytes_per_second` (with bursts) for the
+    /// connection itself and, if `user` is set, the same quotas for the user across all its connections.
+    pub fn message_limiter(self: &Arc<Self>, user: Option<&str>) -> MessageLimiter {
+        if user.is_some() {
+            // A new connection is where a new user key appears, so the user stores are bounded here (not on the
+            // per-message path). A store cleared by the last resort refills with the keys of connected users only,
+            // so it can exceed `max_tracked_keys` only if more distinct users than that are connected at once
+            // (itself bounded by `server.max_connections`).
+            self.user_msgs.prune(1);
+            self.user_bytes.prune(1);
+        }
+        MessageLimiter {
+            limits: Arc::clone(self),
+            user: user.map(Arc::from),
+            msgs: RateLimiter::direct(self.msg_quota),
+            bytes: RateLimiter::direct(self.byte_quota),
+            violations: 0,
+        }
+    }
+}
+
+/// Parses one `X-Forwarded-For` entry or `Forwarded` `for=` value: `1.2.3.4`, `1.2.3.4:80`, `::1`,
+/// `"[::1]:80"`. `unknown` and obfuscated identifiers give `None`.
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim().trim_matches('"');
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    s.strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|r| r.parse().ok())
+}
+
+/// One connection's slot in the per-IP count; dropping it releases the slot (and the map entry at 0).
+#[derive(Debug)]
+pub struct IpGuard {
+    conns: ConnCounts,
+    key: IpAddr,
+}
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        let mut conns = self.conns.lock();
+        if let Some(count) = conns.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                conns.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Rate limits of one connection (message count and bytes), also charging its user's shared budget. Owned by the
+/// connection's reader task.
+pub struct MessageLimiter {
+    limits: Arc<Limits>,
+    user: Option<Arc<str>>,
+    msgs: DefaultDirectRateLimiter,
+    bytes: DefaultDirectRateLimiter,
+    /// Consecutive refusals; reset by a success.
+    violations: u32,
+}
+
+impl std::fmt::Debug for MessageLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageLimiter")
+            .field("user", &self.user)
+            .field("violations", &self.violations)
+            .finish()
+    }
+}
+
+impl MessageLimiter {
+    /// Charges one message of `bytes` bytes to the connection and, if any, to the user. `Err` means the client
+    /// gets `rate_limited` (cells already taken by an earlier check in the chain are not refunded).
+    pub fn check(&mut self, bytes: usize) -> Result<(), RateLimited> {
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let ok = self.msgs.check().is_ok()
+            && NonZeroU32::new(n).is_none_or(|n| matches!(self.bytes.check_n(n), Ok(Ok(()))))
+            && self
+                .user
+                .as_ref()
+                .is_none_or(|u| self.limits.user_msgs.check(u, 1) && self.limits.user_bytes.check(u, n));
+        if ok {
+            self.violations = 0;
+            Ok(())
+        } else {
+            self.violations = self.violations.saturating_add(1);
+            Err(RateLimited)
+        }
+    }
+
+    /// True once `limits.max_rate_violations` refusals happened in a row: the caller closes with 1008.
+    pub fn abusive(&self) -> bool {
+        self.violations >= self.limits.max_violations
+    }
+}
+
+/// One parsed `server.allowed_origins` entry (lower-cased).
+#[derive(Debug)]
+enum OriginRule {
+    /// Whole origin, e.g. `https://app.example.com` (trailing `/` removed).
+    Exact(String),
+    /// `[scheme://]*.suffix[:port]`; `suffix` starts with `.`.
+    Wildcard {
+        scheme: Option<String>,
+        suffix: String,
+        port: Option<String>,
+    },
+}
+
+impl OriginRule {
+    fn parse(rule: &str) -> Self {
+        let rule = rule.trim().trim_end_matches('/').to_ascii_lowercase();
+        let (scheme, rest) = match rule.split_once("://") {
+            Some((s, r)) => (Some(s.to_owned()), r.to_owned()),
+            None => (None, rule.clone()),
+        };
+        match rest.strip_prefix('*') {
+            Some(tail) if tail.starts_with('.') => {
+                let (suffix, port) = match tail.rsplit_once(':') {
+                    Some((h, p)) => (h.to_owned(), Some(p.to_owned())),
+                    None => (tail.to_owned(), None),
+                };
+                OriginRule::Wildcard { scheme, suffix, port }
+            }
+            _ => OriginRule::Exact(rule),
+        }
+    }
+
+    /// `origin` is lower-cased.
+    fn matches(&self, origin: &str) -> bool {
+        match self {
+            OriginRule::Exact(o) => o == origin,
+            OriginRule::Wildcard { scheme, suffix, port } => {
+                let Some((o_scheme, authority)) = origin.split_once("://") else {
+                    return false;
+                };
+                if scheme.as_deref().is_some_and(|s| s != o_scheme) {
+                    return false;
+                }
+                let (host, o_port) = match authority.rsplit_once(':') {
+                    Some((h, p)) => (h, Some(p)),
+                    None => (authority, None),
+                };
+                let Some(label) = host.strip_suffix(suffix.as_str()) else {
+                    return false;
+                };
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                    && !label.starts_with('.')
+                    && port.as_deref() == o_port
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.server.trusted_proxies = vec!["10.0.0.0/8".parse().expect("net"), "::1/128".parse().expect("net")];
+        c.server.allowed_origins = vec![
+            "https://app.example.com".into(),
+            "*.example.org".into(),
+            "https://*.example.net".into(),
+        ];
+        c
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().expect("header value"));
+        }
+        h
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn client_ip_trusts_only_configured_proxies() {
+        let l = Limits::new(&config());
+        let xff = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.7")]);
+        // Untrusted peer: its header is ignored (spoofing).
+        assert_eq!(l.client_ip(sa("5.5.5.5:1000"), &xff), ip("5.5.5.5"));
+        // Trusted peer: right-most untrusted entry, skipping a trusted hop; the spoofed left entry is ignored.
+        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &xff), ip("1.2.3.4"));
+        // Split over several header lines.
+        let multi = headers(&[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &multi), ip("1.2.3.4"));
+        // Forwarded (RFC 7239) with a quoted IPv6 and port.
+        let fwd = headers(&[("forwarded", "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https")]);
+        assert_eq!(l.client_ip(sa("[::1]:1000"), &fwd), ip("2001:db8::1"));
+        // No header, garbage, or only trusted hops: the peer.
+        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &HeaderMap::new()), ip("10.1.2.3"));
+        assert_eq!(
+            l.client_ip(sa("10.1.2.3:1000"), &headers(&[("x-forwarded-for", "junk")])),
+            ip("10.1.2.3")
+        );
+        assert_eq!(
+            l.client_ip(sa("10.1.2.3:1000"), &headers(&[("x-forwarded-for", "10.9.9.9")])),
+            ip("10.1.2.3")
+        );
+        // IPv4-mapped peer counts as its IPv4 address.
+        assert_eq!(l.client_ip(sa("[::ffff:10.1.2.3]:1"), &xff), ip("1.2.3.4"));
+    }
+
+    #[test]
+    fn origins_exact_wildcard_and_missing() {
+        let l = Limits::new(&config());
+        let ok = |o: &str| l.origin_allowed(&headers(&[("origin", o)]));
+        assert!(ok("https://app.example.com") && ok("HTTPS://App.Example.com"));
+        assert!(!ok("http://app.example.com") && !ok("https://app.example.com.evil.io"));
+        assert!(ok("https://a.example.org") && ok("http://a.b.example.org"));
+        assert!(!ok("https://example.org") && !ok("https://evilexample.org") && !ok("https://a.example.org:8443"));
+        assert!(ok("https://x.example.net") && !ok("http://x.example.net"));
+        assert!(!ok("null"));
+        assert!(!l.origin_allowed(&HeaderMap::new()));
+        let open = Limits::new(&Config::default());
+        assert!(open.origin_allowed(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn admit_caps_concurrency_and_guard_drop_frees() {
+        let mut c = config();
+        c.limits.max_connections_per_ip = 2;
+        let l = Limits::new(&c);
+        let a = ip("1.2.3.4");
+        let g1 = l.admit(a).expect("first");
+        let g2 = l.admit(a).expect("second");
+        assert_eq!(l.admit(a).err(), Some(Rejection::TooManyPerIp));
+        assert!(l.admit(ip("1.2.3.5")).is_ok(), "other IPs unaffected");
+        drop(g1);
+        let g3 = l.admit(a).expect("slot freed");
+        drop((g2, g3));
+        assert!(l.conns.lock().is_empty(), "entries removed at 0");
+        // IPv6 addresses of one /64 share the cap.
+        let _v1 = l.admit(ip("2001:db8::1")).expect("v6");
+        let _v2 = l.admit(ip("2001:db8::2")).expect("v6");
+        assert_eq!(l.admit(ip("2001:db8::3")).err(), Some(Rejection::TooManyPerIp));
+    }
+
+    #[test]
+    fn admit_limits_connection_rate() {
+        let mut c = config();
+        c.limits.connections_per_second_per_ip = 1;
+        c.limits.connections_burst_per_ip = 3;
+        let l = Limits::new(&c);
+        let a = ip("1.2.3.4");
+        for _ in 0..3 {
+            drop(l.admit(a).expect("within burst"));
+        }
+        assert_eq!(l.admit(a).err(), Some(Rejection::ConnectionRate));
+        assert_eq!(Rejection::ConnectionRate.reason(), "connection rate exceeded");
+        assert!(l.admit(ip("1.2.3.5")).is_ok());
+    }
+
+    #[test]
+    fn ip_spray_keeps_tracked_keys_bounded() {
+        let mut c = config();
+        c.limits.max_tracked_keys = 1000;
+        let l = Arc::new(Limits::new(&c));
+        for i in 0..10_000u32 {
+            let addr = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            drop(l.admit(addr).expect("fresh IP admitted"));
+            assert!(l.tracked_keys() <= 1000, "after {i}: {}", l.tracked_keys());
+        }
+        for i in 0..3000 {
+            let mut m = l.message_limiter(Some(&format!("user-{i}")));
+            m.check(10).expect("fresh user");
+        }
+        assert!(l.tracked_keys() <= 3 * 1000, "{}", l.tracked_keys());
+        assert!(l.conn_rate.len() <= 1000 && l.user_msgs.len() <= 1000 && l.user_bytes.len() <= 1000);
+    }
+
+    #[test]
+    fn message_limiter_refuses_over_rate_and_flags_abuse() {
+        let mut c = config();
+        c.limits.messages_per_second = 1;
+        c.limits.messages_burst = 5;
+        c.limits.max_rate_violations = 3;
+        let l = Arc::new(Limits::new(&c));
+        let mut m = l.message_limiter(None);
+        for _ in 0..5 {
+            m.check(100).expect("within burst");
+        }
+        for _ in 0..2 {
+            assert_eq!(m.check(100), Err(RateLimited));
+        }
+        assert!(!m.abusive());
+        assert_eq!(m.check(100), Err(RateLimited));
+        assert!(m.abusive());
+        // Bytes: one message larger than the byte burst is refused.
+        let mut m = l.message_limiter(None);
+        assert_eq!(m.check(c.limits.bytes_burst as usize + 1), Err(RateLimited));
+        assert!(m.check(10).is_ok(), "a success resets the streak");
+        assert!(!m.abusive());
+    }
+
+    #[test]
+    fn connections_of_one_user_share_the_budget() {
+        let mut c = config();
+        c.limits.messages_per_second = 1;
+        c.limits.messages_burst = 4;
+        let l = Arc::new(Limits::new(&c));
+        let mut tab1 = l.message_limiter(Some("ann"));
+        let mut tab2 = l.message_limiter(Some("ann"));
+        let mut other = l.message_limiter(Some("bob"));
+        for _ in 0..2 {
+            tab1.check(1).expect("ann budget");
+            tab2.check(1).expect("ann budget");
+        }
+        assert_eq!(tab1.check(1), Err(RateLimited));
+        assert_eq!(tab2.check(1), Err(RateLimited));
+        assert!(other.check(1).is_ok(), "bob has his own budget");
+    }
+}

@@ -1,0 +1,534 @@
+//! Client protocol v1 (see `docs/protocol.md`): parsing of client ops, the frames the gateway sends, error codes,
+//! close codes, room-name validation and the room → subject mapping.
+//!
+//! Everything here is pure and synchronous so it can be unit-tested and fuzzed without a network. Outgoing frames are
+//! written straight into a byte buffer (no intermediate `serde_json::Value`), and a room message frame is built once
+//! per NATS message and then shared by every recipient.
+
+use std::borrow::Cow;
+
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest room name, in bytes (all allowed characters are ASCII).
+pub const MAX_ROOM_LEN: usize = 128;
+/// Longest `id` a client may attach to an op, in bytes of its JSON text.
+pub const MAX_ID_LEN: usize = 64;
+
+/// WebSocket close codes the gateway uses. Documented in `docs/protocol.md`.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Gateway shutting down, or heartbeat timeout.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Sustained abuse (rate limits exceeded again and again).
+    pub const POLICY: u16 = 1008;
+    /// A message over `limits.max_message_size`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Unexpected internal failure.
+    pub const INTERNAL: u16 = 1011;
+    /// The token expired and was not refreshed.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The client did not read fast enough (overflow policy `disconnect`, or write timeout).
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// Error codes carried by `{"op":"error"}` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Not JSON, unknown op, missing or mistyped field, binary frame.
+    BadRequest,
+    /// The room name is not in the safe set.
+    InvalidRoom,
+    /// Publish or leave for a room the connection has not joined.
+    NotJoined,
+    /// The payload does not fit (e.g. over NATS's max payload).
+    TooLarge,
+    /// NATS is down, or did not accept the publish in time.
+    Unavailable,
+    /// The connection's permissions do not allow this room.
+    Forbidden,
+    /// Over the per-connection or per-user message or byte rate.
+    RateLimited,
+    /// Over `rooms.max_rooms_per_connection`.
+    TooManyRooms,
+    /// A `refresh` token was refused.
+    Unauthorized,
+}
+
+impl ErrorCode {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// A client op as it arrived, borrowed from the frame text. Unknown fields are ignored (forward compatibility).
+#[derive(Debug, Deserialize)]
+struct RawOp<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// A parsed client op.
+#[derive(Debug, PartialEq)]
+pub enum ClientOp<'a> {
+    /// Join a room.
+    Join {
+        /// Room name (validated later, so the error can carry the id).
+        room: Cow<'a, str>,
+    },
+    /// Leave a room.
+    Leave {
+        /// Room name.
+        room: Cow<'a, str>,
+    },
+    /// Publish `data` to a room.
+    Publish {
+        /// Room name.
+        room: Cow<'a, str>,
+        /// Compact JSON text of the payload.
+        data: Cow<'a, str>,
+        /// Deliver to the sender as well.
+        echo: bool,
+    },
+    /// Application-level ping (browsers cannot see WebSocket pings).
+    Ping,
+    /// Replace the connection's token.
+    Refresh {
+        /// The new JWT.
+        token: Cow<'a, str>,
+    },
+}
+
+/// A request: the op and its optional `id`, kept as the client's JSON text so it is echoed back exactly.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The `id` JSON text (a number or a string), if given.
+    pub id: Option<&'a str>,
+    /// The op.
+    pub op: ClientOp<'a>,
+}
+
+/// Why a frame could not be parsed; carries the `id` when it could be recovered so the error can name it.
+#[derive(Debug, PartialEq)]
+pub struct ParseError<'a> {
+    /// The request id, if the frame was JSON with a usable `id`.
+    pub id: Option<&'a str>,
+    /// Human-readable reason.
+    pub message: Cow<'static, str>,
+}
+
+fn bad<'a>(id: Option<&'a str>, message: impl Into<Cow<'static, str>>) -> ParseError<'a> {
+    ParseError {
+        id,
+        message: message.into(),
+    }
+}
+
+/// Parses one text frame into a request.
+pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
+    let raw: RawOp<'_> = serde_json::from_str(text).map_err(|e| bad(None, format!("invalid request: {e}")))?;
+    let id = match raw.id {
+        None => None,
+        Some(v) => {
+            let t = v.get();
+            let ok =
+                t.len() <= MAX_ID_LEN && (t.starts_with('"') || t.starts_with('-') || t.as_bytes()[0].is_ascii_digit());
+            if !ok {
+                return Err(bad(None, "`id` must be a number or a string of at most 64 bytes"));
+            }
+            Some(t)
+        }
+    };
+    fn need_room<'b>(room: Option<Cow<'b, str>>, id: Option<&'b str>) -> Result<Cow<'b, str>, ParseError<'b>> {
+        room.ok_or_else(|| bad(id, "missing field `room`"))
+    }
+    let op = match raw.op.as_ref() {
+        "join" => ClientOp::Join {
+            room: need_room(raw.room, id)?,
+        },
+        "leave" => ClientOp::Leave {
+            room: need_room(raw.room, id)?,
+        },
+        "publish" => {
+            let room = need_room(raw.room, id)?;
+            let data = raw.data.ok_or_else(|| bad(id, "missing field `data`"))?;
+            ClientOp::Publish {
+                room,
+                data: compact_json(data.get()),
+                echo: raw.echo.unwrap_or(false),
+            }
+        }
+        "ping" => ClientOp::Ping,
+        "refresh" => ClientOp::Refresh {
+            token: raw.token.ok_or_else(|| bad(id, "missing field `token`"))?,
+        },
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(bad(id, format!("unknown op {shown:?}")));
+        }
+    };
+    Ok(Request { id, op })
+}
+
+/// Removes insignificant whitespace from valid JSON text. Borrows when there is none (the common case).
+pub fn compact_json(raw: &str) -> Cow<'_, str> {
+    let needs = {
+        let mut in_str = false;
+        let mut esc = false;
+        raw.bytes().any(|b| {
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if b == b'\\' {
+                    esc = true;
+                } else if b == b'"' {
+                    in_str = false;
+                }
+                false
+            } else if b == b'"' {
+                in_str = true;
+                false
+            } else {
+                matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+            }
+        })
+    };
+    if !needs {
+        return Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut in_str = false;
+    let mut esc = false;
+    for c in raw.chars() {
+        if in_str {
+            out.push(c);
+            if esc {
+                esc = false;
+            } else if c == '\\' {
+                esc = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether a room name is in the safe set: 1 to 128 bytes of `A-Z a-z 0-9 _ - : @ = +`.
+///
+/// Each of these is an ordinary character inside one NATS subject token: none is a wildcard (`*`, `>`), a token
+/// separator (`.`), whitespace or a control character, and `$` (system subjects) is excluded. Because the room is one
+/// token appended to a fixed prefix, the mapping room → subject is one-to-one.
+pub fn valid_room(room: &str) -> bool {
+    !room.is_empty()
+        && room.len() <= MAX_ROOM_LEN
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'@' | b'=' | b'+'))
+}
+
+/// Whether a configured subject prefix is dot-separated non-empty tokens of `[A-Za-z0-9_-]`.
+pub fn valid_subject_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix
+            .split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+}
+
+/// The NATS subject of a (valid) room.
+pub fn room_subject(prefix: &str, room: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + 1 + room.len());
+    s.push_str(prefix);
+    s.push('.');
+    s.push_str(room);
+    s
+}
+
+/// Glob match where `*` matches any run of characters (including none). Used for room policies and permissions.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] != b'*' && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
+// ---- outgoing frames -------------------------------------------------------------------------------------------
+
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    // serde_json never fails writing a &str into a Vec.
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+/// `{"op":"welcome","conn":C,"gateway":G,"user":U?}`
+pub fn welcome(conn: &str, gateway: &str, user: Option<&str>) -> String {
+    let mut b = Vec::with_capacity(64);
+    b.extend_from_slice(br#"{"op":"welcome","conn":"#);
+    push_json_str(&mut b, conn);
+    b.extend_from_slice(br#","gateway":"#);
+    push_json_str(&mut b, gateway);
+    if let Some(u) = user {
+        b.extend_from_slice(br#","user":"#);
+        push_json_str(&mut b, u);
+    }
+    b.push(b'}');
+    into_string(b)
+}
+
+/// `{"op":"ack","id":N}`
+pub fn ack(id: &str) -> String {
+    format!(r#"{{"op":"ack","id":{id}}}"#)
+}
+
+/// `{"op":"pong"}` (with the `id` when given).
+pub fn pong(id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!(r#"{{"op":"pong","id":{id}}}"#),
+        None => r#"{"op":"pong"}"#.to_string(),
+    }
+}
+
+/// `{"op":"error","id":N?,"code":C,"message":M}`
+pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> String {
+    let mut b = Vec::with_capacity(64 + message.len());
+    b.extend_from_slice(br#"{"op":"error","#);
+    if let Some(id) = id {
+        b.extend_from_slice(br#""id":"#);
+        b.extend_from_slice(id.as_bytes());
+        b.push(b',');
+    }
+    b.extend_from_slice(br#""code":""#);
+    b.extend_from_slice(code.as_str().as_bytes());
+    b.extend_from_slice(br#"","message":"#);
+    push_json_str(&mut b, message);
+    b.push(b'}');
+    into_string(b)
+}
+
+/// `{"op":"gap","room":R,"dropped":N}`: N messages of room R were dropped for this client.
+pub fn gap(room: &str, dropped: u64) -> String {
+    let mut b = Vec::with_capacity(48 + room.len());
+    b.extend_from_slice(br#"{"op":"gap","room":"#);
+    push_json_str(&mut b, room);
+    b.extend_from_slice(format!(r#","dropped":{dropped}}}"#).as_bytes());
+    into_string(b)
+}
+
+/// `{"op":"left","room":R,"reason":M}`: the gateway removed the connection from a room (e.g. after a refresh).
+pub fn left(room: &str, reason: &str) -> String {
+    let mut b = Vec::with_capacity(48 + room.len());
+    b.extend_from_slice(br#"{"op":"left","room":"#);
+    push_json_str(&mut b, room);
+    b.extend_from_slice(br#","reason":"#);
+    push_json_str(&mut b, reason);
+    b.push(b'}');
+    into_string(b)
+}
+
+/// `{"op":"token_expiring","in":S}`: the token expires in S seconds; send `refresh`.
+pub fn token_expiring(secs: u64) -> String {
+    format!(r#"{{"op":"token_expiring","in":{secs}}}"#)
+}
+
+/// How a NATS payload is carried in a message frame.
+pub enum Payload<'a> {
+    /// Valid JSON: embedded as `data`.
+    Json(&'a str),
+    /// UTF-8 but not JSON: embedded as a JSON string in `data`.
+    Text(&'a str),
+    /// Anything else: base64 in `data_b64`.
+    Binary(&'a [u8]),
+}
+
+/// Classifies a NATS payload. Empty payloads are text (`""`).
+pub fn classify_payload(payload: &[u8]) -> Payload<'_> {
+    match std::str::from_utf8(payload) {
+        Ok(text) => {
+            if !text.is_empty() && serde_json::from_str::<&RawValue>(text).is_ok() {
+                Payload::Json(text.trim())
+            } else {
+                Payload::Text(text)
+            }
+        }
+        Err(_) => Payload::Binary(payload),
+    }
+}
+
+/// `{"op":"message","room":R,"data":D,"from":F?}` built once per NATS message; every recipient shares it.
+pub fn message(room: &str, payload: &[u8], from: Option<&str>) -> String {
+    let mut b = Vec::with_capacity(48 + room.len() + payload.len() + from.map_or(0, str::len));
+    b.extend_from_slice(br#"{"op":"message","room":"#);
+    push_json_str(&mut b, room);
+    match classify_payload(payload) {
+        Payload::Json(json) => {
+            b.extend_from_slice(br#","data":"#);
+            b.extend_from_slice(json.as_bytes());
+        }
+        Payload::Text(text) => {
+            b.extend_from_slice(br#","data":"#);
+            push_json_str(&mut b, text);
+        }
+        Payload::Binary(bytes) => {
+            b.extend_from_slice(br#","data_b64":""#);
+            b.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(bytes).as_bytes());
+            b.push(b'"');
+        }
+    }
+    if let Some(from) = from {
+        b.extend_from_slice(br#","from":"#);
+        push_json_str(&mut b, from);
+    }
+    b.push(b'}');
+    into_string(b)
+}
+
+fn into_string(b: Vec<u8>) -> String {
+    // Every byte above comes from ASCII literals, serde_json output or text that was already valid UTF-8.
+    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_op() {
+        let r = parse_request(r#"{"op":"join","room":"lobby","id":1}"#).unwrap();
+        assert_eq!(r.id, Some("1"));
+        assert_eq!(r.op, ClientOp::Join { room: "lobby".into() });
+        let r = parse_request(r#"{"op":"publish","room":"a","data":{ "x" : [1, 2] , "s":"a b"},"echo":true}"#).unwrap();
+        assert_eq!(
+            r.op,
+            ClientOp::Publish {
+                room: "a".into(),
+                data: r#"{"x":[1,2],"s":"a b"}"#.into(),
+                echo: true
+            }
+        );
+        assert_eq!(parse_request(r#"{"op":"ping"}"#).unwrap().op, ClientOp::Ping);
+        let r = parse_request(r#"{"op":"leave","room":"a","id":"x-1"}"#).unwrap();
+        assert_eq!(r.id, Some(r#""x-1""#));
+    }
+
+    #[test]
+    fn rejects_bad_requests() {
+        assert!(parse_request("not json").is_err());
+        assert!(parse_request(r#"{"op":"dance"}"#).is_err());
+        let e = parse_request(r#"{"op":"join","id":7}"#).unwrap_err();
+        assert_eq!(e.id, Some("7"));
+        assert!(parse_request(r#"{"op":"publish","room":"a"}"#).is_err());
+        assert!(parse_request(r#"{"op":"join","room":"a","id":{"x":1}}"#).is_err());
+        assert!(parse_request(r#"[1,2]"#).is_err());
+    }
+
+    #[test]
+    fn room_names() {
+        for ok in ["lobby", "a", "team-42_x", "user:1@org", &"a".repeat(128)] {
+            assert!(valid_room(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a.b",
+            "*",
+            ">",
+            "a.>",
+            "$SYS.x",
+            " ",
+            "a b",
+            "\r\nPUB x",
+            "\0",
+            "é",
+            &"a".repeat(129),
+            "a\tb",
+        ] {
+            assert!(!valid_room(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn globbing() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("ticker-*", "ticker-btc"));
+        assert!(!glob_match("ticker-*", "tick"));
+        assert!(glob_match("team-*-chat", "team-42-chat"));
+        assert!(glob_match("lobby", "lobby"));
+        assert!(!glob_match("lobby", "lobby2"));
+    }
+
+    #[test]
+    fn message_frames() {
+        assert_eq!(
+            message("r", br#"{"a":1}"#, Some("c1")),
+            r#"{"op":"message","room":"r","data":{"a":1},"from":"c1"}"#
+        );
+        assert_eq!(
+            message("r", b"hello", None),
+            r#"{"op":"message","room":"r","data":"hello"}"#
+        );
+        assert_eq!(
+            message("r", &[0xff, 0x00], None),
+            r#"{"op":"message","room":"r","data_b64":"/wA="}"#
+        );
+        assert_eq!(message("r", b"", None), r#"{"op":"message","room":"r","data":""}"#);
+        let v: serde_json::Value = serde_json::from_str(&message("r", b"a\"b\n", None)).unwrap();
+        assert_eq!(v["data"], "a\"b\n");
+    }
+
+    #[test]
+    fn error_frames_are_json() {
+        let v: serde_json::Value = serde_json::from_str(&error(Some("3"), ErrorCode::NotJoined, "no \"x\"")).unwrap();
+        assert_eq!(v["id"], 3);
+        assert_eq!(v["code"], "not_joined");
+        let v: serde_json::Value = serde_json::from_str(&gap("r", 5)).unwrap();
+        assert_eq!(v["dropped"], 5);
+    }
+
+    #[test]
+    fn compaction_keeps_strings() {
+        assert_eq!(compact_json(r#"{ "a b" : "c\" d" }"#), r#"{"a b":"c\" d"}"#);
+        assert!(matches!(compact_json(r#"{"a":1}"#), Cow::Borrowed(_)));
+    }
+}

@@ -1,0 +1,395 @@
+//! Test harness shared by the integration tests: a real `nats-server` on a dynamic port (killed on drop), a test CA
+//! made at test time, the gateway running in-process on `127.0.0.1:0` with TLS, and a WebSocket client over rustls
+//! that verifies the gateway's certificate. Nothing is mocked.
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::{SinkExt, StreamExt};
+use roomwire::{Config, server::Gateway};
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, client::IntoClientRequest, protocol::frame::coding::CloseCode},
+};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single expected event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Path of the nats-server binary: `$NATS_SERVER`, else the project-local install made by `scripts/test`.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/nats/bin/nats-server");
+    assert!(
+        local.exists(),
+        "nats-server not found at {}: run scripts/test (it installs it) or set NATS_SERVER",
+        local.display()
+    );
+    local
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real nats-server on a dynamic port, killed on drop.
+pub struct NatsServer {
+    pub port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra command-line arguments (e.g. `["--max_payload", "1024"]`).
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut s = NatsServer { port: free_port(), child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        // Wait for the port to accept connections (an event, not a fixed sleep).
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Freezes the server (SIGSTOP): TCP stays open but nothing is read.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Unfreezes it (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connect to nats")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A paused server would not die on SIGKILL? It does; but resume anyway so wait() returns promptly.
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+        }
+        self.stop();
+    }
+}
+
+/// A CA and a server certificate for localhost, made at test time.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "roomwire test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cert_file = dir.path().join("cert.pem");
+        let key_file = dir.path().join("key.pem");
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        TestCa { dir, ca_pem: ca_cert.pem(), cert_file, key_file }
+    }
+
+    pub fn connector(&self) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+/// A config for tests: TLS with the test CA, anonymous allowed, generous DoS limits, quick timeouts.
+pub fn test_config(nats_url: &str, ca: &TestCa) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.gateway_id = Some("gwtest".into());
+    c.server.shutdown_grace = Duration::from_secs(5);
+    c.tls.enabled = true;
+    c.tls.cert_file = ca.cert_file.clone();
+    c.tls.key_file = ca.key_file.clone();
+    c.nats.url = roomwire::config::OneOrMany::One(nats_url.to_string());
+    c.nats.publish_timeout = Duration::from_secs(2);
+    c.auth.allow_anonymous = true;
+    c.limits.messages_per_second = 10_000;
+    c.limits.messages_burst = 10_000;
+    c.limits.connections_per_second_per_ip = 10_000;
+    c.limits.connections_burst_per_ip = 10_000;
+    c.limits.max_connections_per_ip = 10_000;
+    c
+}
+
+/// The gateway running in-process. Dropping it cancels its shutdown token.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gw: Arc<Gateway>,
+    pub shutdown: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+    pub ca: Arc<TestCa>,
+}
+
+impl TestGateway {
+    /// Starts a gateway on `127.0.0.1:0` against `nats`, after `tweak` adjusts the test config.
+    pub async fn start(nats: &NatsServer, tweak: impl FnOnce(&mut Config)) -> Self {
+        let ca = Arc::new(TestCa::new());
+        Self::start_with_ca(&nats.url(), ca, tweak).await
+    }
+
+    pub async fn start_with_ca(nats_url: &str, ca: Arc<TestCa>, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config(nats_url, &ca);
+        tweak(&mut config);
+        config.validate().expect("test config valid");
+        let listener = TcpListener::bind(config.server.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let gw = Gateway::start(config, shutdown.clone()).await.expect("gateway starts");
+        let task = tokio::spawn(gw.clone().serve(listener));
+        let t = TestGateway { addr, gw, shutdown, task: Some(task), ca };
+        t.wait_ready(true).await;
+        t
+    }
+
+    /// Waits until `/readyz` answers 200 (ready) or 503 (not ready).
+    pub async fn wait_ready(&self, ready: bool) {
+        let want = if ready { 200 } else { 503 };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok((status, _)) = self.get("/readyz").await {
+                if status == want {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "readyz never became {want}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn tls(&self) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        self.ca.connector().connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+    }
+
+    /// A raw HTTP request over TLS; returns (status, body).
+    pub async fn raw(&self, request: &str) -> std::io::Result<(u16, String)> {
+        let mut tls = self.tls().await;
+        tls.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    }
+
+    pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        self.raw(&format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")).await
+    }
+
+    /// Connects a WebSocket client (anonymous) and reads the welcome.
+    pub async fn client(&self) -> WsClient {
+        self.client_with(&self.gw.config.server.ws_path.clone(), &[]).await.expect("upgrade accepted")
+    }
+
+    /// Connects with a path (may carry a query) and extra headers. Err carries the HTTP status of a refusal.
+    pub async fn client_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<WsClient, u16> {
+        let url = format!("wss://localhost:{}{}", self.addr.port(), path);
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let tls = self.tls().await;
+        match tokio_tungstenite::client_async(req, tls).await {
+            Ok((ws, _)) => {
+                let mut c = WsClient { ws, conn: String::new() };
+                let welcome = c.recv_op("welcome").await;
+                c.conn = welcome["conn"].as_str().unwrap().to_string();
+                Ok(c)
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    }
+
+    /// Cancels the shutdown token and waits for `serve` to return.
+    pub async fn shutdown(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t).await.expect("gateway stops in time").unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A WebSocket client over verified TLS.
+pub struct WsClient {
+    pub ws: WebSocketStream<TlsStream<TcpStream>>,
+    /// Connection id from the welcome.
+    pub conn: String,
+}
+
+impl WsClient {
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.ws.send(Message::Text(t.to_string().into())).await.unwrap();
+    }
+
+    /// Next text frame as JSON (fails on timeout, close or non-text).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("frame in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).expect("JSON frame"),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Next frame with the given op, failing on any other frame in between.
+    pub async fn recv_op(&mut self, op: &str) -> Value {
+        let v = self.recv().await;
+        assert_eq!(v["op"], op, "unexpected frame {v}");
+        v
+    }
+
+    /// Sends an op with `id` and returns the reply with that id (ack or error).
+    pub async fn request(&mut self, mut v: Value, id: u64) -> Value {
+        v["id"] = json!(id);
+        self.send(v).await;
+        loop {
+            let r = self.recv().await;
+            if r["id"] == json!(id) {
+                return r;
+            }
+            assert_eq!(r["op"], "message", "unexpected frame while waiting for reply {id}: {r}");
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) {
+        let r = self.request(json!({"op":"join","room":room}), 900_001).await;
+        assert_eq!(r["op"], "ack", "join {room}: {r}");
+    }
+
+    pub async fn publish(&mut self, room: &str, data: Value) {
+        let r = self.request(json!({"op":"publish","room":room,"data":data}), 900_002).await;
+        assert_eq!(r["op"], "ack", "publish {room}: {r}");
+    }
+
+    /// Waits for the close frame; returns (code, reason).
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            match msg {
+                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives within `d` (used only to prove an absence).
+    pub async fn expect_silence(&mut self, d: Duration) {
+        match tokio::time::timeout(d, self.ws.next()).await {
+            Err(_) => {}
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(other) => panic!("expected silence, got {other:?}"),
+        }
+    }
+}
+
+/// Waits for the next NATS message on a subscriber.
+pub async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
+    tokio::time::timeout(WAIT, sub.next()).await.expect("NATS message in time").expect("subscription open")
+}
