@@ -413,9 +413,9 @@ pub struct JwtKey {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Permissions {
-    /// Patterns of rooms that may be joined. Default `["*"]` for anonymous connections in the dev config.
+    /// Patterns of rooms that may be joined. Default `["*"]`.
     pub join: Vec<String>,
-    /// Patterns of rooms that may be published to.
+    /// Patterns of rooms that may be published to. Default `["*"]`.
     pub publish: Vec<String>,
 }
 
@@ -450,7 +450,7 @@ pub struct AuthConfig {
     pub cookie: Option<String>,
     /// Personal room template granted to every user for join and publish; `{sub}` is replaced. Default none.
     pub personal_room: Option<String>,
-    /// Name of the claim holding join patterns. Default `rooms_join`... see docs/security.md. Default `rooms`.
+    /// Name of the JWT claim holding join patterns (array of strings). Default `rooms`.
     pub rooms_claim: String,
     /// Name of the claim holding publish patterns. Default `publish`.
     pub publish_claim: String,
