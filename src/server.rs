@@ -145,6 +145,8 @@ impl Gateway {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "listening");
         }
+        #[cfg(unix)]
+        self.spawn_reload_on_sighup();
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -171,6 +173,29 @@ impl Gateway {
         }
         self.bridge.flush().await;
         tracing::info!("shutdown complete");
+    }
+
+    /// Certificate rotation: SIGHUP re-reads `tls.cert_file` / `tls.key_file`. New handshakes use the new pair;
+    /// open connections are untouched. A bad pair is logged and the old one stays.
+    #[cfg(unix)]
+    fn spawn_reload_on_sighup(self: &Arc<Self>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        let gw = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = gw.shutdown.cancelled() => break,
+                    got = hup.recv() => if got.is_none() { break },
+                }
+                if let Some(tls) = &gw.tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("TLS certificate reloaded"),
+                        Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+                    }
+                }
+            }
+        });
     }
 
     fn spawn_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
