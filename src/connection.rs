@@ -94,7 +94,7 @@ where
         identity: accepted.identity,
         outbox: outbox.clone(),
         rooms: HashMap::new(),
-        expiry_warned: false,
+        token_changed: false,
     };
     let end = conn.read_loop(stream, &cancel).await;
     tracing::debug!(conn = %conn_id, ?end, "reader finished");
@@ -135,8 +135,8 @@ struct Conn {
     limiter: MessageLimiter,
     /// Publishes awaiting NATS confirmation. Bound: `limits.max_inflight_publishes`.
     inflight: Arc<Semaphore>,
-    /// Whether the `token_expiring` notice for the current token was sent.
-    expiry_warned: bool,
+    /// Set by `refresh`: the token deadlines must be recomputed.
+    token_changed: bool,
 }
 
 fn close_req(code: u16, reason: &'static str, flush_queued: bool) -> CloseRequest {
@@ -158,9 +158,23 @@ impl Conn {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let heartbeat_timeout = self.gw.config.limits.heartbeat_timeout;
-        let mut heartbeat_deadline = Instant::now() + heartbeat_timeout;
+        // Timers are created once and re-armed, not rebuilt per frame: a busy connection costs no timer churn.
+        // `last_seen` is refreshed per frame; the heartbeat timer re-arms itself from it when it fires.
+        let mut last_seen = Instant::now();
+        let heartbeat = tokio::time::sleep_until(last_seen + heartbeat_timeout);
+        tokio::pin!(heartbeat);
+        let (mut warn_at, mut expire_at) = self.token_deadlines();
+        let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+        let warn = tokio::time::sleep_until(warn_at.unwrap_or_else(far));
+        let expire = tokio::time::sleep_until(expire_at.unwrap_or_else(far));
+        tokio::pin!(warn, expire);
         loop {
-            let (warn_at, expire_at) = self.token_deadlines();
+            if self.token_changed {
+                self.token_changed = false;
+                (warn_at, expire_at) = self.token_deadlines();
+                warn.as_mut().reset(warn_at.unwrap_or_else(far));
+                expire.as_mut().reset(expire_at.unwrap_or_else(far));
+            }
             tokio::select! {
                 _ = cancel.cancelled() => {
                     if let Some(req) = self.outbox.close_request() {
@@ -168,21 +182,26 @@ impl Conn {
                     }
                     return close_req(close::GOING_AWAY, "server shutting down", true);
                 }
-                _ = tokio::time::sleep_until(heartbeat_deadline) => {
+                _ = &mut heartbeat => {
+                    let due = last_seen + heartbeat_timeout;
+                    if due > Instant::now() {
+                        heartbeat.as_mut().reset(due);
+                        continue;
+                    }
                     self.gw.metrics.closes.get_or_create(&[("reason", "heartbeat_timeout")]).inc();
                     return close_req(close::GOING_AWAY, "heartbeat timeout", false);
                 }
-                _ = sleep_until_opt(warn_at) => {
+                _ = &mut warn, if warn_at.is_some() => {
                     let secs = expire_at.map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
                     self.send(protocol::token_expiring(secs)).await;
-                    self.expiry_warned = true;
+                    warn_at = None;
                 }
-                _ = sleep_until_opt(expire_at) => {
+                _ = &mut expire, if expire_at.is_some() => {
                     self.gw.metrics.closes.get_or_create(&[("reason", "token_expired")]).inc();
                     return close_req(close::TOKEN_EXPIRED, "token expired", true);
                 }
                 frame = stream.next() => {
-                    heartbeat_deadline = Instant::now() + heartbeat_timeout;
+                    last_seen = Instant::now();
                     match frame {
                         None => return close_req(close::NORMAL, "", true),
                         Some(Ok(Message::Text(text))) => {
@@ -232,7 +251,7 @@ impl Conn {
         }
     }
 
-    /// Instants of the expiry warning (if not sent yet) and of the expiry, for a token with `exp`.
+    /// Instants of the expiry warning and of the expiry, for a token with `exp`.
     fn token_deadlines(&self) -> (Option<Instant>, Option<Instant>) {
         let Some(exp) = self.identity.expires_at else {
             return (None, None);
@@ -242,16 +261,8 @@ impl Conn {
             .map_or(0, |d| d.as_secs());
         let left = Duration::from_secs(exp.saturating_sub(now_unix));
         let expire = Instant::now() + left;
-        let warn = if self.expiry_warned {
-            None
-        } else {
-            Some(
-                expire
-                    .checked_sub(self.gw.config.auth.expiry_warning)
-                    .unwrap_or_else(Instant::now),
-            )
-        };
-        (warn, Some(expire))
+        let warn = expire.checked_sub(self.gw.config.auth.expiry_warning).unwrap_or_else(Instant::now);
+        (Some(warn), Some(expire))
     }
 
     async fn send(&self, frame: String) {
@@ -456,7 +467,7 @@ impl Conn {
                 .await;
         }
         self.identity = identity;
-        self.expiry_warned = false;
+        self.token_changed = true;
         // Leave rooms the new claims no longer allow, and say so.
         let revoked: Vec<Arc<str>> = self
             .rooms
@@ -477,13 +488,6 @@ impl Conn {
             self.gw.bridge.event("leave", origin, Some(&room)).await;
         }
         self.ack(id).await;
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
