@@ -521,10 +521,10 @@ impl Config {
             // hyper's smallest read buffer.
             return Err(invalid("server.max_header_bytes", "must be at least 8192"));
         }
-        if let Some(id) = &s.gateway_id {
-            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                return Err(invalid("server.gateway_id", "use 1+ characters from [A-Za-z0-9_-]"));
-            }
+        if let Some(id) = &s.gateway_id
+            && (id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Err(invalid("server.gateway_id", "use 1+ characters from [A-Za-z0-9_-]"));
         }
         for origin in &s.allowed_origins {
             if origin.is_empty() || origin.contains(char::is_whitespace) {
@@ -662,10 +662,10 @@ impl Config {
                 }
             }
         }
-        if let Some(t) = &self.auth.personal_room {
-            if !t.contains("{sub}") {
-                return Err(invalid("auth.personal_room", "must contain {sub}"));
-            }
+        if let Some(t) = &self.auth.personal_room
+            && !t.contains("{sub}")
+        {
+            return Err(invalid("auth.personal_room", "must contain {sub}"));
         }
         Ok(())
     }

@@ -234,10 +234,10 @@ impl TestGateway {
         let want = if ready { 200 } else { 503 };
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Ok((status, _)) = self.get("/readyz").await {
-                if status == want {
-                    return;
-                }
+            if let Ok((status, _)) = self.get("/readyz").await
+                && status == want
+            {
+                return;
             }
             assert!(tokio::time::Instant::now() < deadline, "readyz never became {want}");
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -392,4 +392,38 @@ impl WsClient {
 /// Waits for the next NATS message on a subscriber.
 pub async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
     tokio::time::timeout(WAIT, sub.next()).await.expect("NATS message in time").expect("subscription open")
+}
+
+impl TestGateway {
+    /// Connects an anonymous WebSocket client whose TCP receive buffer is fixed at `rcvbuf` bytes (the kernel
+    /// doubles it and turns off autotuning), and reads the welcome. A client that then stops reading fills its
+    /// window after a few hundred KiB instead of tens of MiB, so backpressure tests stall the gateway's writer fast.
+    pub async fn client_small_rcvbuf(&self, rcvbuf: u32) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(rcvbuf).unwrap();
+        let tcp = socket.connect(self.addr).await.unwrap();
+        let tls = self.ca.connector().connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+        let url = format!("wss://localhost:{}{}", self.addr.port(), self.gw.config.server.ws_path);
+        let (ws, _) = tokio_tungstenite::client_async(url, tls).await.expect("upgrade accepted");
+        let mut c = WsClient { ws, conn: String::new() };
+        let welcome = c.recv_op("welcome").await;
+        c.conn = welcome["conn"].as_str().unwrap().to_string();
+        c
+    }
+}
+
+/// This process's resident set size and its peak since the last [`reset_peak_rss`], in bytes (Linux `/proc`).
+pub fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc/self/status"));
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets this process's peak RSS (`VmHWM`) to its current RSS (Linux ≥ 4.0: `echo 5 > /proc/self/clear_refs`).
+pub fn reset_peak_rss() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM via /proc/self/clear_refs");
 }
