@@ -223,8 +223,8 @@ impl Bridge {
         }
     }
 
-    /// Subscribes to a room's subject and waits until the server has the subscription (flush), so a message
-    /// published right after the client's join ack is delivered.
+    /// Subscribes to a room's subject and waits until the server has the subscription (a round trip, see
+    /// [`Bridge::round_trip`]), so a message published by anyone right after the client's join ack is delivered.
     pub async fn subscribe(&self, subject: String, room: &Arc<str>) -> Result<Subscriber, BridgeError> {
         if !self.is_connected() {
             return Err(BridgeError::Disconnected);
@@ -235,10 +235,7 @@ impl Bridge {
                 .subscribe(subject)
                 .await
                 .map_err(|e| BridgeError::Other(e.to_string()))?;
-            self.client
-                .flush()
-                .await
-                .map_err(|e| BridgeError::Other(e.to_string()))?;
+            self.round_trip().await?;
             Ok::<_, BridgeError>(sub)
         };
         let sub = tokio::time::timeout(self.timeout, op)
@@ -248,6 +245,21 @@ impl Bridge {
             self.sids.lock().insert(sid, room.clone());
         }
         Ok(sub)
+    }
+
+    /// Returns once the server has processed every command sent before it on this connection. `flush` only writes
+    /// to the socket, and the server may still not have registered a SUB when a publish from another connection
+    /// arrives; async-nats exposes no PING, so an empty message to a fresh inbox (`_INBOX.*`) does the round trip.
+    async fn round_trip(&self) -> Result<(), BridgeError> {
+        let other = |e: &dyn std::fmt::Display| BridgeError::Other(e.to_string());
+        let inbox = self.client.new_inbox();
+        let mut probe = self.client.subscribe(inbox.clone()).await.map_err(|e| other(&e))?;
+        self.client.publish(inbox, Bytes::new()).await.map_err(|e| other(&e))?;
+        self.client.flush().await.map_err(|e| other(&e))?;
+        match futures_util::StreamExt::next(&mut probe).await {
+            Some(_) => Ok(()),
+            None => Err(BridgeError::Disconnected),
+        }
     }
 
     /// Forgets a room's subscription id (the `Subscriber` itself unsubscribes on drop).

@@ -155,7 +155,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let over_capacity = matches!(admission, Admission::OverCapacity(_));
-    let (tx, rx) = oneshot::channel::<Upgrade>();
+    let (tx, mut rx) = oneshot::channel::<Upgrade>();
     let tx = Arc::new(Mutex::new(Some(tx)));
     let svc_gw = gw.clone();
     let service = service_fn(move |req: Request<Incoming>| {
@@ -182,7 +182,10 @@ where
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
-    let Ok(upgrade) = rx.await else { return };
+    // `route` sends the upgrade before its 101 is written, so it is already here if there is one. Awaiting `rx`
+    // would hang forever otherwise: its sender lives in the service inside `conn`, which is still alive here, and
+    // the task would keep the socket and its connection permit.
+    let Ok(upgrade) = rx.try_recv() else { return };
     let upgraded = match upgrade.on_upgrade.await {
         Ok(u) => u,
         Err(e) => {

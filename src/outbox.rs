@@ -136,9 +136,9 @@ impl Outbox {
                     let old_len = s.queue[pos].len();
                     if s.bytes - old_len + len <= self.max_bytes {
                         s.bytes = s.bytes - old_len + len;
-                        if let Item::Room { frame: f, gap, .. } = &mut s.queue[pos] {
+                        // No gap notice: under `latest` superseded values are meant to disappear.
+                        if let Item::Room { frame: f, .. } = &mut s.queue[pos] {
                             *f = frame;
-                            *gap += 1;
                         }
                         drop(s);
                         return Pushed::Conflated;
@@ -217,6 +217,11 @@ impl Outbox {
             }
         };
         self.wake_writer.notify_one();
+        if outcome == Pushed::Overflowed {
+            // The reader may be waiting in `push_control`: it must see the close, or it waits for space forever
+            // (the writer discards the queue without waking it) and the connection's task never ends.
+            self.space.notify_waiters();
+        }
         outcome
     }
 

@@ -83,12 +83,17 @@ struct RawOp<'a> {
     room: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    /// `Some` for any present value, `null` included (a plain `Option` would read `null` as absent).
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(default)]
     echo: Option<bool>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
 }
 
 /// A parsed client op.
@@ -433,6 +438,20 @@ fn into_string(b: Vec<u8>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_data_may_be_null() {
+        let r = parse_request(r#"{"op":"publish","room":"a","data":null}"#).unwrap();
+        assert_eq!(
+            r.op,
+            ClientOp::Publish {
+                room: "a".into(),
+                data: "null".into(),
+                echo: false
+            }
+        );
+        assert!(parse_request(r#"{"op":"publish","room":"a"}"#).is_err());
+    }
 
     #[test]
     fn parses_every_op() {

@@ -90,6 +90,9 @@ struct Args {
     /// Server process ids: RSS is read from the first, CPU time summed over all (e.g. roomwire,nats-server).
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
+    /// Seconds of publishing at the first rate before the first measured step.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
     /// Seconds to wait after every subscriber joined, before measuring RSS and publishing.
     #[arg(long, default_value_t = 1.0)]
     settle: f64,
@@ -590,6 +593,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
             match joined {
                 Ok(ws) => {
                     let _ = done_tx.send(Ok(stalled));
+                    drop(done_tx);
                     if stalled {
                         // Holds the socket open and never reads: the server's buffers towards it fill up.
                         let _keep = ws;
@@ -606,7 +610,8 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
     }
     drop(done_tx);
     let mut ready = Ready::default();
-    while let Some(result) = done_rx.recv().await {
+    for _ in 0..count {
+        let Some(result) = done_rx.recv().await else { break };
         match result {
             Ok(stalled) => {
                 ready.connected += 1;
@@ -719,7 +724,13 @@ impl Workers {
 }
 
 /// Publishes round-robin over the rooms at the rate in `rate` (0 = paused), counting into `published`.
-async fn run_publisher(args: Args, rate: watch::Receiver<u64>, published: Arc<AtomicU64>) -> anyhow::Result<()> {
+/// `connected` fires once the publisher's connection is up and, for NATS, confirmed by a PONG.
+async fn run_publisher(
+    args: Args,
+    rate: watch::Receiver<u64>,
+    published: Arc<AtomicU64>,
+    connected: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<()> {
     let payload_pad = args.payload.saturating_sub(35).max(1);
     let rooms = args.rooms.max(1);
     let mut room_i = 0usize;
@@ -749,6 +760,15 @@ async fn run_publisher(args: Args, rate: watch::Receiver<u64>, published: Arc<At
                 .await?;
             let (mut rd, mut wr) = tcp.into_split();
             let (mut parser, mut buf, mut batch) = (NatsParser::default(), vec![0u8; 64 * 1024], Vec::new());
+            let mut pong = false;
+            while !pong {
+                let n = rd.read(&mut buf).await?;
+                if n == 0 {
+                    bail!("NATS closed the publisher connection");
+                }
+                parser.feed(&buf[..n], |ev| pong |= matches!(ev, NatsEvent::Pong));
+            }
+            let _ = connected.send(());
             loop {
                 tokio::select! {
                     n = pacer.due() => {
@@ -776,6 +796,7 @@ async fn run_publisher(args: Args, rate: watch::Receiver<u64>, published: Arc<At
                 wait_text(&mut ws, |t| t.starts_with("40")).await?;
             }
             let (mut sink, mut stream) = ws.split();
+            let _ = connected.send(());
             let mut one = Vec::new();
             loop {
                 tokio::select! {
@@ -972,7 +993,15 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
     } else {
         let (rate_tx, rate_rx) = watch::channel(0u64);
         let published = Arc::new(AtomicU64::new(0));
-        let publisher = tokio::spawn(run_publisher(args.clone(), rate_rx, published.clone()));
+        let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+        let publisher = tokio::spawn(run_publisher(args.clone(), rate_rx, published.clone(), up_tx));
+        if tokio::time::timeout(Duration::from_secs(10), up_rx).await.is_err() || publisher.is_finished() {
+            publisher.abort();
+            bail!("publisher did not connect: {:?}", publisher.await);
+        }
+        // Warm-up at the first rate, not measured (the next snapshot discards it).
+        rate_tx.send(args.rate[0])?;
+        tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
         let readers = ready.connected.saturating_sub(ready.stalled);
         for &rate in &args.rate {
             for w in &mut workers {
@@ -1082,8 +1111,8 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.sources.is_empty() || args.rooms == 0 || args.payload < 40 {
-        bail!("need at least one --sources address, --rooms ≥ 1 and --payload ≥ 40");
+    if args.sources.is_empty() || args.rate.is_empty() || args.rooms == 0 || args.payload < 40 {
+        bail!("need at least one --sources address and --rate, --rooms ≥ 1 and --payload ≥ 40");
     }
     // One thread per process: scripts/bench pins the generator to its own core, and --procs adds processes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -416,7 +416,8 @@ impl TestGateway {
 pub fn rss() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
     let field = |name: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc/self/status"));
+        let line =
+            status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc/self/status"));
         let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kb * 1024
     };
@@ -426,4 +427,27 @@ pub fn rss() -> (u64, u64) {
 /// Resets this process's peak RSS (`VmHWM`) to its current RSS (Linux ≥ 4.0: `echo 5 > /proc/self/clear_refs`).
 pub fn reset_peak_rss() {
     std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM via /proc/self/clear_refs");
+}
+
+impl NatsServer {
+    /// Like [`NatsServer::pause`], but returns only once every thread of the server is stopped (`/proc/<pid>/stat`
+    /// state `T`), so nothing sent afterwards can still be processed.
+    pub async fn pause_and_wait(&self) {
+        self.pause();
+        let pid = self.child.as_ref().expect("running").id();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/<pid>/task");
+            let all_stopped = tasks.flatten().all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not stop");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
