@@ -261,7 +261,9 @@ impl Conn {
             .map_or(0, |d| d.as_secs());
         let left = Duration::from_secs(exp.saturating_sub(now_unix));
         let expire = Instant::now() + left;
-        let warn = expire.checked_sub(self.gw.config.auth.expiry_warning).unwrap_or_else(Instant::now);
+        let warn = expire
+            .checked_sub(self.gw.config.auth.expiry_warning)
+            .unwrap_or_else(Instant::now);
         (Some(warn), Some(expire))
     }
 

@@ -63,8 +63,8 @@ pub enum Pushed {
     Queued,
     /// Queued, replacing an older pending message of the same room (`latest`).
     Conflated,
-    /// Queued after dropping the oldest pending message of the room (`drop_oldest`).
-    DroppedOldest,
+    /// Queued after dropping this many older pending room messages (`drop_oldest`).
+    DroppedOldest(u64),
     /// Not queued: the queue is full (`drop_newest`).
     DroppedNewest,
     /// Not queued: the queue is full and the policy is `disconnect`; the outbox is now closed with 4008.
@@ -172,7 +172,7 @@ impl Outbox {
                     }
                     Overflow::DropOldest => {
                         // Drop room messages from the head until the new one fits; control frames stay.
-                        let mut freed = false;
+                        let mut freed = 0u64;
                         while !self.fits(&s, len) {
                             let Some(pos) = s.queue.iter().position(|i| matches!(i, Item::Room { .. })) else {
                                 break;
@@ -195,7 +195,7 @@ impl Outbox {
                                     Some(g) => *g += lost,
                                     None => *s.gaps.entry(old_room).or_insert(0) += lost,
                                 }
-                                freed = true;
+                                freed += 1;
                             }
                         }
                         if !self.fits(&s, len) {
@@ -211,7 +211,11 @@ impl Outbox {
                                 gap,
                             },
                         );
-                        if freed { Pushed::DroppedOldest } else { Pushed::Queued }
+                        if freed > 0 {
+                            Pushed::DroppedOldest(freed)
+                        } else {
+                            Pushed::Queued
+                        }
                     }
                 }
             }

@@ -246,7 +246,11 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
             }
             match m.outbox.push_room(&room.name, frame.clone(), room.policy) {
                 Pushed::Queued => delivered += 1,
-                Pushed::DroppedOldest | Pushed::Conflated => {
+                Pushed::DroppedOldest(n) => {
+                    delivered += 1;
+                    dropped += n;
+                }
+                Pushed::Conflated => {
                     delivered += 1;
                     dropped += 1;
                 }

@@ -180,7 +180,9 @@ impl Gateway {
     #[cfg(unix)]
     fn spawn_reload_on_sighup(self: &Arc<Self>) {
         use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
         let gw = self.clone();
         tokio::spawn(async move {
             loop {

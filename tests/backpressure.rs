@@ -113,7 +113,10 @@ fn check_order_and_gaps(seen: &[Seen], gaps_required: bool) -> (Vec<u64>, u64) {
                 assert!(n >= next, "message {n} after {} (order broken)", next.wrapping_sub(1));
                 let missing = n - next;
                 match pending_gap.take() {
-                    Some(g) => assert_eq!(g, missing, "gap notice says {g} dropped before {n}, {missing} are missing"),
+                    Some(g) => assert_eq!(
+                        g, missing,
+                        "gap notice says {g} dropped before {n}, {missing} are missing"
+                    ),
                     None if gaps_required => assert_eq!(missing, 0, "{missing} missing before {n}, no gap notice"),
                     None => {}
                 }
@@ -153,7 +156,9 @@ async fn read_all_in_order(mut c: WsClient, count: u64, progress: watch::Sender<
 async fn drain_slow_consumer(mut c: WsClient) -> (u64, &'static str) {
     let mut next = 0u64;
     loop {
-        let frame = tokio::time::timeout(WAIT, c.ws.next()).await.expect("stalled client: close in time");
+        let frame = tokio::time::timeout(WAIT, c.ws.next())
+            .await
+            .expect("stalled client: close in time");
         match frame {
             Some(Ok(Message::Text(t))) => {
                 let n = seq_of(&t).unwrap_or_else(|| panic!("stalled client: unexpected frame {t}"));
@@ -184,7 +189,11 @@ fn dropped(gw: &TestGateway, reason: &'static str) -> u64 {
 async fn wait_fanned_out(gw: &TestGateway, n: u64) {
     let deadline = Instant::now() + WAIT;
     while gw.gw.metrics.room_messages.get() < n {
-        assert!(Instant::now() < deadline, "gateway fanned out {} of {n}", gw.gw.metrics.room_messages.get());
+        assert!(
+            Instant::now() < deadline,
+            "gateway fanned out {} of {n}",
+            gw.gw.metrics.room_messages.get()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -236,8 +245,14 @@ async fn stalled_client_costs_the_others_nothing_and_memory_stays_bounded() {
         if n >= WINDOW {
             let waiting = Instant::now();
             for rx in &mut progress {
-                let waited = tokio::time::timeout(WAIT, rx.wait_for(|&got| got + WINDOW > n)).await.is_ok();
-                assert!(waited, "an ordinary client stopped receiving at {} of {n}", *rx.borrow());
+                let waited = tokio::time::timeout(WAIT, rx.wait_for(|&got| got + WINDOW > n))
+                    .await
+                    .is_ok();
+                assert!(
+                    waited,
+                    "an ordinary client stopped receiving at {} of {n}",
+                    *rx.borrow()
+                );
             }
             longest_wait = longest_wait.max(waiting.elapsed());
         }
@@ -272,8 +287,14 @@ async fn stalled_client_costs_the_others_nothing_and_memory_stays_bounded() {
         rss_after / MIB,
         allowed / MIB
     );
-    assert!(flood_bytes >= 2 * allowed, "flood too small to tell a bounded queue from an unbounded one");
-    assert!(growth < allowed, "RSS grew {growth} bytes, over the {allowed} the bounds allow");
+    assert!(
+        flood_bytes >= 2 * allowed,
+        "flood too small to tell a bounded queue from an unbounded one"
+    );
+    assert!(
+        growth < allowed,
+        "RSS grew {growth} bytes, over the {allowed} the bounds allow"
+    );
 
     // The stalled client overflowed its queue (policy disconnect) while the flood went on, and was closed: it got
     // a prefix of the flood, then 4008 (or, had write_timeout passed first, a dropped connection).
@@ -284,7 +305,10 @@ async fn stalled_client_costs_the_others_nothing_and_memory_stays_bounded() {
     // Test 4: the stalled peer added no delay. Generous bounds (TLS in a debug build), but far below write_timeout,
     // which is how long a fan-out that waited on the stalled client would hold everyone up.
     println!("longest wait for the slowest ordinary client to take a message: {longest_wait:?}");
-    assert!(longest_wait < Duration::from_secs(2), "an ordinary client was held up {longest_wait:?}");
+    assert!(
+        longest_wait < Duration::from_secs(2),
+        "an ordinary client was held up {longest_wait:?}"
+    );
     assert!(elapsed < WAIT, "delivery took {elapsed:?}");
 }
 
@@ -306,7 +330,10 @@ async fn flood_until(
     let deadline = Instant::now() + WAIT;
     let mut n = 0;
     loop {
-        assert!(Instant::now() < deadline, "the stalled client's queue never overflowed ({n} published)");
+        assert!(
+            Instant::now() < deadline,
+            "the stalled client's queue never overflowed ({n} published)"
+        );
         for _ in 0..CHUNK {
             backend.publish(subject.clone(), payload(n, pad)).await.unwrap();
             n += 1;
@@ -360,7 +387,10 @@ async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
     let nats = NatsServer::start().await;
     let room = "feed-1";
     let (gw, mut client, backend) = stalled_in(&nats, room, |c| {
-        c.rooms.policy.push(roomwire::config::RoomPolicy { pattern: "feed-*".into(), overflow: policy });
+        c.rooms.policy.push(roomwire::config::RoomPolicy {
+            pattern: "feed-*".into(),
+            overflow: policy,
+        });
     })
     .await;
     let pad = "x".repeat(4 * KIB - 20);
@@ -373,7 +403,10 @@ async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
     client.send(json!({"op":"ping","id":77})).await;
     let mut seen = read_until_reply(&mut client, room, 77).await;
     // Losses at the end of the stall are told before the next message: send one more.
-    backend.publish(format!("rooms.{room}"), payload(published, &pad)).await.unwrap();
+    backend
+        .publish(format!("rooms.{room}"), payload(published, &pad))
+        .await
+        .unwrap();
     let tail = loop {
         let s = classify(&client.recv().await, room);
         seen.push(s);
@@ -385,20 +418,37 @@ async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
     println!(
         "{reason}: published {published} (+1), received {}, gap notices {:?}",
         numbers.len(),
-        seen.iter().filter_map(|s| if let Seen::Gap(n) = s { Some(*n) } else { None }).collect::<Vec<_>>()
+        seen.iter()
+            .filter_map(|s| if let Seen::Gap(n) = s { Some(*n) } else { None })
+            .collect::<Vec<_>>()
     );
-    assert_eq!(numbers.len() as u64 + gap_total, published + 1, "received + announced drops != published");
-    assert_eq!(gap_total, dropped(&gw, reason), "gap notices disagree with the dropped counter");
+    assert_eq!(
+        numbers.len() as u64 + gap_total,
+        published + 1,
+        "received + announced drops != published"
+    );
+    assert_eq!(
+        gap_total,
+        dropped(&gw, reason),
+        "gap notices disagree with the dropped counter"
+    );
     assert!(gap_total >= 256);
     assert_eq!(slow_consumers(&gw, "queue_full"), 0, "the connection must be kept");
     match policy {
         // The newest were kept: the last message of the flood arrived, and nothing was owed after it.
         roomwire::config::Overflow::DropOldest => {
-            assert_eq!(numbers[numbers.len() - 2], published - 1, "drop_oldest lost the newest message");
+            assert_eq!(
+                numbers[numbers.len() - 2],
+                published - 1,
+                "drop_oldest lost the newest message"
+            );
             assert_eq!(seen[tail - 1], Seen::Message(published - 1));
         }
         // The oldest were kept and the newest dropped: the tail message carries the trailing loss.
-        _ => assert!(matches!(seen[tail - 1], Seen::Gap(_)), "drop_newest: the tail should carry a gap notice"),
+        _ => assert!(
+            matches!(seen[tail - 1], Seen::Gap(_)),
+            "drop_newest: the tail should carry a gap notice"
+        ),
     }
 }
 
@@ -423,7 +473,10 @@ async fn policy_disconnect_closes_with_4008() {
     let published = flood_until(&backend, "chat", &pad, None, || slow_consumers(&gw, "queue_full") >= 1).await;
     let (prefix, ended) = drain_slow_consumer(client).await;
     println!("disconnect: published {published}, client got 0..{prefix}, then {ended}");
-    assert_eq!(ended, "closed 4008", "write_timeout is 20 s: the close frame must get through");
+    assert_eq!(
+        ended, "closed 4008",
+        "write_timeout is 20 s: the close frame must get through"
+    );
     assert!(prefix < published);
     assert_eq!(slow_consumers(&gw, "queue_full"), 1);
     assert_eq!(slow_consumers(&gw, "write_timeout"), 0);
@@ -483,7 +536,10 @@ async fn never_reading_client_is_dropped_after_write_timeout() {
     assert_eq!(open, 1);
     let started = Instant::now();
     // The socket fills after a few MiB (well under a second here), then the write deadline runs.
-    flood_until(&backend, "feed-2", &pad, None, || gw.gw.metrics.connections_open.get() == 0).await;
+    flood_until(&backend, "feed-2", &pad, None, || {
+        gw.gw.metrics.connections_open.get() == 0
+    })
+    .await;
     let elapsed = started.elapsed();
     println!("never reading: dropped {elapsed:?} after the flood began (write_timeout {write_timeout:?})");
     assert!(elapsed < write_timeout * 4, "dropped only after {elapsed:?}");
@@ -492,7 +548,10 @@ async fn never_reading_client_is_dropped_after_write_timeout() {
     // What was written before the stall is still in order with exact gap notices, then the connection ends.
     let mut seen = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, client.ws.next()).await.expect("end of stream in time") {
+        match tokio::time::timeout(WAIT, client.ws.next())
+            .await
+            .expect("end of stream in time")
+        {
             Some(Ok(Message::Text(t))) => seen.push(classify(&serde_json::from_str(&t).unwrap(), "feed-2")),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
@@ -588,7 +647,9 @@ async fn nats_outage(outage: Outage) {
     let (mut worst, mut max_silence, mut last_reply) = (Duration::ZERO, Duration::ZERO, started);
     let (mut unavailable, mut acked, mut pings) = (0u64, 0u64, 0u64);
     while unavailable < want {
-        let frame = tokio::time::timeout(WAIT, stream.next()).await.expect("publish reply in time");
+        let frame = tokio::time::timeout(WAIT, stream.next())
+            .await
+            .expect("publish reply in time");
         let v: Value = match frame {
             Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
             other => panic!("expected a reply, got {other:?}"),
@@ -600,7 +661,10 @@ async fn nats_outage(outage: Outage) {
         if v["op"] == "ack" {
             // Core NATS "accepted" means written to the socket toward NATS: a paused server's socket buffers take a
             // few MiB before the first timeout. Once publishes time out, none may be acked while NATS is away.
-            assert!(outage == Outage::Paused && unavailable == 0, "ack while NATS is away: {v}");
+            assert!(
+                outage == Outage::Paused && unavailable == 0,
+                "ack while NATS is away: {v}"
+            );
             acked += 1;
             continue;
         }
@@ -639,15 +703,27 @@ async fn nats_outage(outage: Outage) {
         rss_now / MIB,
         allowed / MIB
     );
-    assert!(FLOOD * SIZE as u64 >= 2 * allowed, "flood too small to tell bounded from unbounded");
-    assert!(growth < allowed, "RSS grew {growth} bytes, over the {allowed} the bounds allow");
+    assert!(
+        FLOOD * SIZE as u64 >= 2 * allowed,
+        "flood too small to tell bounded from unbounded"
+    );
+    assert!(
+        growth < allowed,
+        "RSS grew {growth} bytes, over the {allowed} the bounds allow"
+    );
     match outage {
         Outage::Paused => {
             // With publishes in flight, one times out every publish_timeout at the latest: nothing hangs.
             let bound = publish_timeout + Duration::from_millis(500);
-            assert!(max_silence < bound, "no reply for {max_silence:?} while publishes were pending");
+            assert!(
+                max_silence < bound,
+                "no reply for {max_silence:?} while publishes were pending"
+            );
             // The gateway stopped reading from the flooder: most of the flood is still with the client.
-            assert!(sent < FLOOD * SIZE as u64 / 4, "the gateway kept reading {sent} bytes while NATS was paused");
+            assert!(
+                sent < FLOOD * SIZE as u64 / 4,
+                "the gateway kept reading {sent} bytes while NATS was paused"
+            );
             assert!(Metrics::get(&gw.gw.metrics.publish_failures, "timeout") >= want);
         }
         Outage::Stopped => {

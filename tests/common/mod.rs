@@ -44,7 +44,11 @@ pub fn nats_server_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A real nats-server on a dynamic port, killed on drop.
@@ -61,7 +65,11 @@ impl NatsServer {
 
     /// Starts with extra command-line arguments (e.g. `["--max_payload", "1024"]`).
     pub async fn start_with(extra: &[&str]) -> Self {
-        let mut s = NatsServer { port: free_port(), child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
+        let mut s = NatsServer {
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         s.spawn().await;
         s
     }
@@ -106,7 +114,11 @@ impl NatsServer {
 
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill {sig} failed");
     }
 
@@ -149,7 +161,9 @@ impl TestCa {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "roomwire test CA");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "roomwire test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = KeyPair::generate().unwrap();
@@ -160,7 +174,12 @@ impl TestCa {
         let key_file = dir.path().join("key.pem");
         std::fs::write(&cert_file, cert.pem()).unwrap();
         std::fs::write(&key_file, key.serialize_pem()).unwrap();
-        TestCa { dir, ca_pem: ca_cert.pem(), cert_file, key_file }
+        TestCa {
+            dir,
+            ca_pem: ca_cert.pem(),
+            cert_file,
+            key_file,
+        }
     }
 
     pub fn connector(&self) -> TlsConnector {
@@ -224,7 +243,13 @@ impl TestGateway {
         let shutdown = CancellationToken::new();
         let gw = Gateway::start(config, shutdown.clone()).await.expect("gateway starts");
         let task = tokio::spawn(gw.clone().serve(listener));
-        let t = TestGateway { addr, gw, shutdown, task: Some(task), ca };
+        let t = TestGateway {
+            addr,
+            gw,
+            shutdown,
+            task: Some(task),
+            ca,
+        };
         t.wait_ready(true).await;
         t
     }
@@ -246,7 +271,11 @@ impl TestGateway {
 
     pub async fn tls(&self) -> TlsStream<TcpStream> {
         let tcp = TcpStream::connect(self.addr).await.unwrap();
-        self.ca.connector().connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+        self.ca
+            .connector()
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
     }
 
     /// A raw HTTP request over TLS; returns (status, body).
@@ -257,17 +286,25 @@ impl TestGateway {
         let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut buf)).await;
         let text = String::from_utf8_lossy(&buf).to_string();
         let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Ok((status, body))
     }
 
     pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        self.raw(&format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")).await
+        self.raw(&format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        ))
+        .await
     }
 
     /// Connects a WebSocket client (anonymous) and reads the welcome.
     pub async fn client(&self) -> WsClient {
-        self.client_with(&self.gw.config.server.ws_path.clone(), &[]).await.expect("upgrade accepted")
+        self.client_with(&self.gw.config.server.ws_path.clone(), &[])
+            .await
+            .expect("upgrade accepted")
     }
 
     /// Connects with a path (may carry a query) and extra headers. Err carries the HTTP status of a refusal.
@@ -283,7 +320,10 @@ impl TestGateway {
         let tls = self.tls().await;
         match tokio_tungstenite::client_async(req, tls).await {
             Ok((ws, _)) => {
-                let mut c = WsClient { ws, conn: String::new() };
+                let mut c = WsClient {
+                    ws,
+                    conn: String::new(),
+                };
                 let welcome = c.recv_op("welcome").await;
                 c.conn = welcome["conn"].as_str().unwrap().to_string();
                 Ok(c)
@@ -297,7 +337,10 @@ impl TestGateway {
     pub async fn shutdown(&mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(WAIT, t).await.expect("gateway stops in time").unwrap();
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("gateway stops in time")
+                .unwrap();
         }
     }
 }
@@ -362,7 +405,9 @@ impl WsClient {
     }
 
     pub async fn publish(&mut self, room: &str, data: Value) {
-        let r = self.request(json!({"op":"publish","room":room,"data":data}), 900_002).await;
+        let r = self
+            .request(json!({"op":"publish","room":room,"data":data}), 900_002)
+            .await;
         assert_eq!(r["op"], "ack", "publish {room}: {r}");
     }
 
@@ -391,7 +436,10 @@ impl WsClient {
 
 /// Waits for the next NATS message on a subscriber.
 pub async fn next_msg(sub: &mut async_nats::Subscriber) -> async_nats::Message {
-    tokio::time::timeout(WAIT, sub.next()).await.expect("NATS message in time").expect("subscription open")
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("NATS message in time")
+        .expect("subscription open")
 }
 
 impl TestGateway {
@@ -402,10 +450,20 @@ impl TestGateway {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(rcvbuf).unwrap();
         let tcp = socket.connect(self.addr).await.unwrap();
-        let tls = self.ca.connector().connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+        let tls = self
+            .ca
+            .connector()
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
         let url = format!("wss://localhost:{}{}", self.addr.port(), self.gw.config.server.ws_path);
-        let (ws, _) = tokio_tungstenite::client_async(url, tls).await.expect("upgrade accepted");
-        let mut c = WsClient { ws, conn: String::new() };
+        let (ws, _) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .expect("upgrade accepted");
+        let mut c = WsClient {
+            ws,
+            conn: String::new(),
+        };
         let welcome = c.recv_op("welcome").await;
         c.conn = welcome["conn"].as_str().unwrap().to_string();
         c
@@ -416,8 +474,10 @@ impl TestGateway {
 pub fn rss() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
     let field = |name: &str| -> u64 {
-        let line =
-            status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc/self/status"));
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in /proc/self/status"));
         let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kb * 1024
     };
@@ -441,7 +501,8 @@ impl NatsServer {
             let all_stopped = tasks.flatten().all(|t| {
                 let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
                 // The state follows the parenthesised command name.
-                stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
             });
             if all_stopped {
                 return;
