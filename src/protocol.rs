@@ -550,4 +550,58 @@ mod tests {
         assert_eq!(compact_json(r#"{ "a b" : "c\" d" }"#), r#"{"a b":"c\" d"}"#);
         assert!(matches!(compact_json(r#"{"a":1}"#), Cow::Borrowed(_)));
     }
+
+    #[test]
+    fn arbitrary_input_never_panics() {
+        // A cheap deterministic fuzz pass (xorshift), mixing random bytes with fragments of valid requests.
+        let pieces = [
+            r#"{"op":"#,
+            r#""publish""#,
+            r#","room":"#,
+            r#""a""#,
+            r#","data":"#,
+            "[",
+            "]",
+            "{",
+            "}",
+            ",",
+            "\\",
+            "\"",
+            "null",
+            "1e999",
+            "-",
+            r"\u0000",
+            " ",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..(next() % 12) {
+                let r = next();
+                if r % 3 == 0 {
+                    text.push(char::from_u32((r >> 8) as u32 % 0x11_0000).unwrap_or('?'));
+                } else {
+                    text.push_str(pieces[(r >> 8) as usize % pieces.len()]);
+                }
+            }
+            if let Ok(Request {
+                op: ClientOp::Publish { data, .. },
+                ..
+            }) = parse_request(&text)
+            {
+                assert!(
+                    serde_json::from_str::<serde_json::Value>(&data).is_ok(),
+                    "{text:?} -> {data:?}"
+                );
+            }
+            let _ = compact_json(&text);
+            let _ = message("r", text.as_bytes(), None);
+        }
+    }
 }
