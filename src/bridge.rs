@@ -272,6 +272,11 @@ impl Bridge {
     /// Publishes a lifecycle event (`connect`, `disconnect`, `join`, `leave`) as JSON. Best effort: skipped while
     /// NATS is away, bounded by the publish timeout, never fails the caller.
     pub async fn event(&self, kind: &'static str, origin: Origin<'_>, room: Option<&str>) {
+        // Boxed so that callers (every connection task) do not carry this future's size while idle.
+        Box::pin(self.event_inner(kind, origin, room)).await
+    }
+
+    async fn event_inner(&self, kind: &'static str, origin: Origin<'_>, room: Option<&str>) {
         if !self.events || !self.is_connected() {
             return;
         }

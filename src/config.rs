@@ -325,7 +325,8 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     /// Largest single WebSocket frame from a client. Default 65536.
     pub max_frame_size: usize,
-    /// tokio-tungstenite read buffer per connection. Small, because an idle connection holds it. Default 4096.
+    /// tokio-tungstenite read buffer per connection. Small, because every idle connection holds it (tungstenite's
+    /// default of 128 KiB would cost that much per connection); a larger frame grows it as needed. Default 2048.
     pub read_buffer_size: usize,
     /// Bytes tungstenite batches before writing to the socket. Default 16384.
     pub write_buffer_size: usize,
@@ -373,7 +374,7 @@ impl Default for LimitsConfig {
         Self {
             max_message_size: 64 * 1024,
             max_frame_size: 64 * 1024,
-            read_buffer_size: 4096,
+            read_buffer_size: 2048,
             write_buffer_size: 16 * 1024,
             max_write_buffer_size: 256 * 1024,
             max_pending_messages: 1024,

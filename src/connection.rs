@@ -12,10 +12,14 @@
 use std::{collections::HashMap, collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt, stream::SplitSink};
+use futures_util::{
+    SinkExt, StreamExt,
+    stream::{SplitSink, SplitStream},
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::Semaphore,
+    task::JoinHandle,
     time::Instant,
 };
 use tokio_tungstenite::{
@@ -32,12 +36,12 @@ use tracing::Instrument;
 use crate::{
     auth::Identity,
     bridge::{BridgeError, Origin},
-    limits::MessageLimiter,
+    limits::{IpGuard, MessageLimiter},
     metrics::Metrics,
     outbox::{CloseRequest, Item, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
     rooms::{JoinError, Member, Room},
-    server::Gateway,
+    server::{Admission, Gateway},
 };
 
 /// What the HTTP layer hands over after a successful upgrade.
@@ -49,14 +53,26 @@ pub struct Accepted {
     pub peer: SocketAddr,
     /// Who the client is.
     pub identity: Identity,
+    /// The connection's slot under `server.max_connections` and its per-IP count; released when the connection ends.
+    pub slots: (Admission, IpGuard),
 }
 
-/// Serves one WebSocket until it closes. Runs in the connection's own task.
-pub async fn serve<S>(gw: Arc<Gateway>, ws: WebSocketStream<S>, accepted: Accepted)
+/// Serves one WebSocket until it closes; the returned future is the connection's task.
+///
+/// Setup is synchronous on purpose: the returned future then holds only what lives as long as the connection
+/// (an async fn would also keep its arguments' slots, the whole `WebSocketStream` among them, for the connection's
+/// lifetime, which is measurable memory per idle connection).
+pub fn serve<S>(gw: Arc<Gateway>, ws: WebSocketStream<S>, accepted: Accepted) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn_id: Arc<str> = format!("{}-{}", gw.gateway_id, accepted.id).into();
+    let Accepted {
+        id,
+        peer: _,
+        identity,
+        slots,
+    } = accepted;
+    let conn_id: Arc<str> = format!("{}-{}", gw.gateway_id, id).into();
     let outbox = Arc::new(Outbox::new(
         gw.config.limits.max_pending_messages,
         gw.config.limits.max_pending_bytes,
@@ -64,41 +80,47 @@ where
     // Cancelled by the writer when it ends, and by the root shutdown (it is a child).
     let cancel = gw.shutdown.child_token();
     let (sink, stream) = ws.split();
-
     gw.metrics.connections.inc();
     gw.metrics.connections_open.inc();
-    let user = accepted.identity.user.clone();
-    let welcome = protocol::welcome(&conn_id, &gw.gateway_id, user.as_deref());
-    outbox.push_control(Utf8Bytes::from(welcome)).await;
-
+    // The queue is empty, so the welcome always fits.
+    let welcome = protocol::welcome(&conn_id, &gw.gateway_id, identity.user.as_deref());
+    outbox.try_push_control(Utf8Bytes::from(welcome));
     let writer =
         tokio::spawn(write_loop(sink, outbox.clone(), cancel.clone(), gw.clone()).instrument(tracing::Span::current()));
-    gw.bridge
-        .event(
-            "connect",
-            Origin {
-                conn: &conn_id,
-                user: user.as_deref(),
-            },
-            None,
-        )
-        .await;
-    tracing::debug!(conn = %conn_id, user = user.as_deref(), "connected");
-
-    let mut conn = Conn {
-        limiter: gw.limits.message_limiter(user.as_deref()),
+    let conn = Conn {
+        limiter: gw.limits.message_limiter(identity.user.as_deref()),
         inflight: Arc::new(Semaphore::new(gw.config.limits.max_inflight_publishes)),
-        gw: gw.clone(),
-        id: accepted.id,
-        conn_id: conn_id.clone(),
-        identity: accepted.identity,
-        outbox: outbox.clone(),
+        gw,
+        id,
+        conn_id,
+        identity,
+        outbox,
         rooms: HashMap::new(),
         token_changed: false,
+        _slots: slots,
     };
+    run(conn, stream, writer, cancel)
+}
+
+/// The reader side of a connection, then the cleanup every way of ending shares.
+async fn run<S>(
+    mut conn: Conn,
+    stream: SplitStream<WebSocketStream<S>>,
+    writer: JoinHandle<()>,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let origin = Origin {
+        conn: &conn.conn_id,
+        user: conn.identity.user.as_deref(),
+    };
+    conn.gw.bridge.event("connect", origin, None).await;
+    tracing::debug!(conn = %conn.conn_id, user = conn.identity.user.as_deref(), "connected");
+
     let end = conn.read_loop(stream, &cancel).await;
-    tracing::debug!(conn = %conn_id, ?end, "reader finished");
-    outbox.close(end);
+    tracing::debug!(conn = %conn.conn_id, ?end, "reader finished");
+    conn.outbox.close(end);
 
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms: Vec<Arc<str>> = conn.rooms.keys().cloned().collect();
@@ -106,21 +128,21 @@ where
         conn.gw.rooms.leave(room, conn.id);
     }
     // The writer flushes (or not, per the close request) and sends the close frame; bounded by write_timeout.
-    let grace = gw.config.limits.write_timeout + Duration::from_millis(100);
+    let grace = conn.gw.config.limits.write_timeout + Duration::from_millis(100);
     if tokio::time::timeout(grace, writer).await.is_err() {
-        tracing::debug!(conn = %conn_id, "writer did not finish in time");
+        tracing::debug!(conn = %conn.conn_id, "writer did not finish in time");
     }
     cancel.cancel();
     let origin = Origin {
-        conn: &conn_id,
+        conn: &conn.conn_id,
         user: conn.identity.user.as_deref(),
     };
     for room in &rooms {
-        gw.bridge.event("leave", origin, Some(room)).await;
+        conn.gw.bridge.event("leave", origin, Some(room)).await;
     }
-    gw.bridge.event("disconnect", origin, None).await;
-    gw.metrics.connections_open.dec();
-    tracing::debug!(conn = %conn_id, "disconnected");
+    conn.gw.bridge.event("disconnect", origin, None).await;
+    conn.gw.metrics.connections_open.dec();
+    tracing::debug!(conn = %conn.conn_id, "disconnected");
 }
 
 /// Per-connection state owned by the reader.
@@ -137,6 +159,8 @@ struct Conn {
     inflight: Arc<Semaphore>,
     /// Set by `refresh`: the token deadlines must be recomputed.
     token_changed: bool,
+    /// Global and per-IP slots, released when the connection (this struct) is dropped.
+    _slots: (Admission, IpGuard),
 }
 
 fn close_req(code: u16, reason: &'static str, flush_queued: bool) -> CloseRequest {
@@ -151,7 +175,7 @@ impl Conn {
     /// Reads until the client leaves, a deadline passes or the gateway shuts down; returns how to close.
     async fn read_loop<S>(
         &mut self,
-        mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
+        mut stream: SplitStream<WebSocketStream<S>>,
         cancel: &CancellationToken,
     ) -> CloseRequest
     where
@@ -205,7 +229,9 @@ impl Conn {
                     match frame {
                         None => return close_req(close::NORMAL, "", true),
                         Some(Ok(Message::Text(text))) => {
-                            if let Some(req) = self.on_text(&text).await {
+                            // Boxed: the request handlers' futures are large, and inline they would be part of every
+                            // idle connection's task; boxed, only a connection handling a frame pays for them.
+                            if let Some(req) = Box::pin(self.on_text(&text)).await {
                                 return req;
                             }
                         }

@@ -31,6 +31,8 @@ use tokio_tungstenite::{
     tungstenite::{handshake::derive_accept_key, protocol::Role},
 };
 
+use tracing::Instrument;
+
 use crate::{
     auth::{self, AuthError, Identity},
     connection::{self, Accepted},
@@ -125,7 +127,7 @@ struct Upgrade {
     on_upgrade: OnUpgrade,
     identity: Identity,
     client: SocketAddr,
-    _ip_guard: IpGuard,
+    ip_guard: IpGuard,
 }
 
 /// Serves one accepted TCP connection: TLS (if enabled), HTTP, then the WebSocket if upgraded.
@@ -133,7 +135,8 @@ pub async fn handle(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadline
     let _ = tcp.set_nodelay(true);
     match &gw.tls {
         Some(tls) => {
-            let accept = tls.acceptor().accept(tcp);
+            // Boxed like the HTTP phase: handshake state must not stay part of the long-lived task's size.
+            let accept = Box::pin(tls.acceptor().accept(tcp));
             match tokio::time::timeout_at(deadline, accept).await {
                 Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, admission).await,
                 Ok(Err(e)) => {
@@ -155,6 +158,45 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let over_capacity = matches!(admission, Admission::OverCapacity(_));
+    // The HTTP phase is its own future, finished (and its storage free) before the WebSocket phase starts: an idle
+    // WebSocket's task then holds only what the WebSocket needs, not hyper's connection state too.
+    let Some(upgrade) = http_phase(&gw, io, peer, deadline, over_capacity).await else {
+        return;
+    };
+    let upgraded = match upgrade.on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(gw.ws_config)).await;
+    tracing::Span::current().record("peer", tracing::field::display(upgrade.client));
+    let accepted = Accepted {
+        id: gw.next_conn_id(),
+        peer: upgrade.client,
+        identity: upgrade.identity,
+        slots: (admission, upgrade.ip_guard),
+    };
+    // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
+    // HTTP futures, their arguments) would otherwise stay allocated for the whole life of every idle connection.
+    let span = tracing::Span::current();
+    gw.tracker
+        .clone()
+        .spawn(connection::serve(gw, ws, accepted).instrument(span));
+}
+
+/// Serves HTTP until the connection closes or is upgraded; returns the upgrade, if any.
+async fn http_phase<IO>(
+    gw: &Arc<Gateway>,
+    io: IO,
+    peer: SocketAddr,
+    deadline: Instant,
+    over_capacity: bool,
+) -> Option<Upgrade>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = oneshot::channel::<Upgrade>();
     let tx = Arc::new(Mutex::new(Some(tx)));
     let svc_gw = gw.clone();
@@ -185,23 +227,7 @@ where
     // `route` sends the upgrade before its 101 is written, so it is already here if there is one. Awaiting `rx`
     // would hang forever otherwise: its sender lives in the service inside `conn`, which is still alive here, and
     // the task would keep the socket and its connection permit.
-    let Ok(upgrade) = rx.try_recv() else { return };
-    let upgraded = match upgrade.on_upgrade.await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(gw.ws_config)).await;
-    let accepted = Accepted {
-        id: gw.next_conn_id(),
-        peer: upgrade.client,
-        identity: upgrade.identity,
-    };
-    tracing::Span::current().record("peer", tracing::field::display(upgrade.client));
-    connection::serve(gw, ws, accepted).await;
-    drop(admission);
+    rx.try_recv().ok()
 }
 
 fn route(
@@ -300,7 +326,7 @@ fn upgrade(
         on_upgrade,
         identity,
         client,
-        _ip_guard: ip_guard,
+        ip_guard,
     });
 
     let mut resp = Response::new(Full::new(Bytes::new()));

@@ -214,8 +214,8 @@ impl Gateway {
         };
         let span = tracing::info_span!("conn", %peer);
         let gw = self.clone();
-        self.tracker
-            .spawn(crate::http::handle(gw, tcp, peer, deadline, permit).instrument(span));
+        let fut = crate::http::handle(gw, tcp, peer, deadline, permit);
+        self.tracker.spawn(fut.instrument(span));
     }
 }
 
