@@ -1130,7 +1130,7 @@ async fn flooding_client_does_not_delay_an_ordinary_client_in_the_same_room() {
         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
         worst = worst.max(Duration::from_micros(now_us.saturating_sub(d["at"].as_u64().unwrap())));
         next_seq += 1;
-        if next_seq % 10 == 0 {
+        if next_seq.is_multiple_of(10) {
             // The ordinary client's own publishes are not throttled by the flooder's budget.
             ordinary
                 .send(json!({"op": "publish", "room": "room", "data": {"mine": own}, "id": 1000 + own}))

@@ -554,10 +554,10 @@ async fn read_loop(mut ws: Ws, target: Target, stats: &Stats) {
             }
         };
         stats.record(&stamps);
-        if let Some(reply) = reply {
-            if ws.send(reply).await.is_err() {
-                break;
-            }
+        if let Some(reply) = reply
+            && ws.send(reply).await.is_err()
+        {
+            break;
         }
     }
     stats.closed.fetch_add(1, Relaxed);
@@ -657,6 +657,8 @@ fn print_line(value: &impl Serialize) -> anyhow::Result<()> {
 // Coordinator side: the subscriber processes, the publisher, server probes, and the result.
 
 /// The coordinator's view of one subscriber process (itself, or a child).
+// One value per process role, a handful per run: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Workers {
     Local(Arc<Stats>, Option<tokio::task::JoinHandle<anyhow::Result<Ready>>>),
     Child(
@@ -1044,7 +1046,9 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
                 closed: step_closed,
                 server_cpu_s: cpu,
                 cpu_s_per_million: (!args.server_pid.is_empty() && delivered > 0).then(|| cpu / delivered as f64 * 1e6),
-                saturated: (delivered as f64) < args.saturation * expected as f64,
+                // A step where the server closed clients (e.g. as slow consumers) is past saturation, whatever it
+                // delivered: the remaining clients are fewer than the scenario asks for.
+                saturated: (delivered as f64) < args.saturation * expected as f64 || step_closed > 0,
             };
             eprintln!(
                 "roomwire-bench: rate {rate}/s → {:.0} delivered/s, p99 {} µs{}",
@@ -1076,11 +1080,12 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         Scenario::Idle => None,
         Scenario::Fanout => steps
             .iter()
+            .filter(|s| s.closed == 0)
             .max_by(|a, b| a.delivered_per_s.total_cmp(&b.delivered_per_s))
             .cloned(),
         Scenario::Rooms => steps
             .iter()
-            .filter(|s| s.p99_us <= limit_us)
+            .filter(|s| s.p99_us <= limit_us && s.closed == 0)
             .max_by(|a, b| a.delivered_per_s.total_cmp(&b.delivered_per_s))
             .cloned(),
         Scenario::Latency => steps.last().cloned(),
