@@ -12,6 +12,11 @@ PEERS = ["nats-ws", "socketio", "uws"]
 TARGETS = ["roomwire"] + PEERS
 
 
+def natural(key):
+    """Sort key that orders 'idle ws n=2000' before 'idle ws n=10000'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', key)]
+
+
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -45,7 +50,7 @@ def main():
     for r in rows:
         groups.setdefault((label_key(r), r["target"]), []).append(r)
     runs = max((len(v) for v in groups.values()), default=0)
-    keys = sorted({k for k, _ in groups}, key=lambda k: (k.split()[0], k))
+    keys = sorted({k for k, _ in groups}, key=natural)
 
     md = ["# Benchmarks", ""]
     if mode == "quick":

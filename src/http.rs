@@ -3,8 +3,8 @@
 //! per-IP limits, token. Every refusal is an HTTP status with a short text body ([`Reject::response`]), never a 101.
 //!
 //! The handshake deadline (`server.handshake_timeout`) covers TCP accept → TLS → request head. After a successful
-//! upgrade the same task goes on to serve the WebSocket, so the connection's permit and per-IP guard live exactly
-//! as long as the connection.
+//! upgrade the WebSocket moves to a task of its own (sized for it alone), taking the connection's global permit and
+//! per-IP guard with it, so they live exactly as long as the connection.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -135,8 +135,7 @@ pub async fn handle(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadline
     let _ = tcp.set_nodelay(true);
     match &gw.tls {
         Some(tls) => {
-            // Boxed like the HTTP phase: handshake state must not stay part of the long-lived task's size.
-            let accept = Box::pin(tls.acceptor().accept(tcp));
+            let accept = tls.acceptor().accept(tcp);
             match tokio::time::timeout_at(deadline, accept).await {
                 Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, admission).await,
                 Ok(Err(e)) => {
@@ -158,8 +157,6 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let over_capacity = matches!(admission, Admission::OverCapacity(_));
-    // The HTTP phase is its own future, finished (and its storage free) before the WebSocket phase starts: an idle
-    // WebSocket's task then holds only what the WebSocket needs, not hyper's connection state too.
     let Some(upgrade) = http_phase(&gw, io, peer, deadline, over_capacity).await else {
         return;
     };
