@@ -26,7 +26,6 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
         self, Message, Utf8Bytes,
-        error::CapacityError,
         protocol::{CloseFrame, frame::coding::CloseCode},
     },
 };
@@ -212,7 +211,7 @@ impl Conn {
                         heartbeat.as_mut().reset(due);
                         continue;
                     }
-                    self.gw.metrics.closes.get_or_create(&[("reason", "heartbeat_timeout")]).inc();
+                    Metrics::bump(&self.gw.metrics.closes, "heartbeat_timeout");
                     return close_req(close::GOING_AWAY, "heartbeat timeout", false);
                 }
                 _ = &mut warn, if warn_at.is_some() => {
@@ -221,7 +220,7 @@ impl Conn {
                     warn_at = None;
                 }
                 _ = &mut expire, if expire_at.is_some() => {
-                    self.gw.metrics.closes.get_or_create(&[("reason", "token_expired")]).inc();
+                    Metrics::bump(&self.gw.metrics.closes, "token_expired");
                     return close_req(close::TOKEN_EXPIRED, "token expired", true);
                 }
                 frame = stream.next() => {
@@ -251,23 +250,18 @@ impl Conn {
     fn read_error(&self, e: tungstenite::Error) -> CloseRequest {
         let m = &self.gw.metrics;
         match e {
-            tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, max_size: max }) => {
-                tracing::info!(size, max, "message too big");
-                m.closes.get_or_create(&[("reason", "too_big")]).inc();
-                close_req(close::TOO_BIG, "message too big", false)
-            }
             tungstenite::Error::Capacity(e) => {
-                tracing::info!(error = %e, "frame over capacity");
-                m.closes.get_or_create(&[("reason", "too_big")]).inc();
+                tracing::info!(error = %e, "message or frame over the size limit");
+                Metrics::bump(&m.closes, "too_big");
                 close_req(close::TOO_BIG, "message too big", false)
             }
             tungstenite::Error::Protocol(e) => {
                 tracing::info!(error = %e, "protocol error");
-                m.closes.get_or_create(&[("reason", "protocol_error")]).inc();
+                Metrics::bump(&m.closes, "protocol_error");
                 close_req(1002, "protocol error", false)
             }
             tungstenite::Error::Utf8(_) => {
-                m.closes.get_or_create(&[("reason", "invalid_utf8")]).inc();
+                Metrics::bump(&m.closes, "invalid_utf8");
                 close_req(1007, "invalid UTF-8", false)
             }
             e => {
@@ -304,7 +298,7 @@ impl Conn {
     }
 
     async fn error(&self, id: Option<&str>, code: ErrorCode, message: &str) {
-        self.gw.metrics.errors.get_or_create(&[("reason", code.as_str())]).inc();
+        Metrics::bump(&self.gw.metrics.errors, code.as_str());
         self.send(protocol::error(id, code, message)).await;
     }
 
@@ -313,7 +307,7 @@ impl Conn {
         self.gw.metrics.frames_in.inc();
         if self.limiter.check(text.len()).is_err() {
             if self.limiter.abusive() {
-                self.gw.metrics.closes.get_or_create(&[("reason", "rate_abuse")]).inc();
+                Metrics::bump(&self.gw.metrics.closes, "rate_abuse");
                 return Some(close_req(close::POLICY, "rate limit exceeded repeatedly", false));
             }
             let id = protocol::parse_request(text).ok().and_then(|r| r.id);
@@ -453,10 +447,7 @@ impl Conn {
                 Ok(()) => protocol::ack(&id),
                 Err(e) => {
                     Metrics::bump(&gw.metrics.publish_failures, e.label());
-                    gw.metrics
-                        .errors
-                        .get_or_create(&[("reason", ErrorCode::Unavailable.as_str())])
-                        .inc();
+                    Metrics::bump(&gw.metrics.errors, ErrorCode::Unavailable.as_str());
                     protocol::error(
                         Some(&id),
                         ErrorCode::Unavailable,
@@ -595,10 +586,7 @@ async fn timed_write(
             false
         }
         Err(_) => {
-            gw.metrics
-                .slow_consumers
-                .get_or_create(&[("reason", "write_timeout")])
-                .inc();
+            Metrics::bump(&gw.metrics.slow_consumers, "write_timeout");
             tracing::info!("write timed out: slow consumer dropped");
             false
         }

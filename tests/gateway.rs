@@ -90,14 +90,6 @@ fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
     msg.headers.as_ref()?.get(name).map(|v| v.as_str().to_string())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET on the nats-server monitoring port; the JSON body.
 async fn monitor(port: u16, path: &str) -> Value {
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("monitoring port");

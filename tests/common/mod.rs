@@ -43,7 +43,8 @@ pub fn nats_server_bin() -> PathBuf {
     local
 }
 
-fn free_port() -> u16 {
+/// A port that was free a moment ago (bind to 0, read it, release it).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
