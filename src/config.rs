@@ -118,6 +118,10 @@ impl OneOrMany {
     }
 }
 
+/// Largest header of a frame the gateway sends (2 bytes + 8-byte extended length; server frames are not masked),
+/// rounded up.
+const MAX_FRAME_HEADER: usize = 14;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -330,7 +334,8 @@ pub struct LimitsConfig {
     pub read_buffer_size: usize,
     /// Bytes tungstenite batches before writing to the socket. Default 16384.
     pub write_buffer_size: usize,
-    /// Hard bound on tungstenite's own write buffer (a write over it fails). Default 262144.
+    /// Hard bound on tungstenite's own write buffer. Must be at least `write_buffer_size + max_pending_bytes + 14`
+    /// so the largest message the outbox admits can always be written. Default 1114112 (1 MiB + 64 KiB).
     pub max_write_buffer_size: usize,
     /// Outbound queue bound, in messages, per connection. Default 1024.
     pub max_pending_messages: usize,
@@ -376,7 +381,7 @@ impl Default for LimitsConfig {
             max_frame_size: 64 * 1024,
             read_buffer_size: 2048,
             write_buffer_size: 16 * 1024,
-            max_write_buffer_size: 256 * 1024,
+            max_write_buffer_size: 1024 * 1024 + 64 * 1024,
             max_pending_messages: 1024,
             max_pending_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(10),
@@ -583,10 +588,18 @@ impl Config {
         if !(256..=1024 * 1024).contains(&l.read_buffer_size) {
             return Err(invalid("limits.read_buffer_size", "must be between 256 and 1048576"));
         }
-        if l.max_write_buffer_size <= l.write_buffer_size {
+        // The writer feeds tungstenite one frame at a time, and tungstenite holds up to `write_buffer_size` bytes
+        // before it writes, so the largest frame the outbox can admit (`max_pending_bytes`, plus a frame header)
+        // must fit on top of that; otherwise every such message fails with "write buffer full".
+        let largest_frame = l.max_pending_bytes.saturating_add(MAX_FRAME_HEADER);
+        if l.max_write_buffer_size < l.write_buffer_size.saturating_add(largest_frame) {
             return Err(invalid(
                 "limits.max_write_buffer_size",
-                "must exceed limits.write_buffer_size",
+                format!(
+                    "must be at least limits.write_buffer_size + limits.max_pending_bytes + {MAX_FRAME_HEADER} ({}), \
+                     or the largest queued message cannot be written",
+                    l.write_buffer_size.saturating_add(largest_frame)
+                ),
             ));
         }
         if l.max_pending_messages == 0 {

@@ -2,24 +2,33 @@
 //! the writer.
 //!
 //! The writer alone owns the sink. It takes everything queued at once, feeds it and flushes once, under
-//! `limits.write_timeout`; it also sends the heartbeat pings. The reader parses client ops, enforces rate limits,
-//! joins and leaves rooms, forwards publishes to NATS (at most `limits.max_inflight_publishes` awaiting NATS: past
-//! that it stops reading, so TCP pushes back on the client), and watches the heartbeat and token deadlines.
+//! `limits.write_timeout`; it also sends the heartbeat pings. The reader parses client ops, joins and leaves rooms,
+//! forwards publishes to NATS, and watches the heartbeat and token deadlines. Every frame was already charged to the
+//! rate limits as it arrived (see [`crate::frames`]); the reader only acts on the verdict.
+//!
+//! How a connection always ends (a task that cannot end would hold its socket and slots until restart):
+//! - the connection has one `CancellationToken` (a child of the root shutdown). The writer cancels it whenever it stops
+//!   (its socket failed, a write timed out, it sent the close frame), and closes the outbox first, so anything waiting
+//!   for queue space wakes up;
+//! - every wait of the reader (a frame, queue space, NATS, a token check) sits in a `select!` with that token;
+//! - publishes awaiting NATS confirmation are futures owned by the reader's loop, not spawned tasks: at
+//!   most `limits.max_inflight_publishes` of them (past that the reader stops reading, so TCP pushes back on the
+//!   client), each bounded by its deadline, and they are dropped with the connection;
+//! - [`Conn`]'s `Drop` leaves every room, closes the outbox, cancels the writer and releases the global and per-IP
+//!   slots, so even a panic in the reader gives everything back.
 //!
 //! Every way a connection ends maps to one close code (see `protocol::close` and `docs/protocol.md`); whatever ends
 //! it, the connection leaves all its rooms and a `disconnect` event is published.
 
-use std::{collections::HashMap, collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, collections::VecDeque, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{
     SinkExt, StreamExt,
-    stream::{SplitSink, SplitStream},
+    stream::{FuturesUnordered, SplitSink, SplitStream},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::Semaphore,
-    task::JoinHandle,
     time::Instant,
 };
 use tokio_tungstenite::{
@@ -35,7 +44,8 @@ use tracing::Instrument;
 use crate::{
     auth::Identity,
     bridge::{BridgeError, Origin},
-    limits::{IpGuard, MessageLimiter},
+    frames::Meter,
+    limits::IpGuard,
     metrics::Metrics,
     outbox::{CloseRequest, Item, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
@@ -54,6 +64,21 @@ pub struct Accepted {
     pub identity: Identity,
     /// The connection's slot under `server.max_connections` and its per-IP count; released when the connection ends.
     pub slots: (Admission, IpGuard),
+    /// Rate-limit verdicts of the frames the socket wrapper charged (see [`crate::frames`]).
+    pub meter: Arc<Meter>,
+}
+
+/// A publish awaiting NATS confirmation; yields the reply frame, if the client asked for one (an `id`).
+type Confirm = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// What handling one message asks of the reader.
+enum Handled {
+    /// Nothing more.
+    Done,
+    /// Poll this publish confirmation beside reading.
+    Confirm(Confirm),
+    /// Close the connection.
+    Close(CloseRequest),
 }
 
 /// Serves one WebSocket until it closes; the returned future is the connection's task.
@@ -65,101 +90,85 @@ pub fn serve<S>(gw: Arc<Gateway>, ws: WebSocketStream<S>, accepted: Accepted) ->
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Accepted {
-        id,
-        peer: _,
-        identity,
-        slots,
-    } = accepted;
-    let conn_id: Arc<str> = format!("{}-{}", gw.gateway_id, id).into();
-    let outbox = Arc::new(Outbox::new(
-        gw.config.limits.max_pending_messages,
-        gw.config.limits.max_pending_bytes,
-    ));
-    // Cancelled by the writer when it ends, and by the root shutdown (it is a child).
-    let cancel = gw.shutdown.child_token();
     let (sink, stream) = ws.split();
-    gw.metrics.connections.inc();
-    gw.metrics.connections_open.inc();
+    let conn = Conn::new(gw, accepted);
     // The queue is empty, so the welcome always fits.
-    let welcome = protocol::welcome(&conn_id, &gw.gateway_id, identity.user.as_deref());
-    outbox.try_push_control(Utf8Bytes::from(welcome));
-    let writer =
-        tokio::spawn(write_loop(sink, outbox.clone(), cancel.clone(), gw.clone()).instrument(tracing::Span::current()));
-    let conn = Conn {
-        limiter: gw.limits.message_limiter(identity.user.as_deref()),
-        inflight: Arc::new(Semaphore::new(gw.config.limits.max_inflight_publishes)),
-        gw,
-        id,
-        conn_id,
-        identity,
-        outbox,
-        rooms: HashMap::new(),
-        token_changed: false,
-        _slots: slots,
-    };
-    run(conn, stream, writer, cancel)
+    let welcome = protocol::welcome(&conn.conn_id, &conn.gw.gateway_id, conn.identity.user.as_deref());
+    conn.outbox.try_push_control(Utf8Bytes::from(welcome));
+    let writer = write_loop(sink, conn.outbox.clone(), conn.cancel.clone(), conn.gw.clone());
+    let writer = conn.gw.tracker.spawn(writer.instrument(tracing::Span::current()));
+    run(conn, stream, writer)
 }
 
 /// The reader side of a connection, then the cleanup every way of ending shares.
-async fn run<S>(
-    mut conn: Conn,
-    stream: SplitStream<WebSocketStream<S>>,
-    writer: JoinHandle<()>,
-    cancel: CancellationToken,
-) where
+async fn run<S>(mut conn: Conn, stream: SplitStream<WebSocketStream<S>>, writer: tokio::task::JoinHandle<()>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let origin = Origin {
-        conn: &conn.conn_id,
-        user: conn.identity.user.as_deref(),
-    };
-    conn.gw.bridge.event("connect", origin, None).await;
+    let gw = conn.gw.clone();
+    conn.event("connect", None).await;
     tracing::debug!(conn = %conn.conn_id, user = conn.identity.user.as_deref(), "connected");
 
-    let end = conn.read_loop(stream, &cancel).await;
-    tracing::debug!(conn = %conn.conn_id, ?end, "reader finished");
+    let end = conn.read_loop(stream).await;
+    // The first close request wins: if the writer failed, its reason is the one the outbox keeps.
     conn.outbox.close(end);
+    let end = conn.outbox.close_request().unwrap_or_else(|| close_req(close::NORMAL, "", true));
+    tracing::debug!(conn = %conn.conn_id, code = end.code, reason = end.reason, "connection closing");
 
     // Leave every room before anything else so fan-out stops queueing for us.
-    let rooms: Vec<Arc<str>> = conn.rooms.keys().cloned().collect();
-    for room in &rooms {
-        conn.gw.rooms.leave(room, conn.id);
-    }
+    let rooms = conn.leave_all();
     // The writer flushes (or not, per the close request) and sends the close frame; bounded by write_timeout.
-    let grace = conn.gw.config.limits.write_timeout + Duration::from_millis(100);
+    let grace = gw.config.limits.write_timeout + Duration::from_millis(100);
     if tokio::time::timeout(grace, writer).await.is_err() {
         tracing::debug!(conn = %conn.conn_id, "writer did not finish in time");
     }
-    cancel.cancel();
+    let (conn_id, user) = (conn.conn_id.clone(), conn.identity.user.clone());
+    // Releases the global and per-IP slots and the gauges now, not after the events below.
+    drop(conn);
     let origin = Origin {
-        conn: &conn.conn_id,
-        user: conn.identity.user.as_deref(),
+        conn: &conn_id,
+        user: user.as_deref(),
     };
-    for room in &rooms {
-        conn.gw.bridge.event("leave", origin, Some(room)).await;
-    }
-    conn.gw.bridge.event("disconnect", origin, None).await;
-    conn.gw.metrics.connections_open.dec();
-    tracing::debug!(conn = %conn.conn_id, "disconnected");
+    // Best effort and bounded as a whole: a NATS outage must not keep a finished connection's task around.
+    let events = async {
+        for room in &rooms {
+            gw.bridge.event("leave", origin, Some(room)).await;
+        }
+        gw.bridge.event("disconnect", origin, None).await;
+    };
+    let _ = tokio::time::timeout(gw.config.nats.publish_timeout, events).await;
+    tracing::debug!(conn = %conn_id, "disconnected");
 }
 
-/// Per-connection state owned by the reader.
+/// Per-connection state owned by the reader. Dropping it gives back everything the connection held (see `Drop`).
 struct Conn {
     gw: Arc<Gateway>,
     id: u64,
     conn_id: Arc<str>,
     identity: Identity,
     outbox: Arc<Outbox>,
+    /// Ends the connection: cancelled by the writer when it stops, by the root shutdown (it is a child), and on drop.
+    cancel: CancellationToken,
+    /// Verdicts of the rate limits, one per received message.
+    meter: Arc<Meter>,
     /// Joined rooms. Bound: `rooms.max_rooms_per_connection`.
     rooms: HashMap<Arc<str>, Arc<Room>>,
-    limiter: MessageLimiter,
-    /// Publishes awaiting NATS confirmation. Bound: `limits.max_inflight_publishes`.
-    inflight: Arc<Semaphore>,
     /// Set by `refresh`: the token deadlines must be recomputed.
     token_changed: bool,
     /// Global and per-IP slots, released when the connection (this struct) is dropped.
     _slots: (Admission, IpGuard),
+}
+
+impl Drop for Conn {
+    /// Runs however the connection ends, a panic included: rooms, outbox, writer, gauge and slots are given back.
+    fn drop(&mut self) {
+        for room in self.rooms.keys() {
+            self.gw.rooms.leave(room, self.id);
+        }
+        self.outbox.close(close_req(close::INTERNAL, "internal error", false));
+        self.cancel.cancel();
+        self.gw.metrics.connections_open.dec();
+    }
 }
 
 fn close_req(code: u16, reason: &'static str, flush_queued: bool) -> CloseRequest {
@@ -171,16 +180,56 @@ fn close_req(code: u16, reason: &'static str, flush_queued: bool) -> CloseReques
 }
 
 impl Conn {
-    /// Reads until the client leaves, a deadline passes or the gateway shuts down; returns how to close.
-    async fn read_loop<S>(
-        &mut self,
-        mut stream: SplitStream<WebSocketStream<S>>,
-        cancel: &CancellationToken,
-    ) -> CloseRequest
+    fn new(gw: Arc<Gateway>, accepted: Accepted) -> Self {
+        let Accepted {
+            id,
+            peer: _,
+            identity,
+            slots,
+            meter,
+        } = accepted;
+        let conn_id: Arc<str> = format!("{}-{}", gw.gateway_id, id).into();
+        let outbox = Arc::new(Outbox::new(
+            gw.config.limits.max_pending_messages,
+            gw.config.limits.max_pending_bytes,
+        ));
+        gw.metrics.connections.inc();
+        gw.metrics.connections_open.inc();
+        Conn {
+            cancel: gw.shutdown.child_token(),
+            gw,
+            id,
+            conn_id,
+            identity,
+            outbox,
+            meter,
+            rooms: HashMap::new(),
+            token_changed: false,
+            _slots: slots,
+        }
+    }
+
+    /// Who this connection is, as NATS headers and events name it.
+    fn origin(&self) -> Origin<'_> {
+        Origin {
+            conn: &self.conn_id,
+            user: self.identity.user.as_deref(),
+        }
+    }
+
+    /// Publishes a lifecycle event for this connection.
+    async fn event(&self, kind: &'static str, room: Option<&str>) {
+        self.gw.bridge.event(kind, self.origin(), room).await;
+    }
+
+    /// Reads until the client leaves, a deadline passes or the connection is cancelled; returns how to close.
+    async fn read_loop<S>(&mut self, mut stream: SplitStream<WebSocketStream<S>>) -> CloseRequest
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let cancel = self.cancel.clone();
         let heartbeat_timeout = self.gw.config.limits.heartbeat_timeout;
+        let max_inflight = self.gw.config.limits.max_inflight_publishes;
         // Timers are created once and re-armed, not rebuilt per frame: a busy connection costs no timer churn.
         // `last_seen` is refreshed per frame; the heartbeat timer re-arms itself from it when it fires.
         let mut last_seen = Instant::now();
@@ -191,6 +240,9 @@ impl Conn {
         let warn = tokio::time::sleep_until(warn_at.unwrap_or_else(far));
         let expire = tokio::time::sleep_until(expire_at.unwrap_or_else(far));
         tokio::pin!(warn, expire);
+        // Publishes awaiting NATS confirmation. Bound: `limits.max_inflight_publishes` (the reader stops reading at
+        // it). A local, not a field: the handlers borrow `self` across awaits, which would need these futures `Sync`.
+        let mut confirms: FuturesUnordered<Confirm> = FuturesUnordered::new();
         loop {
             if self.token_changed {
                 self.token_changed = false;
@@ -198,13 +250,10 @@ impl Conn {
                 warn.as_mut().reset(warn_at.unwrap_or_else(far));
                 expire.as_mut().reset(expire_at.unwrap_or_else(far));
             }
+            let reading = confirms.len() < max_inflight;
             tokio::select! {
-                _ = cancel.cancelled() => {
-                    if let Some(req) = self.outbox.close_request() {
-                        return req;
-                    }
-                    return close_req(close::GOING_AWAY, "server shutting down", true);
-                }
+                biased;
+                _ = cancel.cancelled() => return self.cancelled(),
                 _ = &mut heartbeat => {
                     let due = last_seen + heartbeat_timeout;
                     if due > Instant::now() {
@@ -214,41 +263,61 @@ impl Conn {
                     Metrics::bump(&self.gw.metrics.closes, "heartbeat_timeout");
                     return close_req(close::GOING_AWAY, "heartbeat timeout", false);
                 }
+                _ = &mut expire, if expire_at.is_some() => {
+                    Metrics::bump(&self.gw.metrics.closes, "token_expired");
+                    return close_req(close::TOKEN_EXPIRED, "token expired", true);
+                }
                 _ = &mut warn, if warn_at.is_some() => {
                     let secs = expire_at.map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
                     self.send(protocol::token_expiring(secs)).await;
                     warn_at = None;
                 }
-                _ = &mut expire, if expire_at.is_some() => {
-                    Metrics::bump(&self.gw.metrics.closes, "token_expired");
-                    return close_req(close::TOKEN_EXPIRED, "token expired", true);
+                Some(reply) = confirms.next(), if !confirms.is_empty() => {
+                    if let Some(frame) = reply {
+                        self.send(frame).await;
+                    }
                 }
-                frame = stream.next() => {
+                frame = stream.next(), if reading => {
                     last_seen = Instant::now();
-                    match frame {
+                    let msg = match frame {
                         None => return close_req(close::NORMAL, "", true),
-                        Some(Ok(Message::Text(text))) => {
-                            // Boxed: the request handlers' futures are large, and inline they would be part of every
-                            // idle connection's task; boxed, only a connection handling a frame pays for them.
-                            if let Some(req) = Box::pin(self.on_text(&text)).await {
-                                return req;
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            self.error(None, ErrorCode::BadRequest, "binary frames are not supported in protocol v1").await;
-                        }
-                        Some(Ok(Message::Close(_))) => return close_req(close::NORMAL, "", true),
-                        Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                         Some(Err(e)) => return self.read_error(e),
+                        Some(Ok(msg)) => msg,
+                    };
+                    let refused = self.meter.next_refused();
+                    // Boxed: the request handlers' futures are large, and inline they would be part of every idle
+                    // connection's task; boxed, only a connection handling a frame pays for them.
+                    let handled = Box::pin(self.on_message(msg, refused, last_seen));
+                    let outcome = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return self.cancelled(),
+                        outcome = handled => outcome,
+                    };
+                    match outcome {
+                        Handled::Done => {}
+                        Handled::Confirm(confirm) => confirms.push(confirm),
+                        Handled::Close(req) => return req,
                     }
                 }
             }
         }
     }
 
+    /// The close to report once the connection's token is cancelled: the writer's reason if it stopped first,
+    /// otherwise a shutdown.
+    fn cancelled(&self) -> CloseRequest {
+        self.outbox
+            .close_request()
+            .unwrap_or_else(|| close_req(close::GOING_AWAY, "server shutting down", true))
+    }
+
     /// Maps a read error to the close the client sees.
     fn read_error(&self, e: tungstenite::Error) -> CloseRequest {
         let m = &self.gw.metrics;
+        if self.meter.abusive() {
+            Metrics::bump(&m.closes, "rate_abuse");
+            return close_req(close::POLICY, "rate limit exceeded repeatedly", false);
+        }
         match e {
             tungstenite::Error::Capacity(e) => {
                 tracing::info!(error = %e, "message or frame over the size limit");
@@ -258,11 +327,11 @@ impl Conn {
             tungstenite::Error::Protocol(e) => {
                 tracing::info!(error = %e, "protocol error");
                 Metrics::bump(&m.closes, "protocol_error");
-                close_req(1002, "protocol error", false)
+                close_req(close::PROTOCOL, "protocol error", false)
             }
             tungstenite::Error::Utf8(_) => {
                 Metrics::bump(&m.closes, "invalid_utf8");
-                close_req(1007, "invalid UTF-8", false)
+                close_req(close::INVALID_DATA, "invalid UTF-8", false)
             }
             e => {
                 tracing::debug!(error = %e, "read error");
@@ -287,8 +356,13 @@ impl Conn {
         (Some(warn), Some(expire))
     }
 
+    /// Queues a reply, waiting for queue space (which stops reading from a client that does not read its replies)
+    /// but never past the connection's end.
     async fn send(&self, frame: String) {
-        self.outbox.push_control(Utf8Bytes::from(frame)).await;
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = self.outbox.push_control(Utf8Bytes::from(frame)) => {}
+        }
     }
 
     async fn ack(&self, id: Option<&str>) {
@@ -302,24 +376,46 @@ impl Conn {
         self.send(protocol::error(id, code, message)).await;
     }
 
-    /// Handles one text frame. Returns a close request when the connection must end.
-    async fn on_text(&mut self, text: &str) -> Option<CloseRequest> {
-        self.gw.metrics.frames_in.inc();
-        if self.limiter.check(text.len()).is_err() {
-            if self.limiter.abusive() {
-                Metrics::bump(&self.gw.metrics.closes, "rate_abuse");
-                return Some(close_req(close::POLICY, "rate limit exceeded repeatedly", false));
+    /// Handles one message.
+    async fn on_message(&mut self, msg: Message, refused: bool, arrived: Instant) -> Handled {
+        match msg {
+            Message::Text(text) => {
+                self.gw.metrics.frames_in.inc();
+                if refused {
+                    let id = protocol::parse_request(&text).ok().and_then(|r| r.id);
+                    self.rate_limited(id).await;
+                } else {
+                    return self.on_text(&text, arrived).await;
+                }
             }
-            let id = protocol::parse_request(text).ok().and_then(|r| r.id);
-            self.error(id, ErrorCode::RateLimited, "rate limit exceeded; message not processed")
-                .await;
-            return None;
+            Message::Binary(_) => {
+                self.gw.metrics.frames_in.inc();
+                if refused {
+                    self.rate_limited(None).await;
+                } else {
+                    self.error(None, ErrorCode::BadRequest, "binary frames are not supported in protocol v1")
+                        .await;
+                }
+            }
+            Message::Close(_) => return Handled::Close(close_req(close::NORMAL, "", true)),
+            // Already charged by the meter; tungstenite answers pings itself.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
+        Handled::Done
+    }
+
+    async fn rate_limited(&self, id: Option<&str>) {
+        self.error(id, ErrorCode::RateLimited, "rate limit exceeded; message not processed")
+            .await;
+    }
+
+    /// Handles one text frame within the rate limits.
+    async fn on_text(&mut self, text: &str, arrived: Instant) -> Handled {
         let request = match protocol::parse_request(text) {
             Ok(r) => r,
             Err(e) => {
                 self.error(e.id, ErrorCode::BadRequest, &e.message).await;
-                return None;
+                return Handled::Done;
             }
         };
         let id = request.id;
@@ -327,10 +423,35 @@ impl Conn {
             ClientOp::Ping => self.send(protocol::pong(id)).await,
             ClientOp::Join { room } => self.join(id, &room).await,
             ClientOp::Leave { room } => self.leave(id, &room).await,
-            ClientOp::Publish { room, data, echo } => self.publish(id, &room, &data, echo).await,
+            ClientOp::Publish { room, data, echo } => {
+                return match self.publish(id, &room, &data, echo, arrived).await {
+                    Some(confirm) => Handled::Confirm(confirm),
+                    None => Handled::Done,
+                };
+            }
             ClientOp::Refresh { token } => self.refresh(id, &token).await,
         }
-        None
+        Handled::Done
+    }
+
+    /// Leaves every joined room (no events); returns their names.
+    fn leave_all(&mut self) -> Vec<Arc<str>> {
+        let rooms: Vec<Arc<str>> = self.rooms.drain().map(|(name, _)| name).collect();
+        for room in &rooms {
+            self.gw.rooms.leave(room, self.id);
+        }
+        rooms
+    }
+
+    /// Leaves one joined room: registry, pending gap count, and the `leave` event.
+    async fn leave_room(&mut self, room: &str) -> bool {
+        if self.rooms.remove(room).is_none() {
+            return false;
+        }
+        self.gw.rooms.leave(room, self.id);
+        self.outbox.forget_room(room);
+        self.event("leave", Some(room)).await;
+        true
     }
 
     async fn check_room(&self, id: Option<&str>, room: &str) -> bool {
@@ -371,11 +492,7 @@ impl Conn {
             Ok(entry) => {
                 self.rooms.insert(entry.name().clone(), entry);
                 self.ack(id).await;
-                let origin = Origin {
-                    conn: &self.conn_id,
-                    user: self.identity.user.as_deref(),
-                };
-                self.gw.bridge.event("join", origin, Some(room)).await;
+                self.event("join", Some(room)).await;
             }
             Err(JoinError::Capacity) => {
                 self.error(
@@ -397,67 +514,58 @@ impl Conn {
         if !self.check_room(id, room).await {
             return;
         }
-        if self.rooms.remove(room).is_none() {
+        if !self.leave_room(room).await {
             return self.error(id, ErrorCode::NotJoined, "not in this room").await;
         }
-        self.gw.rooms.leave(room, self.id);
-        self.outbox.forget_room(room);
         self.ack(id).await;
-        let origin = Origin {
-            conn: &self.conn_id,
-            user: self.identity.user.as_deref(),
-        };
-        self.gw.bridge.event("leave", origin, Some(room)).await;
     }
 
-    async fn publish(&mut self, id: Option<&str>, room: &str, data: &str, echo: bool) {
+    /// Hands a publish to NATS in order and returns its confirmation, which the reader polls beside reading. Both
+    /// steps are bounded by `nats.publish_timeout` from the frame's arrival, so every reply honours it.
+    async fn publish(&mut self, id: Option<&str>, room: &str, data: &str, echo: bool, arrived: Instant) -> Option<Confirm> {
         if !self.check_room(id, room).await {
-            return;
+            return None;
         }
         if !self.rooms.contains_key(room) {
-            return self
-                .error(id, ErrorCode::NotJoined, "join the room before publishing to it")
+            self.error(id, ErrorCode::NotJoined, "join the room before publishing to it")
                 .await;
+            return None;
         }
         if !self.identity.may_publish(room) {
-            return self
-                .error(id, ErrorCode::Forbidden, "not allowed to publish to this room")
+            self.error(id, ErrorCode::Forbidden, "not allowed to publish to this room")
                 .await;
+            return None;
         }
-        // Inbound backpressure: with max_inflight_publishes awaiting NATS, wait here (and so stop reading).
-        let Ok(permit) = self.inflight.clone().acquire_owned().await else {
-            return;
-        };
+        let deadline = arrived + self.gw.config.nats.publish_timeout;
         let subject = protocol::room_subject(&self.gw.config.rooms.subject_prefix, room);
-        let origin = Origin {
-            conn: &self.conn_id,
-            user: self.identity.user.as_deref(),
-        };
         let payload = Bytes::copy_from_slice(data.as_bytes());
-        // Handing the message to the NATS client happens here, in order; only the confirmation runs apart.
-        if let Err(e) = self.gw.bridge.publish(subject, origin, echo, payload).await {
-            drop(permit);
-            return self.publish_failed(id, e).await;
+        let handed = tokio::time::timeout_at(
+            deadline,
+            self.gw.bridge.publish(subject, self.origin(), echo, payload),
+        )
+        .await
+        .unwrap_or(Err(BridgeError::Timeout));
+        if let Err(e) = handed {
+            self.publish_failed(id, e).await;
+            return None;
         }
         self.gw.metrics.publishes.inc();
-        let Some(id) = id.map(str::to_owned) else { return };
-        let (gw, outbox) = (self.gw.clone(), self.outbox.clone());
-        tokio::spawn(async move {
-            let frame = match gw.bridge.confirm().await {
-                Ok(()) => protocol::ack(&id),
+        let id = id.map(str::to_owned);
+        let gw = self.gw.clone();
+        Some(Box::pin(async move {
+            let confirmed = tokio::time::timeout_at(deadline, gw.bridge.confirm())
+                .await
+                .unwrap_or(Err(BridgeError::Timeout));
+            match confirmed {
+                Ok(()) => id.map(|id| protocol::ack(&id)),
                 Err(e) => {
                     Metrics::bump(&gw.metrics.publish_failures, e.label());
                     Metrics::bump(&gw.metrics.errors, ErrorCode::Unavailable.as_str());
-                    protocol::error(
-                        Some(&id),
-                        ErrorCode::Unavailable,
-                        "messaging backend did not accept the message",
-                    )
+                    let message = "messaging backend did not accept the message";
+                    id.map(|id| protocol::error(Some(&id), ErrorCode::Unavailable, message))
                 }
-            };
-            outbox.push_control(Utf8Bytes::from(frame)).await;
-            drop(permit);
-        });
+            }
+        }))
     }
 
     async fn publish_failed(&self, id: Option<&str>, e: BridgeError) {
@@ -495,18 +603,25 @@ impl Conn {
             .cloned()
             .collect();
         for room in revoked {
-            self.rooms.remove(&room);
-            self.gw.rooms.leave(&room, self.id);
-            self.outbox.forget_room(&room);
+            self.leave_room(&room).await;
             self.send(protocol::left(&room, "permission revoked by token refresh"))
                 .await;
-            let origin = Origin {
-                conn: &self.conn_id,
-                user: self.identity.user.as_deref(),
-            };
-            self.gw.bridge.event("leave", origin, Some(&room)).await;
         }
         self.ack(id).await;
+    }
+}
+
+/// Stops the connection when the writer ends, however it ends (a panic included): closes the outbox, so a reader
+/// waiting for queue space wakes up, and cancels the connection, so the reader stops.
+struct WriterEnd<'a> {
+    outbox: &'a Outbox,
+    cancel: &'a CancellationToken,
+}
+
+impl Drop for WriterEnd<'_> {
+    fn drop(&mut self) {
+        self.outbox.close(close_req(close::INTERNAL, "internal error", false));
+        self.cancel.cancel();
     }
 }
 
@@ -519,6 +634,10 @@ async fn write_loop<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let _end = WriterEnd {
+        outbox: &outbox,
+        cancel: &cancel,
+    };
     let limits = &gw.config.limits;
     let mut ping = tokio::time::interval_at(Instant::now() + limits.heartbeat_interval, limits.heartbeat_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -527,19 +646,20 @@ async fn write_loop<S>(
         let close = tokio::select! {
             close = outbox.next_batch(&mut batch) => close,
             _ = ping.tick() => {
-                if !timed_write(&gw, limits.write_timeout, sink.send(Message::Ping(Bytes::new()))).await {
+                if let Err(failed) = timed_write(limits.write_timeout, sink.send(Message::Ping(Bytes::new()))).await {
+                    outbox.close(failed.close(&gw));
                     break;
                 }
                 continue;
             }
-            // The reader ended without a close request reaching us first (should not happen, but never hang).
+            // Shutdown (the root token) reached us before the reader asked for a close: flush and say goodbye.
             _ = cancel.cancelled(), if outbox.close_request().is_none() => {
                 outbox.close(close_req(close::GOING_AWAY, "server shutting down", true));
                 continue;
             }
         };
         gw.metrics.note_depth(batch.len());
-        let wrote = timed_write(&gw, limits.write_timeout, async {
+        let wrote = timed_write(limits.write_timeout, async {
             for item in batch.drain(..) {
                 match item {
                     Item::Control(frame) => sink.feed(Message::Text(frame)).await?,
@@ -554,8 +674,9 @@ async fn write_loop<S>(
             sink.flush().await
         })
         .await;
-        if !wrote {
+        if let Err(failed) = wrote {
             batch.clear();
+            outbox.close(failed.close(&gw));
             break;
         }
         if let Some(req) = close {
@@ -570,25 +691,47 @@ async fn write_loop<S>(
             break;
         }
     }
-    cancel.cancel();
 }
 
-/// Runs a write under `write_timeout`. A timeout marks the client a slow consumer. Returns whether it succeeded.
+/// Why a write to the client failed.
+enum WriteFailed {
+    /// It did not finish within `limits.write_timeout`: a slow consumer.
+    Timeout,
+    /// The socket or tungstenite refused it.
+    Error(tungstenite::Error),
+}
+
+impl WriteFailed {
+    /// Logs and counts the failure, and gives the close it stands for.
+    fn close(self, gw: &Gateway) -> CloseRequest {
+        match self {
+            WriteFailed::Timeout => {
+                Metrics::bump(&gw.metrics.slow_consumers, "write_timeout");
+                tracing::info!("write timed out: slow consumer dropped");
+                close_req(close::SLOW_CONSUMER, "slow consumer", false)
+            }
+            WriteFailed::Error(tungstenite::Error::WriteBufferFull(_)) => {
+                // Config::validate makes this unreachable for frames the outbox admits; say so loudly if not.
+                Metrics::bump(&gw.metrics.closes, "write_buffer_full");
+                tracing::warn!("outgoing frame over limits.max_write_buffer_size: connection closed");
+                close_req(close::INTERNAL, "internal error", false)
+            }
+            WriteFailed::Error(e) => {
+                tracing::debug!(error = %e, "write failed: client gone");
+                close_req(close::GOING_AWAY, "write failed", false)
+            }
+        }
+    }
+}
+
+/// Runs a write under `write_timeout`.
 async fn timed_write(
-    gw: &Gateway,
     timeout: Duration,
     write: impl std::future::Future<Output = Result<(), tungstenite::Error>>,
-) -> bool {
+) -> Result<(), WriteFailed> {
     match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "write failed");
-            false
-        }
-        Err(_) => {
-            Metrics::bump(&gw.metrics.slow_consumers, "write_timeout");
-            tracing::info!("write timed out: slow consumer dropped");
-            false
-        }
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(WriteFailed::Error(e)),
+        Err(_) => Err(WriteFailed::Timeout),
     }
 }

@@ -36,6 +36,7 @@ use tracing::Instrument;
 use crate::{
     auth::{self, AuthError, Identity},
     connection::{self, Accepted},
+    frames::Metered,
     limits::{IpGuard, Rejection},
     metrics::Metrics,
     server::{Admission, Gateway},
@@ -167,13 +168,17 @@ where
             return;
         }
     };
-    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(gw.ws_config)).await;
+    // Every frame the client sends is charged to its rate limits as it arrives (see `crate::frames`).
+    let limiter = gw.limits.message_limiter(upgrade.identity.user.as_deref());
+    let (io, meter) = Metered::new(TokioIo::new(upgraded), limiter);
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(gw.ws_config)).await;
     tracing::Span::current().record("peer", tracing::field::display(upgrade.client));
     let accepted = Accepted {
         id: gw.next_conn_id(),
         peer: upgrade.client,
         identity: upgrade.identity,
         slots: (admission, upgrade.ip_guard),
+        meter,
     };
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
     // HTTP futures, their arguments) would otherwise stay allocated for the whole life of every idle connection.

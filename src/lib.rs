@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod connection;
+pub mod frames;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -348,6 +348,11 @@ impl MessageLimiter {
         }
     }
 
+    /// Charges one incoming WebSocket frame of `frame_len` bytes (header included, saturated), whatever its opcode.
+    pub fn check_frame(&mut self, frame_len: u64) -> Result<(), RateLimited> {
+        self.check(usize::try_from(frame_len).unwrap_or(usize::MAX))
+    }
+
     /// True once `limits.max_rate_violations` refusals happened in a row: the caller closes with 1008.
     pub fn abusive(&self) -> bool {
         self.violations >= self.limits.max_violations

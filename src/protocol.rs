@@ -22,6 +22,10 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// Gateway shutting down, or heartbeat timeout.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (unmasked or malformed frame, bad close frame, ...).
+    pub const PROTOCOL: u16 = 1002;
+    /// A text message that is not valid UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// Sustained abuse (rate limits exceeded again and again).
     pub const POLICY: u16 = 1008;
     /// A message over `limits.max_message_size`.
@@ -336,8 +340,26 @@ pub fn pong(id: Option<&str>) -> String {
     }
 }
 
-/// `{"op":"error","id":N?,"code":C,"message":M}`
+/// Longest error `message` sent, in bytes. Messages may quote a little of the client's input (serde's parse errors
+/// do); never more than this, so a client cannot make the gateway send back large replies it did not pay for.
+pub const MAX_ERROR_MESSAGE: usize = 160;
+
+/// `message` cut to at most [`MAX_ERROR_MESSAGE`] bytes, at a character boundary, marked with `…` when cut.
+fn short(message: &str) -> Cow<'_, str> {
+    if message.len() <= MAX_ERROR_MESSAGE {
+        return Cow::Borrowed(message);
+    }
+    let mut end = MAX_ERROR_MESSAGE - '…'.len_utf8();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &message[..end]))
+}
+
+/// `{"op":"error","id":N?,"code":C,"message":M}`; `M` is cut to [`MAX_ERROR_MESSAGE`] bytes.
 pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> String {
+    let message = short(message);
+    let message = message.as_ref();
     let mut b = Vec::with_capacity(64 + message.len());
     b.extend_from_slice(br#"{"op":"error","#);
     if let Some(id) = id {
@@ -604,4 +626,19 @@ mod tests {
             let _ = message("r", text.as_bytes(), None);
         }
     }
+
+    #[test]
+    fn error_messages_never_echo_more_than_a_short_prefix() {
+        // The attack: a bad field whose 60 KB value serde quotes in its error text.
+        let huge = format!(r#"{{"op":"ping","id":1,"echo":"{}"}}"#, "é".repeat(30_000));
+        let e = parse_request(&huge).map(|_| ()).expect_err("bad echo field");
+        let frame = error(e.id, ErrorCode::BadRequest, &e.message);
+        let v: serde_json::Value = serde_json::from_str(&frame).expect("valid JSON");
+        let msg = v["message"].as_str().expect("message");
+        assert!(msg.len() <= MAX_ERROR_MESSAGE, "{} bytes", msg.len());
+        assert!(msg.ends_with('…'));
+        assert!(frame.len() < 300, "{} bytes", frame.len());
+        assert_eq!(short("short"), "short");
+    }
+
 }

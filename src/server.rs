@@ -33,6 +33,9 @@ use crate::{
 /// Startup failures of the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The configuration is inconsistent (the same checks as `Config::load`, for configs built in code).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Certificate or key problem.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -83,6 +86,7 @@ impl Gateway {
     /// Validates what needs files or the network (certificates, keys, NATS options) and connects to NATS (in the
     /// background if it is not up yet).
     pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Arc<Self>, ServerError> {
+        config.validate()?;
         let gateway_id: Arc<str> = match &config.server.gateway_id {
             Some(id) => id.as_str().into(),
             None => format!("gw{:08x}", rand::random::<u32>()).into(),

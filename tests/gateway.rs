@@ -840,6 +840,7 @@ async fn shutdown_flushes_queued_frames_then_closes_with_1001() {
     let mut gw = TestGateway::start(&nats, |c| {
         c.limits.max_pending_messages = 10_000;
         c.limits.max_pending_bytes = 16 * 1024 * 1024;
+        c.limits.max_write_buffer_size = 17 * 1024 * 1024;
     })
     .await;
     let (mut a, mut c) = (gw.client().await, gw.client().await);
