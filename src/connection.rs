@@ -112,7 +112,10 @@ where
     let end = conn.read_loop(stream).await;
     // The first close request wins: if the writer failed, its reason is the one the outbox keeps.
     conn.outbox.close(end);
-    let end = conn.outbox.close_request().unwrap_or_else(|| close_req(close::NORMAL, "", true));
+    let end = conn
+        .outbox
+        .close_request()
+        .unwrap_or_else(|| close_req(close::NORMAL, "", true));
     tracing::debug!(conn = %conn.conn_id, code = end.code, reason = end.reason, "connection closing");
 
     // Leave every room before anything else so fan-out stops queueing for us.
@@ -393,8 +396,12 @@ impl Conn {
                 if refused {
                     self.rate_limited(None).await;
                 } else {
-                    self.error(None, ErrorCode::BadRequest, "binary frames are not supported in protocol v1")
-                        .await;
+                    self.error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported in protocol v1",
+                    )
+                    .await;
                 }
             }
             Message::Close(_) => return Handled::Close(close_req(close::NORMAL, "", true)),
@@ -522,7 +529,14 @@ impl Conn {
 
     /// Hands a publish to NATS in order and returns its confirmation, which the reader polls beside reading. Both
     /// steps are bounded by `nats.publish_timeout` from the frame's arrival, so every reply honours it.
-    async fn publish(&mut self, id: Option<&str>, room: &str, data: &str, echo: bool, arrived: Instant) -> Option<Confirm> {
+    async fn publish(
+        &mut self,
+        id: Option<&str>,
+        room: &str,
+        data: &str,
+        echo: bool,
+        arrived: Instant,
+    ) -> Option<Confirm> {
         if !self.check_room(id, room).await {
             return None;
         }
@@ -539,12 +553,9 @@ impl Conn {
         let deadline = arrived + self.gw.config.nats.publish_timeout;
         let subject = protocol::room_subject(&self.gw.config.rooms.subject_prefix, room);
         let payload = Bytes::copy_from_slice(data.as_bytes());
-        let handed = tokio::time::timeout_at(
-            deadline,
-            self.gw.bridge.publish(subject, self.origin(), echo, payload),
-        )
-        .await
-        .unwrap_or(Err(BridgeError::Timeout));
+        let handed = tokio::time::timeout_at(deadline, self.gw.bridge.publish(subject, self.origin(), echo, payload))
+            .await
+            .unwrap_or(Err(BridgeError::Timeout));
         if let Err(e) = handed {
             self.publish_failed(id, e).await;
             return None;
@@ -733,5 +744,112 @@ async fn timed_write(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(WriteFailed::Error(e)),
         Err(_) => Err(WriteFailed::Timeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{process::Stdio, time::Duration};
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// A real nats-server on a port it picks itself (`-p -1`, learnt from its ports file); killed on drop.
+    struct Nats {
+        child: std::process::Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Nats {
+        async fn start() -> Self {
+            let bin = std::env::var("NATS_SERVER")
+                .unwrap_or_else(|_| format!("{}/.tools/nats/bin/nats-server", env!("CARGO_MANIFEST_DIR")));
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = std::process::Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {bin} (run scripts/test, which installs it): {e}"));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let ports = std::fs::read_dir(dir.path())
+                    .expect("ports dir")
+                    .flatten()
+                    .find_map(|f| std::fs::read_to_string(f.path()).ok())
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+                if let Some(url) = ports.as_ref().and_then(|p| p["nats"][0].as_str()) {
+                    return Nats {
+                        url: url.to_string(),
+                        child,
+                        _dir: dir,
+                    };
+                }
+                assert!(Instant::now() < deadline, "nats-server did not write its ports file");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    impl Drop for Nats {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Finding 5: a panic in a connection's task must still give back its rooms, gauge, global and per-IP slots.
+    #[tokio::test]
+    async fn a_panicking_connection_still_gives_everything_back() {
+        let nats = Nats::start().await;
+        let mut config = crate::Config::default();
+        config.tls.enabled = false;
+        config.auth.allow_anonymous = true;
+        config.limits.max_connections_per_ip = 1;
+        config.nats.url = crate::config::OneOrMany::One(nats.url.clone());
+        let gw = Gateway::start(config, CancellationToken::new()).await.expect("gateway");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gw.bridge.is_connected() {
+            assert!(Instant::now() < deadline, "NATS connection");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let global = Arc::new(Semaphore::new(1));
+        let ip = "192.0.2.7".parse().expect("ip");
+        let accepted = Accepted {
+            id: gw.next_conn_id(),
+            peer: SocketAddr::new(ip, 4000),
+            identity: Identity::anonymous(&gw.config.auth.anonymous),
+            slots: (
+                Admission::Admitted(global.clone().try_acquire_owned().expect("permit")),
+                gw.limits.admit(ip).expect("per-IP slot"),
+            ),
+            meter: Arc::default(),
+        };
+        let mut conn = Conn::new(gw.clone(), accepted);
+        let member = Member {
+            id: conn.id,
+            outbox: conn.outbox.clone(),
+        };
+        let room = gw.rooms.join("lobby", member).await.expect("join");
+        conn.rooms.insert(room.name().clone(), room);
+        assert_eq!((gw.rooms.len(), gw.metrics.connections_open.get()), (1, 1));
+        assert_eq!(global.available_permits(), 0);
+        assert!(gw.limits.admit(ip).is_err(), "the per-IP slot is held");
+        let cancel = conn.cancel.clone();
+
+        let task = tokio::spawn(async move {
+            let _conn = conn;
+            panic!("a bug in a connection task");
+        });
+        assert!(task.await.expect_err("the task panicked").is_panic());
+
+        assert!(gw.rooms.is_empty(), "room left");
+        assert_eq!(gw.metrics.connections_open.get(), 0, "gauge");
+        assert_eq!(global.available_permits(), 1, "global slot");
+        assert!(gw.limits.admit(ip).is_ok(), "per-IP slot");
+        assert!(cancel.is_cancelled(), "writer told to stop");
     }
 }

@@ -640,5 +640,4 @@ mod tests {
         assert!(frame.len() < 300, "{} bytes", frame.len());
         assert_eq!(short("short"), "short");
     }
-
 }
