@@ -56,7 +56,7 @@ def main():
     if mode == "quick":
         md += ["**Smoke run (`scripts/bench --quick`): tiny numbers, only proves the harness works. Not a result.**", ""]
     md += [
-        "Produced by `scripts/bench` (generator: `src/bin/roomwire-bench.rs`). Every number is the median of "
+        "Produced by `scripts/bench` (generator: `bench/src/main.rs`). Every number is the median of "
         f"{runs} run(s); targets alternate within each run (A B C D, A B C D, ...). Ratios are Roomwire / peer.",
         "",
         "## Machine and versions",

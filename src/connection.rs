@@ -774,19 +774,22 @@ mod tests {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("start {bin} (run scripts/test, which installs it): {e}"));
+            // Owned from here on, so the server is killed (Drop) even if the wait below fails.
+            let mut nats = Nats {
+                child,
+                url: String::new(),
+                _dir: dir,
+            };
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                let ports = std::fs::read_dir(dir.path())
+                let ports = std::fs::read_dir(nats._dir.path())
                     .expect("ports dir")
                     .flatten()
                     .find_map(|f| std::fs::read_to_string(f.path()).ok())
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
                 if let Some(url) = ports.as_ref().and_then(|p| p["nats"][0].as_str()) {
-                    return Nats {
-                        url: url.to_string(),
-                        child,
-                        _dir: dir,
-                    };
+                    nats.url = url.to_string();
+                    return nats;
                 }
                 assert!(Instant::now() < deadline, "nats-server did not write its ports file");
                 tokio::time::sleep(Duration::from_millis(20)).await;
