@@ -420,45 +420,6 @@ async fn backend_payloads_that_are_not_json() {
 
 // ---- room names --------------------------------------------------------------------------------------------------
 
-fn hostile_rooms() -> Vec<String> {
-    let mut v: Vec<String> = [
-        "a.b",
-        "*",
-        ">",
-        "a.>",
-        "a.*",
-        "$SYS.x",
-        "$SYS",
-        "$x",
-        " ",
-        "\r\nPUB x",
-        "\0",
-        "",
-        "a b",
-        "a\tb",
-        "\t",
-        "a\n",
-        "caf\u{e9}",
-        "\u{65e5}\u{672c}",
-        "a\u{200b}b",
-        ".",
-        "a.",
-        ".a",
-        "a..b",
-        "a/b",
-        "a\\b",
-        "\"",
-        "rooms.x",
-        "\u{7f}",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push("a".repeat(129));
-    v.push("x".repeat(10_000));
-    v
-}
-
 #[tokio::test]
 async fn hostile_room_names_are_refused_without_nats_traffic() {
     let mport = free_port();

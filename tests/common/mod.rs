@@ -3,6 +3,8 @@
 //! that verifies the gateway's certificate. Nothing is mocked.
 #![allow(dead_code)]
 
+pub mod frames;
+
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -512,4 +514,64 @@ impl NatsServer {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// Room names of every hostile class (NATS wildcards and token separators, `$` subjects, whitespace and control
+/// characters, non-ASCII, empty, over 128 bytes): each must be refused with `invalid_room`. Shared by the gateway and
+/// hostile suites.
+pub fn hostile_rooms() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "a.b",
+        "*",
+        ">",
+        "a.>",
+        "a.*",
+        "$SYS.x",
+        "$SYS",
+        "$x",
+        " ",
+        "\r\nPUB x",
+        "\0",
+        "",
+        "a b",
+        "a\tb",
+        "\t",
+        "a\n",
+        "caf\u{e9}",
+        "\u{65e5}\u{672c}",
+        "a\u{200b}b",
+        ".",
+        "a.",
+        ".a",
+        "a..b",
+        "a/b",
+        "a\\b",
+        "\"",
+        "rooms.x",
+        "\u{7f}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // More classes: glob characters inside a name, invisible and look-alike characters, line separators.
+    for s in [
+        "a*",
+        "a>b",
+        "$",
+        "\u{feff}",
+        "\u{ff41}",
+        "a\u{301}",
+        "\u{1F600}",
+        "a\rb",
+        "%2e",
+        "a\u{85}",
+        "\u{2028}",
+    ] {
+        v.push(s.to_string());
+    }
+    v.push("a".repeat(129));
+    // 128 characters but 256 bytes: the bound is in bytes.
+    v.push("\u{e9}".repeat(128));
+    v.push("x".repeat(10_000));
+    v
 }
