@@ -723,11 +723,45 @@ mod tests {
 
     #[test]
     fn policies_first_match_wins() {
+        // Overlapping patterns, each of which also matches rooms the later ones match: the order decides.
         let c = Config::parse(
-            "[auth]\nallow_anonymous = true\n[[rooms.policy]]\npattern = \"ticker-*\"\noverflow = \"latest\"\n",
+            "[auth]\nallow_anonymous = true\n[rooms]\noverflow = \"drop_newest\"\n\
+             [[rooms.policy]]\npattern = \"ticker-btc*\"\noverflow = \"drop_oldest\"\n\
+             [[rooms.policy]]\npattern = \"ticker-*\"\noverflow = \"latest\"\n\
+             [[rooms.policy]]\npattern = \"*-btc\"\noverflow = \"disconnect\"\n\
+             [[rooms.policy]]\npattern = \"*\"\noverflow = \"latest\"\n",
         )
         .unwrap();
-        assert_eq!(c.rooms.overflow_for("ticker-btc"), Overflow::Latest);
+        assert_eq!(c.rooms.policy.len(), 4);
+        // Matches all four: the first wins.
+        assert_eq!(c.rooms.overflow_for("ticker-btc"), Overflow::DropOldest);
+        // Matches the 2nd and 4th (and the 3rd's `*-btc` does not apply): the 2nd wins.
+        assert_eq!(c.rooms.overflow_for("ticker-eth"), Overflow::Latest);
+        // Matches the 3rd and 4th: the 3rd wins over the catch-all after it.
+        assert_eq!(c.rooms.overflow_for("chat-btc"), Overflow::Disconnect);
+        // Only the catch-all.
+        assert_eq!(c.rooms.overflow_for("lobby"), Overflow::Latest);
+
+        // Without a catch-all, rooms no pattern matches get `[rooms] overflow`, not a policy's.
+        let c = Config::parse(
+            "[auth]\nallow_anonymous = true\n[rooms]\noverflow = \"drop_newest\"\n\
+             [[rooms.policy]]\npattern = \"ticker-*\"\noverflow = \"latest\"\n\
+             [[rooms.policy]]\npattern = \"ticker-btc\"\noverflow = \"disconnect\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.rooms.overflow_for("ticker-btc"),
+            Overflow::Latest,
+            "a later exact match loses"
+        );
+        assert_eq!(c.rooms.overflow_for("lobby"), Overflow::DropNewest);
+        assert_eq!(
+            c.rooms.overflow_for("ticker"),
+            Overflow::DropNewest,
+            "`ticker-*` needs the dash"
+        );
+        // And with no `[rooms] overflow`, the documented default.
+        let c = Config::parse("[auth]\nallow_anonymous = true\n").unwrap();
         assert_eq!(c.rooms.overflow_for("lobby"), Overflow::Disconnect);
     }
 

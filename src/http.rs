@@ -294,6 +294,11 @@ fn upgrade(
     if req.method() != hyper::Method::GET {
         return Err(Reject::BadUpgrade("method must be GET"));
     }
+    // RFC 6455 section 4.1: the opening handshake is HTTP/1.1 or later (hyper would otherwise answer an HTTP/1.0
+    // request with "HTTP/1.0 101", which no HTTP/1.0 party understands).
+    if req.version() < hyper::Version::HTTP_11 {
+        return Err(Reject::BadUpgrade("HTTP/1.1 required"));
+    }
     if !header_has_token(&req, header::CONNECTION, "upgrade") {
         return Err(Reject::BadUpgrade("missing `Connection: upgrade`"));
     }

@@ -3,6 +3,8 @@
 //! that verifies the gateway's certificate. Nothing is mocked.
 #![allow(dead_code)]
 
+pub mod frames;
+
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -43,7 +45,8 @@ pub fn nats_server_bin() -> PathBuf {
     local
 }
 
-/// A port that was free a moment ago (bind to 0, read it, release it).
+/// A port that was free a moment ago (bind to 0, read it, release it). Racy: another process may take it before it
+/// is used. [`NatsServer`] no longer needs it (nats-server picks its own ports); kept for callers that do.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -53,10 +56,18 @@ pub fn free_port() -> u16 {
 }
 
 /// A real nats-server on a dynamic port, killed on drop.
+///
+/// The server chooses its port itself (`-p -1`) and reports it in a ports file (`--ports_file_dir`), so there is no
+/// window in which another process can take a port we picked. A restart reuses the port it got the first time.
+/// `-m -1` among the extra arguments gives a monitoring port the same way ([`NatsServer::monitor_port`]).
 pub struct NatsServer {
     pub port: u16,
+    /// The monitoring port, when started with `-m` (e.g. `-m -1`).
+    pub monitor_port: Option<u16>,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Holds the ports file and the server's log (stderr), read when it fails to start.
+    dir: tempfile::TempDir,
 }
 
 impl NatsServer {
@@ -64,34 +75,89 @@ impl NatsServer {
         Self::start_with(&[]).await
     }
 
-    /// Starts with extra command-line arguments (e.g. `["--max_payload", "1024"]`).
+    /// Starts with extra command-line arguments (e.g. `["-c", "nats.conf"]`, `["-m", "-1"]`).
     pub async fn start_with(extra: &[&str]) -> Self {
         let mut s = NatsServer {
-            port: free_port(),
+            port: 0,
+            monitor_port: None,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir: tempfile::tempdir().expect("temp dir for nats-server"),
         };
         s.spawn().await;
         s
     }
 
+    /// The server's log so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
+    }
+
     async fn spawn(&mut self) {
+        // First start: let the server choose (-1). Restart: the ports it got, so clients reconnect to the same URL.
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let mut extra = self.extra.clone();
+        if let (Some(m), Some(i)) = (self.monitor_port, extra.iter().position(|a| a == "-m")) {
+            extra[i + 1] = m.to_string();
+        }
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let log = std::fs::File::create(self.dir.path().join("nats-server.log")).expect("nats-server log file");
         let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(&self.extra)
+            .args(["-a", "127.0.0.1", "-p", &port])
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .args(&extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn nats-server");
+        let pid = child.id();
         self.child = Some(child);
-        // Wait for the port to accept connections (an event, not a fixed sleep).
+        // Wait for the ports file (written once the listeners are up), noticing a server that exits instead.
+        let ports_file = ports_dir.join(format!(
+            "{}_{pid}.ports",
+            nats_server_bin().file_name().unwrap().to_string_lossy()
+        ));
         let deadline = tokio::time::Instant::now() + WAIT;
+        let ports: Value = loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait nats-server") {
+                panic!("nats-server exited at start ({status}):\n{}", self.log());
+            }
+            if let Ok(text) = std::fs::read_to_string(&ports_file)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+            {
+                break v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let port_of = |key: &str| -> Option<u16> {
+            let url = ports[key].as_array()?.first()?.as_str()?;
+            url.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+        };
+        self.port = port_of("nats").unwrap_or_else(|| panic!("client port in the ports file: {ports}"));
+        self.monitor_port = port_of("monitoring");
+        // The ports file is written once the listeners are up, but check that the client port takes connections.
         loop {
             if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server does not accept:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -292,6 +358,18 @@ impl TestGateway {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         Ok((status, body))
+    }
+
+    /// A raw HTTP request over TLS; returns (status, head, body), the head being the status line and headers as sent.
+    pub async fn raw_head(&self, request: &str) -> std::io::Result<(u16, String, String)> {
+        let mut tls = self.tls().await;
+        tls.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Ok((status, head.to_string(), body.to_string()))
     }
 
     pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
@@ -512,4 +590,64 @@ impl NatsServer {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// Room names of every hostile class (NATS wildcards and token separators, `$` subjects, whitespace and control
+/// characters, non-ASCII, empty, over 128 bytes): each must be refused with `invalid_room`. Shared by the gateway and
+/// hostile suites.
+pub fn hostile_rooms() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "a.b",
+        "*",
+        ">",
+        "a.>",
+        "a.*",
+        "$SYS.x",
+        "$SYS",
+        "$x",
+        " ",
+        "\r\nPUB x",
+        "\0",
+        "",
+        "a b",
+        "a\tb",
+        "\t",
+        "a\n",
+        "caf\u{e9}",
+        "\u{65e5}\u{672c}",
+        "a\u{200b}b",
+        ".",
+        "a.",
+        ".a",
+        "a..b",
+        "a/b",
+        "a\\b",
+        "\"",
+        "rooms.x",
+        "\u{7f}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // More classes: glob characters inside a name, invisible and look-alike characters, line separators.
+    for s in [
+        "a*",
+        "a>b",
+        "$",
+        "\u{feff}",
+        "\u{ff41}",
+        "a\u{301}",
+        "\u{1F600}",
+        "a\rb",
+        "%2e",
+        "a\u{85}",
+        "\u{2028}",
+    ] {
+        v.push(s.to_string());
+    }
+    v.push("a".repeat(129));
+    // 128 characters but 256 bytes: the bound is in bytes.
+    v.push("\u{e9}".repeat(128));
+    v.push("x".repeat(10_000));
+    v
 }
