@@ -319,7 +319,8 @@ impl Conn {
         let m = &self.gw.metrics;
         if self.meter.abusive() {
             Metrics::bump(&m.closes, "rate_abuse");
-            return close_req(close::POLICY, "rate limit exceeded repeatedly", false);
+            // Flushed: the client sees the `rate_limited` answers that led here (bounded by the queue).
+            return close_req(close::POLICY, "rate limit exceeded repeatedly", true);
         }
         match e {
             tungstenite::Error::Capacity(e) => {
