@@ -138,6 +138,33 @@ async fn holds_exactly(gw: &TestGateway, from: IpAddr, n: usize) -> Vec<TlsStrea
     held
 }
 
+/// Sends a keep-alive `GET /healthz` every 400 ms (each restarts hyper's header timer, never the deadline) until
+/// the gateway closes the connection; fails if it is still open at `give_up`. Returns the number of answers.
+async fn keep_alive_until_cut(tls: &mut TlsStream<TcpStream>, give_up: Instant) -> usize {
+    let mut answered = 0;
+    loop {
+        if tls
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return answered;
+        }
+        match read_response(tls).await {
+            Some((status, body)) => {
+                assert_eq!((status, body.as_str()), (200, "ok\n"));
+                answered += 1;
+            }
+            None => return answered,
+        }
+        assert!(
+            Instant::now() < give_up,
+            "connection still open after {answered} keep-alive requests"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Finding 2: the handshake deadline is absolute from accept
 // ---------------------------------------------------------------------------------------------------------------
@@ -150,27 +177,8 @@ async fn keep_alive_requests_are_cut_at_the_handshake_deadline() {
     let timeouts_before = rejections(&gw, "handshake_timeout");
     let accepted = Instant::now();
     let mut tls = gw.try_tls_over(gw.tcp_from(attacker()).await).await.expect("TLS");
-    // A keep-alive `GET /healthz` every 400 ms: each request restarts hyper's header timer, never the deadline.
-    let mut answered = 0;
-    let cut_at = loop {
-        let sent = tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
-        if sent.is_err() {
-            break accepted.elapsed();
-        }
-        match read_response(&mut tls).await {
-            Some((status, body)) => {
-                assert_eq!((status, body.as_str()), (200, "ok\n"));
-                answered += 1;
-            }
-            None => break accepted.elapsed(),
-        }
-        assert!(
-            accepted.elapsed() < DEADLINE * 3,
-            "connection still open after {answered} keep-alive requests and {:?}",
-            accepted.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    };
+    let answered = keep_alive_until_cut(&mut tls, accepted + DEADLINE * 3).await;
+    let cut_at = accepted.elapsed();
     assert!(
         answered >= 3,
         "keep-alive worked before the deadline ({answered} answers)"
@@ -272,6 +280,15 @@ async fn per_address_slot_comes_back_exactly_once_on_every_path() {
             .await
             .expect("closed at the deadline");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    drop(held);
+
+    // Keep-alive HTTP requests until the deadline cuts them (the HTTP phase's own timeout path).
+    let mut held = holds_exactly(&gw, a, CAP).await;
+    let give_up = Instant::now() + WAIT;
+    let cuts = held.iter_mut().map(|tls| keep_alive_until_cut(tls, give_up));
+    for answered in futures_util::future::join_all(cuts).await {
+        assert!(answered >= 1, "keep-alive answered before the deadline");
     }
     drop(held);
 
