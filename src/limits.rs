@@ -97,7 +97,8 @@ impl<K: std::hash::Hash + Eq + Clone> BoundedKeyed<K> {
     }
 }
 
-/// Why a new connection was refused before the upgrade (answered with HTTP 429).
+/// Why a new connection was refused: shed at accept for a direct client ([`Limits::admit_peer`]), answered with
+/// HTTP 429 at the upgrade for a client behind a trusted proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// The IP opened connections faster than `limits.connections_per_second_per_ip` (+ burst).
