@@ -152,7 +152,8 @@ pub struct ServerConfig {
     pub ws_path: String,
     /// Global cap on open connections (TCP accepted, any stage). Over it: 503 before the upgrade. Default 50000.
     pub max_connections: usize,
-    /// Deadline for TCP accept → TLS → HTTP request → upgrade (slowloris guard). Default `10s`.
+    /// Absolute deadline from TCP accept for TLS + HTTP + upgrade (slowloris guard): a connection that has not upgraded
+    /// by then is closed, however many keep-alive requests it made. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Largest HTTP request head (request line + headers) accepted, in bytes. Default 16384.
@@ -163,8 +164,39 @@ pub struct ServerConfig {
     /// Allowed `Origin` values for the upgrade: exact origins (`https://app.example.com`) or `*.example.com` /
     /// `https://*.example.com` wildcards. Empty (default) = any origin, including none.
     pub allowed_origins: Vec<String>,
-    /// Proxies (IPs or CIDRs) whose `X-Forwarded-For` / `Forwarded` headers are trusted. Default: none.
+    /// Proxies (IPs or CIDRs) whose forwarding header (`server.forwarded_header`) is trusted. Connections from them
+    /// are counted per client address at the upgrade, by the forwarded address. Default: none.
     pub trusted_proxies: Vec<IpNet>,
+    /// The one header that carries the client address when the peer is in `trusted_proxies`:
+    /// `"x-forwarded-for"`, `"forwarded"` (RFC 7239 `for=`) or `"x-real-ip"`. Any other forwarding header is
+    /// ignored. Default `"x-forwarded-for"`.
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// Which header a trusted proxy uses to pass on the client's address (`server.forwarded_header`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (the right-most untrusted entry is the client).
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client;proto=https, for=proxy1` (the right-most untrusted `for=` is the client).
+    #[serde(rename = "forwarded")]
+    Forwarded,
+    /// `X-Real-IP: client`, a single address set (not appended) by the proxy.
+    #[serde(rename = "x-real-ip")]
+    XRealIp,
+}
+
+impl ForwardedHeader {
+    /// The header's name, lower-case.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+            ForwardedHeader::XRealIp => "x-real-ip",
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -179,6 +211,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
         }
     }
 }
@@ -768,5 +801,27 @@ mod tests {
     #[test]
     fn secret_debug_is_masked() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "MASKED");
+    }
+
+    #[test]
+    fn forwarded_header_is_one_of_three() {
+        let base = "[auth]\nallow_anonymous = true\n";
+        assert_eq!(
+            Config::parse(base).unwrap().server.forwarded_header,
+            ForwardedHeader::XForwardedFor
+        );
+        for (v, want) in [
+            ("x-forwarded-for", ForwardedHeader::XForwardedFor),
+            ("forwarded", ForwardedHeader::Forwarded),
+            ("x-real-ip", ForwardedHeader::XRealIp),
+        ] {
+            let c = Config::parse(&format!("{base}[server]\nforwarded_header = \"{v}\"\n")).unwrap();
+            assert_eq!(c.server.forwarded_header, want);
+            assert_eq!(want.name(), v);
+        }
+        let err = Config::parse(&format!("{base}[server]\nforwarded_header = \"X-Client-IP\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("forwarded_header"), "{err}");
     }
 }

@@ -1,10 +1,18 @@
 //! One TCP connection's life before it becomes a WebSocket: TLS handshake, HTTP/1.1 (hyper), the routes
 //! (`/healthz`, `/readyz`, `/metrics`, the WebSocket path), and the upgrade checks in order: upgrade headers, Origin,
-//! per-IP limits, token. Every refusal is an HTTP status with a short text body ([`Reject::response`]), never a 101.
+//! client address (forwarding header from trusted proxies) and its per-IP limits, token. Every refusal is an HTTP
+//! status with a short text body ([`Reject::response`]), never a 101.
 //!
-//! The handshake deadline (`server.handshake_timeout`) covers TCP accept → TLS → request head. After a successful
-//! upgrade the WebSocket moves to a task of its own (sized for it alone), taking the connection's global permit and
-//! per-IP guard with it, so they live exactly as long as the connection.
+//! The handshake deadline (`server.handshake_timeout`) is absolute from TCP accept and covers the whole TLS + HTTP
+//! phase: a connection that has not upgraded by then is closed, whatever it sends. hyper's own
+//! `header_read_timeout` restarts for every request, so keep-alive requests alone (`GET /healthz` every 2 s) would
+//! otherwise hold a socket and a global slot forever. After a successful upgrade the WebSocket moves to a task of its
+//! own (sized for it alone), taking the connection's global permit and per-IP guard with it, so they live exactly as
+//! long as the connection.
+//!
+//! At capacity (over `server.max_connections`) a connection still gets one answer before it is closed: `/healthz`
+//! 200 (the process is alive; an orchestrator must not restart a full gateway), `/metrics`, `/readyz` 503
+//! `at capacity` (a load balancer sends new clients elsewhere), and 503 on the WebSocket path.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -37,7 +45,7 @@ use crate::{
     auth::{self, AuthError, Identity},
     connection::{self, Accepted},
     frames::Metered,
-    limits::{IpGuard, Rejection},
+    limits::{ForwardedError, IpGuard, Rejection},
     metrics::Metrics,
     server::{Admission, Gateway},
 };
@@ -60,9 +68,12 @@ pub enum Reject {
     /// Origin not in `server.allowed_origins`.
     #[error("origin not allowed")]
     Origin,
-    /// Per-IP connection count or rate.
+    /// Per-IP connection count or rate (of a client counted at the upgrade, behind a trusted proxy).
     #[error("{}", .0.reason())]
     Limited(Rejection),
+    /// A trusted proxy's forwarding header is malformed: there is no client address to count.
+    #[error("{0}")]
+    Forwarded(ForwardedError),
     /// Over `server.max_connections`.
     #[error("server at capacity")]
     Capacity,
@@ -80,6 +91,7 @@ impl Reject {
             Reject::BadUpgrade(_) => StatusCode::BAD_REQUEST,
             Reject::Origin => StatusCode::FORBIDDEN,
             Reject::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Reject::Forwarded(_) => StatusCode::BAD_REQUEST,
             Reject::Capacity => StatusCode::SERVICE_UNAVAILABLE,
             Reject::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
@@ -93,6 +105,7 @@ impl Reject {
             Reject::Origin => "origin",
             Reject::Limited(Rejection::ConnectionRate) => "rate",
             Reject::Limited(Rejection::TooManyPerIp) => "per_ip",
+            Reject::Forwarded(_) => "forwarded",
             Reject::Capacity => "capacity",
             Reject::Unauthorized(_) => "unauthorized",
         }
@@ -128,17 +141,30 @@ struct Upgrade {
     on_upgrade: OnUpgrade,
     identity: Identity,
     client: SocketAddr,
-    ip_guard: IpGuard,
+    /// The per-IP slot of a client counted at the upgrade (behind a trusted proxy); `None` when the connection was
+    /// counted by its peer address at accept.
+    ip_guard: Option<IpGuard>,
 }
 
-/// Serves one accepted TCP connection: TLS (if enabled), HTTP, then the WebSocket if upgraded.
-pub async fn handle(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadline: Instant, admission: Admission) {
+/// Serves one accepted TCP connection: TLS (if enabled), HTTP, then the WebSocket if upgraded, all of it before the
+/// upgrade within `deadline` (accept + `server.handshake_timeout`). `ip_guard` is the per-address slot taken at
+/// accept ([`crate::limits::Limits::admit_peer`]); `None` for a trusted proxy, whose clients are counted at the
+/// upgrade by forwarded address. Either way exactly one guard moves into the WebSocket task, and every other path
+/// (refusal, timeout, failed handshake, panic) drops it here.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    admission: Admission,
+    ip_guard: Option<IpGuard>,
+) {
     let _ = tcp.set_nodelay(true);
     match &gw.tls {
         Some(tls) => {
             let accept = tls.acceptor().accept(tcp);
             match tokio::time::timeout_at(deadline, accept).await {
-                Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, admission).await,
+                Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, admission, ip_guard).await,
                 Ok(Err(e)) => {
                     Metrics::bump(&gw.metrics.rejections, "tls");
                     tracing::debug!(error = %e, "TLS handshake failed");
@@ -149,16 +175,37 @@ pub async fn handle(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadline
                 }
             }
         }
-        None => serve_http(gw, tcp, peer, deadline, admission).await,
+        None => serve_http(gw, tcp, peer, deadline, admission, ip_guard).await,
     }
 }
 
-async fn serve_http<IO>(gw: Arc<Gateway>, io: IO, peer: SocketAddr, deadline: Instant, admission: Admission)
-where
+async fn serve_http<IO>(
+    gw: Arc<Gateway>,
+    io: IO,
+    peer: SocketAddr,
+    deadline: Instant,
+    admission: Admission,
+    ip_guard: Option<IpGuard>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let over_capacity = matches!(admission, Admission::OverCapacity(_));
-    let Some(upgrade) = http_phase(&gw, io, peer, deadline, over_capacity).await else {
+    let counted_at_accept = ip_guard.is_some();
+    // One absolute deadline for every request on this connection (see the module doc): dropping the HTTP
+    // connection at the deadline closes the socket, and this task's slots go with it.
+    let phase = http_phase(&gw, io, peer, deadline, over_capacity, counted_at_accept);
+    let upgrade = match tokio::time::timeout_at(deadline, phase).await {
+        Ok(Some(upgrade)) => upgrade,
+        Ok(None) => return,
+        Err(_) => {
+            Metrics::bump(&gw.metrics.rejections, "handshake_timeout");
+            tracing::debug!("not upgraded within the handshake deadline: closed");
+            return;
+        }
+    };
+    // Exactly one of the two is set (see `upgrade`): the slot from accept, or the forwarded client's.
+    let Some(ip_guard) = upgrade.ip_guard.or(ip_guard) else {
+        tracing::error!("upgraded connection without a per-address slot: closed");
         return;
     };
     let upgraded = match upgrade.on_upgrade.await {
@@ -177,7 +224,7 @@ where
         id: gw.next_conn_id(),
         peer: upgrade.client,
         identity: upgrade.identity,
-        slots: (admission, upgrade.ip_guard),
+        slots: (admission, ip_guard),
         meter,
     };
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
@@ -188,13 +235,15 @@ where
         .spawn(connection::serve(gw, ws, accepted).instrument(span));
 }
 
-/// Serves HTTP until the connection closes or is upgraded; returns the upgrade, if any.
+/// Serves HTTP until the connection closes or is upgraded; returns the upgrade, if any. The caller bounds it by the
+/// handshake deadline.
 async fn http_phase<IO>(
     gw: &Arc<Gateway>,
     io: IO,
     peer: SocketAddr,
     deadline: Instant,
     over_capacity: bool,
+    counted_at_accept: bool,
 ) -> Option<Upgrade>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -205,8 +254,9 @@ where
     let service = service_fn(move |req: Request<Incoming>| {
         let gw = svc_gw.clone();
         let tx = tx.clone();
-        async move { Ok::<_, Infallible>(route(&gw, req, peer, over_capacity, &tx)) }
+        async move { Ok::<_, Infallible>(route(&gw, req, peer, over_capacity, counted_at_accept, &tx)) }
     });
+    // Only bounds the first request head; later ones are bounded by the caller's absolute deadline.
     let remaining = deadline.saturating_duration_since(Instant::now());
     let mut builder = http1::Builder::new();
     builder
@@ -237,17 +287,18 @@ fn route(
     req: Request<Incoming>,
     peer: SocketAddr,
     over_capacity: bool,
+    counted_at_accept: bool,
     tx: &Mutex<Option<oneshot::Sender<Upgrade>>>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if over_capacity {
-        Metrics::bump(&gw.metrics.rejections, "capacity");
-        return Reject::Capacity.response();
-    }
     match path {
+        // Liveness: the process runs and answers, full or not.
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if gw.ready() {
+            // This probe is a new connection over the cap, so a new client would be refused too: steer them away.
+            if over_capacity {
+                text(StatusCode::SERVICE_UNAVAILABLE, "at capacity\n")
+            } else if gw.ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -261,7 +312,11 @@ fn route(
             );
             resp
         }
-        p if p == gw.config.server.ws_path => match upgrade(gw, req, peer, tx) {
+        p if p == gw.config.server.ws_path && over_capacity => {
+            Metrics::bump(&gw.metrics.rejections, Reject::Capacity.label());
+            Reject::Capacity.response()
+        }
+        p if p == gw.config.server.ws_path => match upgrade(gw, req, peer, counted_at_accept, tx) {
             Ok(resp) => resp,
             Err(reject) => {
                 Metrics::bump(&gw.metrics.rejections, reject.label());
@@ -286,6 +341,7 @@ fn upgrade(
     gw: &Gateway,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    counted_at_accept: bool,
     tx: &Mutex<Option<oneshot::Sender<Upgrade>>>,
 ) -> Result<Response<Full<Bytes>>, Reject> {
     if !header_has_token(&req, header::UPGRADE, "websocket") {
@@ -316,8 +372,15 @@ fn upgrade(
     if !gw.limits.origin_allowed(req.headers()) {
         return Err(Reject::Origin);
     }
-    let client = SocketAddr::new(gw.limits.client_ip(peer, req.headers()), peer.port());
-    let ip_guard = gw.limits.admit(client.ip()).map_err(Reject::Limited)?;
+    // A direct client was counted by its peer address at accept. A trusted proxy's client is counted here, by the
+    // address in the configured forwarding header (a malformed one is refused, never replaced by the proxy's).
+    let (client, ip_guard) = if counted_at_accept {
+        (SocketAddr::new(peer.ip().to_canonical(), peer.port()), None)
+    } else {
+        let ip = gw.limits.client_ip(peer, req.headers()).map_err(Reject::Forwarded)?;
+        let guard = gw.limits.admit(ip).map_err(Reject::Limited)?;
+        (SocketAddr::new(ip, peer.port()), Some(guard))
+    };
     let token = auth::extract_token(req.headers(), req.uri(), gw.config.auth.cookie.as_deref());
     let identity = gw.auth.authenticate(token.as_deref()).map_err(|e| {
         tracing::info!(uri = %auth::redact_uri(req.uri()), reason = e.reason(), "authentication failed");

@@ -5,6 +5,13 @@
 //! and shared via `Arc`. Every map here is bounded: the keyed rate limiters by `limits.max_tracked_keys`, the
 //! per-IP connection counts by the number of open connections.
 //!
+//! Where an address is counted: a direct client by its TCP peer address at accept ([`Limits::admit_peer`], before
+//! any TLS work, so a flood from one address costs an accept and a close); a client behind a proxy in
+//! `server.trusted_proxies` by the address in the one configured forwarding header, at the upgrade
+//! ([`Limits::client_ip`]). A malformed forwarding header is refused ([`ForwardedError`], HTTP 400) rather than
+//! replaced by the proxy's address, which would pool every client behind it into one budget (or let one client pick
+//! another's).
+//!
 //! IPv6 clients are keyed by their /64 prefix (one subscriber usually owns a whole /64, so per-address keys would
 //! let one client spray addresses); IPv4-mapped IPv6 addresses are treated as IPv4.
 
@@ -20,7 +27,7 @@ use hyper::http::{HeaderMap, header};
 use ipnet::IpNet;
 use parking_lot::{Mutex, RwLock};
 
-use crate::Config;
+use crate::{Config, config::ForwardedHeader};
 
 fn nz(v: u32) -> NonZeroU32 {
     // Config::validate refuses zero rates; clamp anyway so a hand-built config cannot panic here.
@@ -90,7 +97,8 @@ impl<K: std::hash::Hash + Eq + Clone> BoundedKeyed<K> {
     }
 }
 
-/// Why a new connection was refused before the upgrade (answered with HTTP 429).
+/// Why a new connection was refused: shed at accept for a direct client ([`Limits::admit_peer`]), answered with
+/// HTTP 429 at the upgrade for a client behind a trusted proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// The IP opened connections faster than `limits.connections_per_second_per_ip` (+ burst).
@@ -109,6 +117,37 @@ impl Rejection {
     }
 }
 
+impl Rejection {
+    /// Metrics label when a connection is shed at accept for this reason (closed without TLS work).
+    pub fn shed_label(&self) -> &'static str {
+        match self {
+            Rejection::ConnectionRate => "shed_rate",
+            Rejection::TooManyPerIp => "shed_per_ip",
+        }
+    }
+}
+
+/// Why a trusted proxy's forwarding header gave no client address (answered with HTTP 400). The texts are fixed:
+/// they never echo the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardedError {
+    /// A line of the header has bytes outside visible ASCII.
+    #[error("forwarding header is not ASCII")]
+    NonAscii,
+    /// The header, or the entry that decides the client, is empty (or a `Forwarded` element has no `for=`).
+    #[error("forwarding header is empty")]
+    Empty,
+    /// The deciding entry is not an IP address (with an optional port).
+    #[error("forwarding header is malformed")]
+    Unparsable,
+    /// The deciding entry is `unknown` or an obfuscated identifier (`_hidden`): there is no address to count.
+    #[error("forwarded address is unknown or obfuscated")]
+    Obfuscated,
+    /// `X-Real-IP` appears on more than one line: the proxy appended instead of replacing the client's own.
+    #[error("forwarding header repeated")]
+    Repeated,
+}
+
 /// A message was refused by a rate limit (the client gets a `rate_limited` error frame).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("rate limited")]
@@ -120,6 +159,8 @@ type ConnCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
 /// Shared DoS-protection state. Built once from the config; every map in it is bounded (see the module doc).
 pub struct Limits {
     trusted_proxies: Vec<IpNet>,
+    /// `server.forwarded_header`: the only header read from trusted proxies.
+    forwarded_header: ForwardedHeader,
     /// Parsed `server.allowed_origins`; empty = allow all.
     origins: Vec<OriginRule>,
     /// New connections per IP key. ≤ `limits.max_tracked_keys` keys.
@@ -153,6 +194,7 @@ impl Limits {
         let byte_quota = quota(l.bytes_per_second, l.bytes_burst);
         Self {
             trusted_proxies: config.server.trusted_proxies.clone(),
+            forwarded_header: config.server.forwarded_header,
             origins: config
                 .server
                 .allowed_origins
@@ -175,40 +217,44 @@ impl Limits {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 
-    /// The client's IP: the peer address, unless the peer is in `server.trusted_proxies`; then the right-most
-    /// address of `X-Forwarded-For` (or `Forwarded: for=`) that is not itself a trusted proxy. Falls back to the
-    /// peer when the header is absent, unparsable at the deciding position, or lists only trusted proxies.
-    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    /// Whether `ip` is in `server.trusted_proxies`.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted(ip)
+    }
+
+    /// The client's IP: the peer address, unless the peer is in `server.trusted_proxies`; then the right-most entry
+    /// of `server.forwarded_header` (all lines, in order) that is not itself a trusted proxy, or the left-most entry
+    /// when every hop is trusted. Only that header is read. A trusted peer that sends no such header is its own
+    /// client (a health check from the proxy). A header that is not ASCII, empty, or whose deciding entry is not an
+    /// address (garbage, `unknown`, `_hidden`) is an error: the caller answers 400.
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<IpAddr, ForwardedError> {
         let peer_ip = peer.ip().to_canonical();
         if !self.trusted(peer_ip) {
-            return peer_ip;
+            return Ok(peer_ip);
         }
-        let mut chain: Vec<&str> = Vec::new();
-        for v in headers.get_all("x-forwarded-for") {
-            chain.extend(v.to_str().unwrap_or("").split(','));
+        let mut lines = Vec::new();
+        for v in headers.get_all(self.forwarded_header.name()) {
+            lines.push(v.to_str().map_err(|_| ForwardedError::NonAscii)?);
         }
-        let from_xff = !chain.is_empty();
-        if !from_xff {
-            for v in headers.get_all(header::FORWARDED) {
-                for element in v.to_str().unwrap_or("").split(',') {
-                    for pair in element.split(';') {
-                        if let Some((k, val)) = pair.trim().split_once('=')
-                            && k.trim().eq_ignore_ascii_case("for")
-                        {
-                            chain.push(val);
-                        }
-                    }
-                }
-            }
+        if lines.is_empty() {
+            return Ok(peer_ip);
         }
+        let chain: Vec<Result<&str, ForwardedError>> = match self.forwarded_header {
+            ForwardedHeader::XForwardedFor => lines.iter().flat_map(|l| l.split(',')).map(Ok).collect(),
+            ForwardedHeader::Forwarded => lines.iter().flat_map(|l| forwarded_for_values(l)).collect(),
+            ForwardedHeader::XRealIp if lines.len() > 1 => return Err(ForwardedError::Repeated),
+            ForwardedHeader::XRealIp => vec![Ok(lines[0])],
+        };
+        let mut leftmost = None;
         for entry in chain.iter().rev() {
-            match parse_forwarded_ip(entry) {
-                Some(ip) if self.trusted(ip) => continue,
-                Some(ip) => return ip.to_canonical(),
-                None => return peer_ip,
+            let ip = parse_forwarded_ip(entry.as_ref().map_err(|e| *e)?)?.to_canonical();
+            if !self.trusted(ip) {
+                return Ok(ip);
             }
+            leftmost = Some(ip);
         }
-        peer_ip
+        // Every hop is a trusted proxy: the left-most is the client as the first proxy saw it.
+        leftmost.ok_or(ForwardedError::Empty)
     }
 
     /// Whether the request's `Origin` is allowed by `server.allowed_origins`. An empty list allows everything;
@@ -248,6 +294,17 @@ impl Limits {
         })
     }
 
+    /// Admits a new TCP connection from `peer` at accept, before any TLS work: like [`Limits::admit`] keyed by the
+    /// peer address, except for peers in `server.trusted_proxies`, which get `Ok(None)` (their clients are counted
+    /// by forwarded address at the upgrade). The guard is the connection's per-address slot: it moves with the
+    /// connection into its WebSocket task and is released, once, when dropped.
+    pub fn admit_peer(&self, peer: IpAddr) -> Result<Option<IpGuard>, Rejection> {
+        if self.trusted(peer) {
+            return Ok(None);
+        }
+        self.admit(peer.to_canonical()).map(Some)
+    }
+
     /// Keys held by the keyed limiters plus the per-IP connection map (tests assert this stays bounded).
     pub fn tracked_keys(&self) -> usize {
         self.conn_rate.len() + self.user_msgs.len() + self.user_bytes.len() + self.conns.lock().len()
@@ -274,19 +331,96 @@ impl Limits {
     }
 }
 
-/// Parses one `X-Forwarded-For` entry or `Forwarded` `for=` value: `1.2.3.4`, `1.2.3.4:80`, `::1`,
-/// `"[::1]:80"`. `unknown` and obfuscated identifiers give `None`.
-fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
-    let s = s.trim().trim_matches('"');
+/// The `for=` value of each element of one `Forwarded` line (RFC 7239), in order, respecting quoted strings. An
+/// element without `for=`, or with two, gives an error in its position (it matters only if that position decides).
+fn forwarded_for_values(line: &str) -> Vec<Result<&str, ForwardedError>> {
+    split_unquoted(line, b',')
+        .into_iter()
+        .map(|element| {
+            let mut found = Err(ForwardedError::Empty);
+            for pair in split_unquoted(element, b';') {
+                if let Some((k, v)) = pair.split_once('=')
+                    && k.trim().eq_ignore_ascii_case("for")
+                {
+                    if found.is_ok() {
+                        return Err(ForwardedError::Unparsable);
+                    }
+                    found = Ok(v);
+                }
+            }
+            found
+        })
+        .collect()
+}
+
+/// Splits `s` at `sep` outside double-quoted strings (a backslash escapes the next byte inside quotes).
+fn split_unquoted(s: &str, sep: u8) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            _ if b == sep && !quoted => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+/// Parses one `X-Forwarded-For` / `X-Real-IP` entry or `Forwarded` `for=` value: `1.2.3.4`, `1.2.3.4:80`, `::1`,
+/// `[::1]`, `"[::1]:80"`, `"[::1]:_port"` (surrounding quotes optional). `unknown` and obfuscated identifiers
+/// (`_hidden`) are [`ForwardedError::Obfuscated`]; anything else that is not an address is
+/// [`ForwardedError::Unparsable`].
+fn parse_forwarded_ip(entry: &str) -> Result<IpAddr, ForwardedError> {
+    let mut s = entry.trim();
+    if s.is_empty() {
+        return Err(ForwardedError::Empty);
+    }
+    if s.starts_with('"') || s.ends_with('"') {
+        s = s
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .ok_or(ForwardedError::Unparsable)?;
+    }
+    if s.eq_ignore_ascii_case("unknown") || s.starts_with('_') {
+        return Err(ForwardedError::Obfuscated);
+    }
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some(ip);
+        return Ok(ip);
     }
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Some(sa.ip());
+    let (host, port) = match s.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').ok_or(ForwardedError::Unparsable)?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or(ForwardedError::Unparsable)?),
+            };
+            (host.parse::<Ipv6Addr>().map(IpAddr::V6), port)
+        }
+        // `v4:port` (a bare IPv6 address parsed above)
+        None => {
+            let (host, port) = s.split_once(':').ok_or(ForwardedError::Unparsable)?;
+            (host.parse::<std::net::Ipv4Addr>().map(IpAddr::V4), Some(port))
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        p.parse::<u16>().is_ok()
+            || (p.len() > 1
+                && p.starts_with('_')
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')))
+    });
+    match host {
+        Ok(ip) if port_ok => Ok(ip),
+        _ => Err(ForwardedError::Unparsable),
     }
-    s.strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .and_then(|r| r.parse().ok())
 }
 
 /// One connection's slot in the per-IP count; dropping it releases the slot (and the map entry at 0).
@@ -423,6 +557,7 @@ impl OriginRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::http::HeaderValue;
 
     fn config() -> Config {
         let mut c = Config::default();
@@ -451,32 +586,242 @@ mod tests {
         s.parse().expect("ip")
     }
 
+    fn limits_with(header: ForwardedHeader) -> Limits {
+        let mut c = config();
+        c.server.forwarded_header = header;
+        Limits::new(&c)
+    }
+
+    /// The client address a trusted proxy (10.1.2.3) forwarding `pairs` yields.
+    fn via_proxy(l: &Limits, pairs: &[(&'static str, &str)]) -> Result<IpAddr, ForwardedError> {
+        l.client_ip(sa("10.1.2.3:1000"), &headers(pairs))
+    }
+
     #[test]
     fn client_ip_trusts_only_configured_proxies() {
         let l = Limits::new(&config());
         let xff = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.7")]);
-        // Untrusted peer: its header is ignored (spoofing).
-        assert_eq!(l.client_ip(sa("5.5.5.5:1000"), &xff), ip("5.5.5.5"));
+        // Untrusted peer: its header is ignored (spoofing), even a malformed one.
+        assert_eq!(l.client_ip(sa("5.5.5.5:1000"), &xff), Ok(ip("5.5.5.5")));
+        let junk = headers(&[("x-forwarded-for", "junk")]);
+        assert_eq!(l.client_ip(sa("5.5.5.5:1000"), &junk), Ok(ip("5.5.5.5")));
         // Trusted peer: right-most untrusted entry, skipping a trusted hop; the spoofed left entry is ignored.
-        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &xff), ip("1.2.3.4"));
-        // Split over several header lines.
-        let multi = headers(&[("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "1.2.3.4")]);
-        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &multi), ip("1.2.3.4"));
-        // Forwarded (RFC 7239) with a quoted IPv6 and port.
-        let fwd = headers(&[("forwarded", "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https")]);
-        assert_eq!(l.client_ip(sa("[::1]:1000"), &fwd), ip("2001:db8::1"));
-        // No header, garbage, or only trusted hops: the peer.
-        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &HeaderMap::new()), ip("10.1.2.3"));
+        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &xff), Ok(ip("1.2.3.4")));
+        // No header: the proxy is its own client (its health checks).
+        assert_eq!(l.client_ip(sa("10.1.2.3:1000"), &HeaderMap::new()), Ok(ip("10.1.2.3")));
+        // Only trusted hops: the left-most one, as the first proxy saw it (not the peer).
         assert_eq!(
-            l.client_ip(sa("10.1.2.3:1000"), &headers(&[("x-forwarded-for", "junk")])),
-            ip("10.1.2.3")
+            via_proxy(&l, &[("x-forwarded-for", "10.9.9.9, 10.0.0.7")]),
+            Ok(ip("10.9.9.9"))
+        );
+        // IPv4-mapped peer counts as its IPv4 address; IPv4-mapped entries too.
+        assert_eq!(l.client_ip(sa("[::ffff:10.1.2.3]:1"), &xff), Ok(ip("1.2.3.4")));
+        assert_eq!(
+            via_proxy(&l, &[("x-forwarded-for", "::ffff:1.2.3.4")]),
+            Ok(ip("1.2.3.4"))
+        );
+        assert!(l.is_trusted_proxy(ip("10.1.2.3")) && !l.is_trusted_proxy(ip("5.5.5.5")));
+    }
+
+    #[test]
+    fn only_the_configured_header_is_read() {
+        let both = [
+            ("x-forwarded-for", "1.1.1.1"),
+            ("forwarded", "for=2.2.2.2"),
+            ("x-real-ip", "3.3.3.3"),
+        ];
+        let xff = limits_with(ForwardedHeader::XForwardedFor);
+        let fwd = limits_with(ForwardedHeader::Forwarded);
+        let real = limits_with(ForwardedHeader::XRealIp);
+        assert_eq!(via_proxy(&xff, &both), Ok(ip("1.1.1.1")));
+        assert_eq!(via_proxy(&fwd, &both), Ok(ip("2.2.2.2")));
+        assert_eq!(via_proxy(&real, &both), Ok(ip("3.3.3.3")));
+        // A client-written X-Forwarded-For does not override a proxy that writes only `Forwarded`: the client
+        // (behind a proxy that ignores XFF) cannot pick its own address.
+        assert_eq!(
+            via_proxy(&fwd, &[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=1.2.3.4")]),
+            Ok(ip("1.2.3.4"))
+        );
+        // ... and a proxy that writes only XFF ignores a client-written `Forwarded`.
+        assert_eq!(
+            via_proxy(&xff, &[("forwarded", "for=6.6.6.6")]),
+            Ok(ip("10.1.2.3")),
+            "configured header absent: the proxy itself"
         );
         assert_eq!(
-            l.client_ip(sa("10.1.2.3:1000"), &headers(&[("x-forwarded-for", "10.9.9.9")])),
-            ip("10.1.2.3")
+            via_proxy(&xff, &[("forwarded", "for=6.6.6.6"), ("x-forwarded-for", "1.2.3.4")]),
+            Ok(ip("1.2.3.4"))
         );
-        // IPv4-mapped peer counts as its IPv4 address.
-        assert_eq!(l.client_ip(sa("[::ffff:10.1.2.3]:1"), &xff), ip("1.2.3.4"));
+    }
+
+    #[test]
+    fn x_forwarded_for_rightmost_untrusted_hop() {
+        let l = limits_with(ForwardedHeader::XForwardedFor);
+        let xff = |v: &str| via_proxy(&l, &[("x-forwarded-for", v)]);
+        assert_eq!(xff("1.2.3.4"), Ok(ip("1.2.3.4")));
+        assert_eq!(xff("6.6.6.6,1.2.3.4"), Ok(ip("1.2.3.4")));
+        assert_eq!(xff("  6.6.6.6 ,  1.2.3.4  "), Ok(ip("1.2.3.4")));
+        assert_eq!(xff("6.6.6.6, 1.2.3.4, 10.0.0.7, ::1"), Ok(ip("1.2.3.4")));
+        // Ports and IPv6 forms.
+        assert_eq!(xff("1.2.3.4:5678"), Ok(ip("1.2.3.4")));
+        assert_eq!(xff("2001:db8::1"), Ok(ip("2001:db8::1")));
+        assert_eq!(xff("[2001:db8::1]"), Ok(ip("2001:db8::1")));
+        assert_eq!(xff("[2001:db8::1]:443"), Ok(ip("2001:db8::1")));
+        assert_eq!(xff("\"[2001:db8::1]:443\""), Ok(ip("2001:db8::1")));
+        // Garbage left of the deciding entry is the client's own business.
+        assert_eq!(xff("junk, unknown, _x, , 1.2.3.4"), Ok(ip("1.2.3.4")));
+        // Several header lines form one list, in order: the last line's right-most entry decides.
+        let multi = [("x-forwarded-for", "6.6.6.6"), ("x-forwarded-for", "1.2.3.4, 10.0.0.1")];
+        assert_eq!(via_proxy(&l, &multi), Ok(ip("1.2.3.4")));
+        let multi = [("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "junk")];
+        assert_eq!(via_proxy(&l, &multi), Err(ForwardedError::Unparsable));
+    }
+
+    #[test]
+    fn x_forwarded_for_malformed_is_refused_not_replaced_by_the_proxy() {
+        let l = limits_with(ForwardedHeader::XForwardedFor);
+        let xff = |v: &str| via_proxy(&l, &[("x-forwarded-for", v)]);
+        assert_eq!(xff(""), Err(ForwardedError::Empty));
+        assert_eq!(xff("   "), Err(ForwardedError::Empty));
+        assert_eq!(xff("1.2.3.4,"), Err(ForwardedError::Empty));
+        assert_eq!(
+            xff("1.2.3.4, , 10.0.0.1"),
+            Err(ForwardedError::Empty),
+            "empty entry decides"
+        );
+        assert_eq!(xff("junk"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("1.2.3.4, junk"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("1.2.3"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("01.2.3.4"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("1.2.3.4:99999"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("1.2.3.4:"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("[2001:db8::1"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("[2001:db8::1]x"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("[1.2.3.4]"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("\"1.2.3.4"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("fe80::1%eth0"), Err(ForwardedError::Unparsable));
+        assert_eq!(xff("unknown"), Err(ForwardedError::Obfuscated));
+        assert_eq!(xff("1.2.3.4, UNKNOWN"), Err(ForwardedError::Obfuscated));
+        assert_eq!(xff("_hidden"), Err(ForwardedError::Obfuscated));
+        // Non-ASCII (obs-text) anywhere in any line: refused, not read as "no header".
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes("1.2.3.4".as_bytes()).expect("value"),
+        );
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes("5.6.7.8, caf\u{e9}".as_bytes()).expect("value"),
+        );
+        assert_eq!(l.client_ip(sa("10.1.2.3:1"), &h), Err(ForwardedError::NonAscii));
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_bytes(b"\xff\xfe").expect("value"));
+        assert_eq!(l.client_ip(sa("10.1.2.3:1"), &h), Err(ForwardedError::NonAscii));
+    }
+
+    #[test]
+    fn forwarded_rfc7239_rightmost_untrusted_hop() {
+        let l = limits_with(ForwardedHeader::Forwarded);
+        let fwd = |v: &str| via_proxy(&l, &[("forwarded", v)]);
+        assert_eq!(fwd("for=1.2.3.4"), Ok(ip("1.2.3.4")));
+        assert_eq!(fwd("For=1.2.3.4;proto=https;by=10.0.0.1"), Ok(ip("1.2.3.4")));
+        assert_eq!(fwd("proto=https;for=1.2.3.4"), Ok(ip("1.2.3.4")));
+        assert_eq!(
+            fwd("for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https"),
+            Ok(ip("2001:db8::1"))
+        );
+        assert_eq!(fwd("for=\"[2001:db8::1]\""), Ok(ip("2001:db8::1")));
+        assert_eq!(fwd("for=\"1.2.3.4:80\""), Ok(ip("1.2.3.4")));
+        assert_eq!(
+            fwd("for=\"[2001:db8::1]:_port\""),
+            Ok(ip("2001:db8::1")),
+            "obfuscated port"
+        );
+        assert_eq!(fwd("for=6.6.6.6, for=1.2.3.4, for=10.0.0.9"), Ok(ip("1.2.3.4")));
+        // A quoted string may hold `,` and `;`: they do not split elements (here left of the deciding one).
+        assert_eq!(fwd("for=\"x,y;z\", for=1.2.3.4"), Ok(ip("1.2.3.4")));
+        // Several lines.
+        let multi = [("forwarded", "for=6.6.6.6"), ("forwarded", "for=1.2.3.4;proto=https")];
+        assert_eq!(via_proxy(&l, &multi), Ok(ip("1.2.3.4")));
+        // Only trusted hops: the left-most.
+        assert_eq!(fwd("for=10.0.0.1, for=10.0.0.2"), Ok(ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn forwarded_malformed_is_refused() {
+        let l = limits_with(ForwardedHeader::Forwarded);
+        let fwd = |v: &str| via_proxy(&l, &[("forwarded", v)]);
+        assert_eq!(fwd(""), Err(ForwardedError::Empty));
+        assert_eq!(
+            fwd("proto=https"),
+            Err(ForwardedError::Empty),
+            "no for= in the deciding element"
+        );
+        assert_eq!(fwd("for=1.2.3.4, proto=https"), Err(ForwardedError::Empty));
+        assert_eq!(fwd("for="), Err(ForwardedError::Empty));
+        assert_eq!(
+            fwd("for=1.2.3.4;for=5.6.7.8"),
+            Err(ForwardedError::Unparsable),
+            "for= twice"
+        );
+        assert_eq!(fwd("for=junk"), Err(ForwardedError::Unparsable));
+        assert_eq!(
+            fwd("for=\"[2001:db8::1]:4711"),
+            Err(ForwardedError::Unparsable),
+            "unterminated quote"
+        );
+        assert_eq!(fwd("for=unknown"), Err(ForwardedError::Obfuscated));
+        assert_eq!(fwd("for=_hidden"), Err(ForwardedError::Obfuscated));
+        assert_eq!(fwd("for=\"_gazonk\""), Err(ForwardedError::Obfuscated));
+        assert_eq!(
+            fwd("for=1.2.3.4, for=_hidden;proto=https"),
+            Err(ForwardedError::Obfuscated)
+        );
+        // An obfuscated hop left of the deciding one does not matter.
+        assert_eq!(fwd("for=_hidden, for=1.2.3.4"), Ok(ip("1.2.3.4")));
+        let mut h = HeaderMap::new();
+        h.append(
+            "forwarded",
+            HeaderValue::from_bytes("for=1.2.3.4;host=caf\u{e9}".as_bytes()).expect("value"),
+        );
+        assert_eq!(l.client_ip(sa("10.1.2.3:1"), &h), Err(ForwardedError::NonAscii));
+    }
+
+    #[test]
+    fn x_real_ip_single_value() {
+        let l = limits_with(ForwardedHeader::XRealIp);
+        let real = |v: &str| via_proxy(&l, &[("x-real-ip", v)]);
+        assert_eq!(real("1.2.3.4"), Ok(ip("1.2.3.4")));
+        assert_eq!(real("[2001:db8::1]:80"), Ok(ip("2001:db8::1")));
+        assert_eq!(real("10.0.0.5"), Ok(ip("10.0.0.5")), "the only value, trusted or not");
+        assert_eq!(real(""), Err(ForwardedError::Empty));
+        assert_eq!(real("1.2.3.4, 5.6.7.8"), Err(ForwardedError::Unparsable), "not a list");
+        assert_eq!(real("unknown"), Err(ForwardedError::Obfuscated));
+        let twice = [("x-real-ip", "6.6.6.6"), ("x-real-ip", "1.2.3.4")];
+        assert_eq!(via_proxy(&l, &twice), Err(ForwardedError::Repeated));
+    }
+
+    #[test]
+    fn admit_peer_counts_direct_clients_and_skips_trusted_proxies() {
+        let mut c = config();
+        c.limits.max_connections_per_ip = 1;
+        let l = Limits::new(&c);
+        let g = l.admit_peer(ip("1.2.3.4")).expect("first").expect("counted");
+        assert_eq!(l.admit_peer(ip("1.2.3.4")).err(), Some(Rejection::TooManyPerIp));
+        assert_eq!(
+            l.admit_peer(ip("::ffff:1.2.3.4")).err(),
+            Some(Rejection::TooManyPerIp),
+            "mapped"
+        );
+        assert!(
+            matches!(l.admit_peer(ip("10.1.2.3")), Ok(None)),
+            "trusted proxy: counted at the upgrade"
+        );
+        assert!(matches!(l.admit_peer(ip("10.1.2.3")), Ok(None)));
+        drop(g);
+        assert!(l.admit_peer(ip("1.2.3.4")).expect("freed").is_some());
+        assert_eq!(Rejection::TooManyPerIp.shed_label(), "shed_per_ip");
+        assert_eq!(Rejection::ConnectionRate.shed_label(), "shed_rate");
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub struct Metrics {
     /// WebSocket connections open now.
     pub connections_open: Gauge<i64, AtomicI64>,
     /// Connections refused before the upgrade, by reason (`origin`, `unauthorized`, `per_ip`, `rate`, `capacity`,
-    /// `handshake_timeout`, `bad_upgrade`).
+    /// `handshake_timeout`, `bad_upgrade`, `forwarded`), and connections shed at accept without TLS work
+    /// (`shed_per_ip`, `shed_rate`).
     pub rejections: Family<ReasonLabels, Counter>,
     /// Client frames received.
     pub frames_in: Counter,

@@ -1,7 +1,9 @@
 //! The gateway's shared state ([`Gateway`]) and the accept loop ([`run`], [`Gateway::serve`]).
 //!
-//! The accept loop only accepts: it takes a permit from the global connection cap and spawns the connection's task;
-//! TLS, HTTP and the WebSocket upgrade all happen in that task (see [`crate::http`]) under the handshake deadline.
+//! The accept loop only accepts: it counts the connection against its peer address (shedding it at once, before any
+//! TLS work, when that address is over `limits.max_connections_per_ip` or its new-connection rate), takes a permit
+//! from the global connection cap and spawns the connection's task; TLS, HTTP and the WebSocket upgrade all happen
+//! in that task (see [`crate::http`]) under the handshake deadline, absolute from accept.
 //! On shutdown it stops accepting, every task sees the cancelled token, and the wait for them is bounded by
 //! `server.shutdown_grace`.
 
@@ -206,6 +208,17 @@ impl Gateway {
 
     fn spawn_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let deadline = Instant::now() + self.config.server.handshake_timeout;
+        // Counted by address from accept, whatever the connection goes on to do (plain HTTP included), so one
+        // address cannot hold more than its share of sockets and global slots. Over it: closed at once, which costs
+        // an accept and a close, not a TLS handshake. Trusted proxies are counted by forwarded address at the upgrade.
+        let ip_guard = match self.limits.admit_peer(peer.ip()) {
+            Ok(guard) => guard,
+            Err(why) => {
+                Metrics::bump(&self.metrics.rejections, why.shed_label());
+                tracing::debug!(%peer, reason = why.reason(), "connection shed at accept");
+                return; // dropping the stream closes it
+            }
+        };
         let permit = match self.conn_permits.clone().try_acquire_owned() {
             Ok(p) => Admission::Admitted(p),
             Err(_) => match self.reject_permits.clone().try_acquire_owned() {
@@ -218,7 +231,7 @@ impl Gateway {
         };
         let span = tracing::info_span!("conn", %peer);
         let gw = self.clone();
-        let fut = crate::http::handle(gw, tcp, peer, deadline, permit);
+        let fut = crate::http::handle(gw, tcp, peer, deadline, permit, ip_guard);
         self.tracker.spawn(fut.instrument(span));
     }
 }

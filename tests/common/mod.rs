@@ -651,3 +651,59 @@ pub fn hostile_rooms() -> Vec<String> {
     v.push("x".repeat(10_000));
     v
 }
+
+impl TestGateway {
+    /// A TCP connection to the gateway from the local address `from` (any `127.x.y.z` on Linux's loopback), so a
+    /// test can act as several client addresses.
+    pub async fn tcp_from(&self, from: std::net::IpAddr) -> TcpStream {
+        let socket = match from {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4().unwrap(),
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6().unwrap(),
+        };
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        socket.connect(self.addr).await.unwrap()
+    }
+
+    /// The TLS handshake over `tcp`; `Err` when the gateway closed the connection instead (e.g. shed at accept).
+    pub async fn try_tls_over(&self, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        let connect = self
+            .ca
+            .connector()
+            .connect(ServerName::try_from("localhost").unwrap(), tcp);
+        tokio::time::timeout(WAIT, connect)
+            .await
+            .expect("TLS handshake ends in time")
+    }
+
+    /// Like [`TestGateway::client_with`] from the local address `from`: `Err(None)` when the connection was closed
+    /// before TLS completed (shed at accept), `Err(Some(status))` for an HTTP refusal.
+    pub async fn try_client_from(
+        &self,
+        from: std::net::IpAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, Option<u16>> {
+        let tls = self.try_tls_over(self.tcp_from(from).await).await.map_err(|_| None)?;
+        let url = format!("wss://localhost:{}{}", self.addr.port(), path);
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().append(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        match tokio_tungstenite::client_async(req, tls).await {
+            Ok((ws, _)) => {
+                let mut c = WsClient {
+                    ws,
+                    conn: String::new(),
+                };
+                let welcome = c.recv_op("welcome").await;
+                c.conn = welcome["conn"].as_str().unwrap().to_string();
+                Ok(c)
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(Some(resp.status().as_u16())),
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    }
+}
