@@ -50,11 +50,15 @@ async fn reader_waiting_for_queue_space_ends_when_the_writer_times_out() {
     .await;
     let mut victim = gw.client_small_rcvbuf(4096).await;
     victim.join("flood").await;
-    // Fill the socket buffers and then the queue: the writer stalls on a client that never reads.
+    // Fill the socket buffers and then the queue: the writer stalls on a client that never reads. Paced, so the
+    // writer is never the bottleneck before the socket is full (a burst would mostly be dropped while it is still
+    // writing, and the socket might never fill): ~10 MB at ~30 MB/s, against a few MB of kernel buffers.
     let nc = nats.client().await;
-    let big = "x".repeat(32 * 1024);
-    for _ in 0..200 {
-        nc.publish("rooms.flood", json!(big).to_string().into()).await.unwrap();
+    let big = json!("x".repeat(32 * 1024)).to_string();
+    let mut pace = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..300 {
+        pace.tick().await;
+        nc.publish("rooms.flood", big.clone().into()).await.unwrap();
     }
     nc.flush().await.unwrap();
     // Requests whose replies cannot be queued: the reader now waits for space.
