@@ -21,46 +21,44 @@ use tokio_tungstenite::{
 
 use crate::{connection::Accepted, protocol::close, server::Gateway};
 
-/// Echoes one WebSocket until it closes; the returned future is the connection's task. Same signature as
-/// `connection::serve`, so `crate::http` picks one or the other at compile time.
-pub fn echo<S>(gw: Arc<Gateway>, mut ws: WebSocketStream<S>, accepted: Accepted) -> impl Future<Output = ()> + Send
+/// Echoes one WebSocket until it closes; this is the connection's task. Takes what `connection::serve` takes, so
+/// `crate::http` picks one or the other at compile time.
+pub async fn echo<S>(gw: Arc<Gateway>, mut ws: WebSocketStream<S>, accepted: Accepted)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    async move {
-        // Held until the echo ends, like a real connection holds its global and per-IP slots.
-        let _slots = accepted.slots;
-        let cancel = gw.shutdown.clone();
-        let write_timeout = gw.config.limits.write_timeout;
-        loop {
-            let msg = tokio::select! {
-                _ = cancel.cancelled() => {
-                    send_close(&mut ws, close::GOING_AWAY, "server shutting down", write_timeout).await;
+    // Held until the echo ends, like a real connection holds its global and per-IP slots.
+    let _slots = accepted.slots;
+    let cancel = gw.shutdown.clone();
+    let write_timeout = gw.config.limits.write_timeout;
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => {
+                send_close(&mut ws, close::GOING_AWAY, "server shutting down", write_timeout).await;
+                return;
+            }
+            msg = ws.next() => msg,
+        };
+        match msg {
+            // The peer closed (tungstenite already answered its close frame) or the TCP connection ended.
+            None | Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => return,
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                let sent = tokio::select! {
+                    _ = cancel.cancelled() => false,
+                    r = tokio::time::timeout(write_timeout, ws.send(m)) => matches!(r, Ok(Ok(()))),
+                };
+                if !sent {
                     return;
                 }
-                msg = ws.next() => msg,
-            };
-            match msg {
-                // The peer closed (tungstenite already answered its close frame) or the TCP connection ended.
-                None | Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) => return,
-                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                    let sent = tokio::select! {
-                        _ = cancel.cancelled() => false,
-                        r = tokio::time::timeout(write_timeout, ws.send(m)) => matches!(r, Ok(Ok(()))),
-                    };
-                    if !sent {
-                        return;
-                    }
-                }
-                // Pings are answered and close frames replied to by tungstenite while reading; keep reading so the
-                // reply is flushed and the stream ends.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_))) => {}
-                Some(Err(e)) => {
-                    let (code, reason) = read_error_close(&e);
-                    tracing::debug!(error = %e, code, "echo: read error");
-                    send_close(&mut ws, code, reason, write_timeout).await;
-                    return;
-                }
+            }
+            // Pings are answered and close frames replied to by tungstenite while reading; keep reading so the reply
+            // is flushed and the stream ends.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_))) => {}
+            Some(Err(e)) => {
+                let (code, reason) = read_error_close(&e);
+                tracing::debug!(error = %e, code, "echo: read error");
+                send_close(&mut ws, code, reason, write_timeout).await;
+                return;
             }
         }
     }
