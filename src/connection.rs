@@ -322,22 +322,13 @@ impl Conn {
             // Flushed: the client sees the `rate_limited` answers that led here (bounded by the queue).
             return close_req(close::POLICY, "rate limit exceeded repeatedly", true);
         }
-        match e {
-            tungstenite::Error::Capacity(e) => {
-                tracing::info!(error = %e, "message or frame over the size limit");
-                Metrics::bump(&m.closes, "too_big");
-                close_req(close::TOO_BIG, "message too big", false)
+        match read_error_close(&e) {
+            Some((code, reason, label)) => {
+                tracing::info!(error = %e, code, "closing on a read error");
+                Metrics::bump(&m.closes, label);
+                close_req(code, reason, false)
             }
-            tungstenite::Error::Protocol(e) => {
-                tracing::info!(error = %e, "protocol error");
-                Metrics::bump(&m.closes, "protocol_error");
-                close_req(close::PROTOCOL, "protocol error", false)
-            }
-            tungstenite::Error::Utf8(_) => {
-                Metrics::bump(&m.closes, "invalid_utf8");
-                close_req(close::INVALID_DATA, "invalid UTF-8", false)
-            }
-            e => {
+            None => {
                 tracing::debug!(error = %e, "read error");
                 close_req(close::NORMAL, "", false)
             }
@@ -620,6 +611,17 @@ impl Conn {
                 .await;
         }
         self.ack(id).await;
+    }
+}
+
+/// The close a read error from tungstenite stands for, as (code, reason, metrics label); `None` when the client is
+/// simply gone. Shared with the conformance echo, so Autobahn checks the codes real clients get.
+pub fn read_error_close(e: &tungstenite::Error) -> Option<(u16, &'static str, &'static str)> {
+    match e {
+        tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "message too big", "too_big")),
+        tungstenite::Error::Protocol(_) => Some((close::PROTOCOL, "protocol error", "protocol_error")),
+        tungstenite::Error::Utf8(_) => Some((close::INVALID_DATA, "invalid UTF-8", "invalid_utf8")),
+        _ => None,
     }
 }
 

@@ -43,7 +43,7 @@ use tracing::Instrument;
 
 use crate::{
     auth::{self, AuthError, Identity},
-    connection::{self, Accepted},
+    connection::Accepted,
     frames::Metered,
     limits::{ForwardedError, IpGuard, Rejection},
     metrics::Metrics,
@@ -230,9 +230,12 @@ async fn serve_http<IO>(
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
     // HTTP futures, their arguments) would otherwise stay allocated for the whole life of every idle connection.
     let span = tracing::Span::current();
-    gw.tracker
-        .clone()
-        .spawn(connection::serve(gw, ws, accepted).instrument(span));
+    // Test builds with the `conformance` feature echo instead of serving rooms (Autobahn run, `crate::conformance`).
+    #[cfg(feature = "conformance")]
+    let serve = crate::conformance::echo;
+    #[cfg(not(feature = "conformance"))]
+    let serve = crate::connection::serve;
+    gw.tracker.clone().spawn(serve(gw, ws, accepted).instrument(span));
 }
 
 /// Serves HTTP until the connection closes or is upgraded; returns the upgrade, if any. The caller bounds it by the

@@ -10,6 +10,8 @@
 pub mod auth;
 pub mod bridge;
 pub mod config;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod connection;
 pub mod frames;
 pub mod http;
