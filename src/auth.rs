@@ -6,18 +6,29 @@
 //! with `auth.leeway_secs`), and `iss`/`aud` match when configured. [`redact_uri`] is what logs print instead of
 //! a request URI, so tokens never reach the logs.
 
-use std::path::Path;
+use std::{
+    num::NonZeroU32,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::http::{HeaderMap, Uri, header};
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     errors::ErrorKind,
-    jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm},
+    jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, KeyOperations, PublicKeyUse},
 };
 use serde_json::Value;
+use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, Permissions};
-use crate::protocol::glob_match;
+use crate::config::{AuthConfig, Config, Permissions};
+use crate::protocol::{self, glob_match};
 
 /// Longest token accepted, in bytes; longer ones are `Malformed` before any parsing or crypto.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -52,6 +63,18 @@ pub enum AuthError {
     /// `aud` is not one of `auth.audience`.
     #[error("wrong token audience")]
     WrongAudience,
+    /// A claim that would reach a header, a log line or a room name is not acceptable (see [`valid_sub`]).
+    #[error("token claim `{0}` is not acceptable")]
+    InvalidClaim(&'static str),
+    /// A `refresh` token whose `sub` is not the connection's user (read before any signature check).
+    #[error("token is for another user")]
+    WrongUser,
+    /// No signature-check slot freed within `auth.max_verification_wait`.
+    #[error("token checks saturated")]
+    Busy,
+    /// The connection (or the gateway) ended while the check waited.
+    #[error("cancelled")]
+    Cancelled,
     /// The `[auth]` section could not be turned into keys (startup only).
     #[error("invalid `{key}`: {message}")]
     Config {
@@ -75,6 +98,10 @@ impl AuthError {
             AuthError::UnknownKey => "unknown token key",
             AuthError::WrongIssuer => "wrong token issuer",
             AuthError::WrongAudience => "wrong token audience",
+            AuthError::InvalidClaim(_) => "token `sub` not acceptable",
+            AuthError::WrongUser => "token is for another user",
+            AuthError::Busy => "authentication busy; try again",
+            AuthError::Cancelled => "cancelled",
             AuthError::Config { .. } => "authentication misconfigured",
         }
     }
@@ -121,22 +148,45 @@ struct Key {
     validation: Validation,
 }
 
-/// Verifies tokens and builds identities. Built once at startup by [`Authenticator::from_config`], shared via
-/// `Arc`, immutable afterwards (key rotation = restart).
-pub struct Authenticator {
+/// The keys and claim rules: everything a signature check needs, shared with the blocking threads that run them.
+struct Verifier {
     /// All keys from `auth.keys` then the JWKS file, in that order.
     keys: Vec<Key>,
-    allow_anonymous: bool,
-    anonymous: Permissions,
     personal_room: Option<String>,
     rooms_claim: String,
     publish_claim: String,
+    /// `auth.leeway_secs`: a token is accepted, and its connection lives, until `exp` plus this.
+    leeway: Duration,
+    /// `auth.max_keys_per_token`: most candidate keys (signature checks) one token may cost.
+    max_keys_per_token: usize,
+    /// Signature checks performed (one per candidate key tried); read by tests and operators.
+    verifications: AtomicU64,
+}
+
+/// Verifies tokens and builds identities. Built once at startup by [`Authenticator::from_config`], read-only
+/// afterwards (key rotation = restart).
+///
+/// Signature checks are the costly part of authentication (an ES256 or RS256 check takes tens to hundreds of
+/// microseconds), and a client can make the gateway do them for free by sending bogus tokens. So the async entry
+/// points ([`Authenticator::authenticate_bounded`], [`Authenticator::verify_bounded`]) first refuse what cannot
+/// succeed (oversized or malformed tokens, no or too many candidate keys, a `sub` other than the connection's), then
+/// run the check on tokio's blocking threads behind a global semaphore (`auth.max_concurrent_verifications`), and
+/// give up with [`AuthError::Busy`] after waiting `auth.max_verification_wait` for it.
+pub struct Authenticator {
+    verifier: Arc<Verifier>,
+    allow_anonymous: bool,
+    anonymous: Permissions,
+    /// Signature checks running at once. Bound: `auth.max_concurrent_verifications`; a permit moves into the
+    /// blocking task and is released when the check ends, even if its requester has gone.
+    permits: Arc<Semaphore>,
+    /// `auth.max_verification_wait`: longest wait for a permit.
+    max_wait: Duration,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Keys are secrets (HMAC) or at least noise: print only their shape.
-        let keys: Vec<_> = self.keys.iter().map(|k| (k.kid.as_deref(), k.alg)).collect();
+        let keys: Vec<_> = self.verifier.keys.iter().map(|k| (k.kid.as_deref(), k.alg)).collect();
         f.debug_struct("Authenticator")
             .field("keys", &keys)
             .field("allow_anonymous", &self.allow_anonymous)
@@ -159,7 +209,8 @@ fn parse_alg(name: &str) -> Option<Algorithm> {
 impl Authenticator {
     /// Loads every key named by `cfg`: HMAC secrets through [`crate::config::SecretSource::load`], PEM public
     /// keys (RS256, ES256, EdDSA) and the JWKS file (every key needs a `kid`; RSA `n`/`e`, EC P-256 `x`/`y`, OKP
-    /// Ed25519 `x`). Errors name the config key and file.
+    /// Ed25519 `x`; keys marked `"use":"enc"` or without `verify` in `key_ops` are refused). Errors name the config
+    /// key and file.
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, AuthError> {
         let mut keys = Vec::new();
         for k in &cfg.keys {
@@ -202,18 +253,46 @@ impl Authenticator {
         if let Some(path) = &cfg.jwks_file {
             keys.extend(load_jwks(cfg, path)?);
         }
+        // Keys without `kid` are candidates for every token of their algorithm: more of them than a token may cost
+        // would refuse every such token, so say it now rather than at the first connection.
+        for k in &keys {
+            let kidless = keys.iter().filter(|o| o.alg == k.alg && o.kid.is_none()).count();
+            if kidless > cfg.max_keys_per_token {
+                return Err(AuthError::config(
+                    "auth.keys",
+                    format!(
+                        "{kidless} {:?} keys have no `kid`, more than auth.max_keys_per_token ({}): give them a `kid`",
+                        k.alg, cfg.max_keys_per_token
+                    ),
+                ));
+            }
+        }
+        let permits = match cfg.max_concurrent_verifications {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+            n => n,
+        };
         Ok(Self {
-            keys,
+            verifier: Arc::new(Verifier {
+                keys,
+                personal_room: cfg.personal_room.clone(),
+                rooms_claim: cfg.rooms_claim.clone(),
+                publish_claim: cfg.publish_claim.clone(),
+                leeway: Duration::from_secs(cfg.leeway_secs),
+                max_keys_per_token: cfg.max_keys_per_token,
+                verifications: AtomicU64::new(0),
+            }),
             allow_anonymous: cfg.allow_anonymous,
             anonymous: cfg.anonymous.clone(),
-            personal_room: cfg.personal_room.clone(),
-            rooms_claim: cfg.rooms_claim.clone(),
-            publish_claim: cfg.publish_claim.clone(),
+            permits: Arc::new(Semaphore::new(permits)),
+            max_wait: cfg.max_verification_wait,
         })
     }
 
     /// No token: an anonymous identity (permissions `auth.anonymous`) if `auth.allow_anonymous`, else
     /// [`AuthError::Missing`]. A token is always verified, even when anonymous access is allowed.
+    ///
+    /// Synchronous: the signature check runs on the calling thread. Connections use
+    /// [`Authenticator::authenticate_bounded`].
     pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         match token {
             Some(t) => self.verify(t),
@@ -222,35 +301,123 @@ impl Authenticator {
         }
     }
 
-    /// Verifies a JWT and builds the user's identity from its claims.
+    /// [`Authenticator::authenticate`] with the signature check off the async workers and bounded (see
+    /// [`Authenticator::verify_bounded`]).
+    pub async fn authenticate_bounded(
+        &self,
+        token: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<Identity, AuthError> {
+        match token {
+            Some(t) => self.verify_bounded(t, None, cancel).await,
+            None if self.allow_anonymous => Ok(Identity::anonymous(&self.anonymous)),
+            None => Err(AuthError::Missing),
+        }
+    }
+
+    /// Verifies a JWT and builds the user's identity from its claims, on the calling thread.
     ///
     /// Candidate keys are those whose configured algorithm equals the header's `alg`; if the header has a `kid`,
-    /// only keys with that `kid` or without any `kid` are candidates. The first candidate whose signature verifies
+    /// only keys with that `kid` or without any `kid` are candidates; more than `auth.max_keys_per_token`
+    /// candidates is [`AuthError::UnknownKey`] before any check. The first candidate whose signature verifies
     /// decides (claim errors such as `Expired` are reported from it).
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let candidates = self.verifier.candidates(token)?;
+        self.verifier.check(token, &candidates)
+    }
+
+    /// Like [`Authenticator::verify`], for a connection: refuses what cannot succeed before any signature check
+    /// (a token over 16 KiB or malformed, no or too many candidate keys, and, when `expected_sub` is given, a token
+    /// whose unverified `sub` differs: [`AuthError::WrongUser`]); then waits at most `auth.max_verification_wait`
+    /// for one of the `auth.max_concurrent_verifications` slots ([`AuthError::Busy`] if none frees) and runs the
+    /// check on a blocking thread. Both waits also watch `cancel` ([`AuthError::Cancelled`]); a check already
+    /// running then finishes on its own, still holding its slot, so the bound stays true.
+    pub async fn verify_bounded(
+        &self,
+        token: &str,
+        expected_sub: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<Identity, AuthError> {
+        let candidates = self.verifier.candidates(token)?;
+        if let Some(want) = expected_sub
+            && unverified_sub(token).as_deref() != Some(want)
+        {
+            return Err(AuthError::WrongUser);
+        }
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(AuthError::Cancelled),
+            p = tokio::time::timeout(self.max_wait, self.permits.clone().acquire_owned()) => match p {
+                Ok(Ok(permit)) => permit,
+                // Timed out (or the semaphore closed, which never happens): the checks are saturated.
+                _ => return Err(AuthError::Busy),
+            },
+        };
+        let verifier = self.verifier.clone();
+        let token = token.to_owned();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verifier.check(&token, &candidates)
+        });
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(AuthError::Cancelled),
+            r = task => r.unwrap_or_else(|e| {
+                // A panic inside the JWT library, or the runtime shutting down: the token is not accepted.
+                tracing::warn!(error = %e, "token verification task failed");
+                Err(AuthError::Malformed)
+            }),
+        }
+    }
+
+    /// Signature checks performed so far (one per candidate key tried). Cheap refusals do not count.
+    pub fn verifications(&self) -> u64 {
+        self.verifier.verifications.load(Ordering::Relaxed)
+    }
+
+    /// Slots for signature checks not in use right now (`auth.max_concurrent_verifications` when idle).
+    pub fn available_verification_slots(&self) -> usize {
+        self.permits.available_permits()
+    }
+}
+
+impl Verifier {
+    /// The cheap part: size, header, and the indices of the keys a signature check would try.
+    fn candidates(&self, token: &str) -> Result<Vec<usize>, AuthError> {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
-        let mut candidates = self.keys.iter().filter(|k| {
-            k.alg == header.alg
-                && match (&header.kid, &k.kid) {
-                    (Some(want), Some(have)) => want == have,
-                    _ => true,
-                }
-        });
-        let mut tried = false;
-        let data = loop {
-            let Some(k) = candidates.next() else {
-                return Err(if tried {
-                    AuthError::BadSignature
-                } else {
-                    AuthError::UnknownKey
-                });
-            };
-            tried = true;
+        let candidates: Vec<usize> = self
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| {
+                k.alg == header.alg
+                    && match (&header.kid, &k.kid) {
+                        (Some(want), Some(have)) => want == have,
+                        _ => true,
+                    }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if candidates.is_empty() || candidates.len() > self.max_keys_per_token {
+            // Too many: the token must name its key with `kid` (one bogus token must not cost N checks).
+            return Err(AuthError::UnknownKey);
+        }
+        Ok(candidates)
+    }
+
+    /// The costly part: tries each candidate key, then builds the identity.
+    fn check(&self, token: &str, candidates: &[usize]) -> Result<Identity, AuthError> {
+        let mut data = None;
+        for k in candidates.iter().filter_map(|&i| self.keys.get(i)) {
+            self.verifications.fetch_add(1, Ordering::Relaxed);
             match jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &k.key, &k.validation) {
-                Ok(data) => break data,
+                Ok(d) => {
+                    data = Some(d);
+                    break;
+                }
                 // Signature or key-format failure: another candidate may still verify. Claim errors come only after
                 // a verified signature, so they are final.
                 Err(e)
@@ -267,31 +434,132 @@ impl Authenticator {
                 }
                 Err(e) => return Err(map_jwt_error(&e)),
             }
-        };
-        self.identity_from_claims(&data.claims)
+        }
+        let data = data.ok_or(AuthError::BadSignature)?;
+        self.identity_from_claims(&data.claims, SystemTime::now())
     }
 
-    fn identity_from_claims(&self, claims: &serde_json::Map<String, Value>) -> Result<Identity, AuthError> {
+    fn identity_from_claims(
+        &self,
+        claims: &serde_json::Map<String, Value>,
+        now: SystemTime,
+    ) -> Result<Identity, AuthError> {
         let sub = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(_) => return Err(AuthError::Malformed),
             None => return Err(AuthError::MissingClaim("sub")),
         };
+        // `sub` becomes the NATS header `Roomwire-User` (a CR or LF there panics async-nats), a log field and maybe
+        // a room name: only visible ASCII, bounded.
+        if !valid_sub(&sub) {
+            return Err(AuthError::InvalidClaim("sub"));
+        }
+        let personal = self.personal_room.as_ref().map(|t| t.replace("{sub}", &sub));
+        if personal.as_deref().is_some_and(|room| !protocol::valid_room(room)) {
+            return Err(AuthError::InvalidClaim("sub"));
+        }
+        // jsonwebtoken has already refused a negative, non-numeric or past `exp`; a fractional one is rounded.
         let expires_at = match claims.get("exp") {
-            Some(v) => v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)),
+            Some(v) => v.as_u64().or_else(|| v.as_f64().map(|f| f.round() as u64)),
             None => None,
         };
         let join = string_list(claims.get(&self.rooms_claim))?.unwrap_or_default();
         let publish = string_list(claims.get(&self.publish_claim))?.unwrap_or_else(|| join.clone());
-        let personal = self.personal_room.as_ref().map(|t| t.replace("{sub}", &sub));
-        Ok(Identity {
+        let identity = Identity {
             user: Some(sub),
             expires_at,
+            grace: self.leeway,
             join,
             publish,
             personal,
-        })
+        };
+        // jsonwebtoken compares whole seconds; decide with the same instant the connection's deadline will use, so
+        // an accepted token never gives a connection that is closed at once.
+        if identity.expires_in(now).is_some_and(|left| left.is_zero()) {
+            return Err(AuthError::Expired);
+        }
+        Ok(identity)
     }
+}
+
+/// Longest `sub` accepted, in bytes.
+pub const MAX_SUB_LEN: usize = 128;
+
+/// Whether a `sub` claim is acceptable: 1 to [`MAX_SUB_LEN`] bytes of visible ASCII (`!` to `~`; no spaces, no
+/// control characters, nothing outside ASCII). With `auth.personal_room`, the room it yields must also be valid.
+pub fn valid_sub(sub: &str) -> bool {
+    !sub.is_empty() && sub.len() <= MAX_SUB_LEN && sub.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The `sub` of a token's payload, read WITHOUT verifying anything: only to refuse early a token that could not be
+/// accepted anyway. `None` if the payload is not base64url JSON or has no string `sub`.
+fn unverified_sub(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    #[derive(serde::Deserialize)]
+    struct Sub {
+        sub: Option<String>,
+    }
+    serde_json::from_slice::<Sub>(&bytes).ok()?.sub
+}
+
+/// Per-connection authentication state: when an authenticated session ends whatever refreshes arrive
+/// (`auth.max_session` from its start), and the connection's `refresh` budget (`limits.refreshes_per_minute`).
+pub struct Session {
+    /// `None` for anonymous connections, which have no token to outlive.
+    ends_at: Option<Instant>,
+    refreshes: DefaultDirectRateLimiter,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("ends_at", &self.ends_at).finish()
+    }
+}
+
+impl Session {
+    /// A session starting at `start`, for `identity`.
+    pub fn new(config: &Config, identity: &Identity, start: Instant) -> Self {
+        let per_minute = NonZeroU32::new(config.limits.refreshes_per_minute).unwrap_or(NonZeroU32::MIN);
+        Self {
+            ends_at: identity
+                .user
+                .as_ref()
+                // Validation caps max_session at a year, so this does not overflow; saturate anyway.
+                .map(|_| {
+                    start
+                        .checked_add(config.auth.max_session)
+                        .unwrap_or_else(|| far_instant(start))
+                }),
+            refreshes: RateLimiter::direct(Quota::per_minute(per_minute)),
+        }
+    }
+
+    /// Charges one `refresh`; false when over `limits.refreshes_per_minute`.
+    pub fn try_refresh(&self) -> bool {
+        self.refreshes.check().is_ok()
+    }
+
+    /// When the connection must close with 4001: the earlier of the token's expiry (`exp` + leeway) and the end of
+    /// the session. `None` for a connection without a token. Never panics, whatever `exp` says: a deadline
+    /// beyond what `Instant` can hold is the session's end.
+    pub fn expiry(&self, identity: &Identity, now: Instant) -> Option<Instant> {
+        let token = identity
+            .expires_in(SystemTime::now())
+            .map(|left| now.checked_add(left).unwrap_or_else(|| far_instant(now)));
+        match (token, self.ends_at) {
+            (Some(t), Some(s)) => Some(t.min(s)),
+            (t, s) => t.or(s),
+        }
+    }
+}
+
+/// An instant about a year after `now`, or `now` itself if even that does not fit (never panics).
+fn far_instant(now: Instant) -> Instant {
+    now.checked_add(Duration::from_secs(365 * 86_400)).unwrap_or(now)
 }
 
 /// A claim that must be an array of strings: `None` if absent, `Malformed` if of another type.
@@ -351,6 +619,20 @@ fn load_jwks(cfg: &AuthConfig, path: &Path) -> Result<Vec<Key>, AuthError> {
             .key_id
             .clone()
             .ok_or_else(|| bad(format!("key #{i} has no `kid`")))?;
+        // A key published for encryption (or anything but signatures) must not verify signatures.
+        match &jwk.common.public_key_use {
+            None | Some(PublicKeyUse::Signature) => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "key {kid:?}: `use` is {other:?}, not \"sig\": only signature keys may verify tokens"
+                )));
+            }
+        }
+        if let Some(ops) = &jwk.common.key_operations
+            && !ops.contains(&KeyOperations::Verify)
+        {
+            return Err(bad(format!("key {kid:?}: `key_ops` lacks \"verify\"")));
+        }
         let alg = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => Algorithm::RS256,
             AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
@@ -390,6 +672,8 @@ pub struct Identity {
     pub user: Option<String>,
     /// The JWT `exp` (unix seconds); `None` for anonymous connections.
     pub expires_at: Option<u64>,
+    /// `auth.leeway_secs`: the identity is valid until `exp` plus this ([`Identity::expires_in`]).
+    grace: Duration,
     /// `*` glob patterns of rooms that may be joined.
     join: Vec<String>,
     /// `*` glob patterns of rooms that may be published to.
@@ -405,10 +689,21 @@ impl Identity {
         Identity {
             user: None,
             expires_at: None,
+            grace: Duration::ZERO,
             join: perms.join.clone(),
             publish: perms.publish.clone(),
             personal: None,
         }
+    }
+
+    /// Time left at `now` before this identity expires (`exp` + `auth.leeway_secs`, the same rule that accepted
+    /// the token): zero once past, `None` without `exp`. Saturating: an `exp` of 1e19 gives a huge duration, never a
+    /// panic (callers turn it into an `Instant` with `checked_add`).
+    pub fn expires_in(&self, now: SystemTime) -> Option<Duration> {
+        let exp = self.expires_at?;
+        let end = Duration::from_secs(exp).saturating_add(self.grace);
+        let since_epoch = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        Some(end.saturating_sub(since_epoch))
     }
 
     /// Whether `room` may be joined.
@@ -601,7 +896,7 @@ uQIDAQAB\n\
             path
         }
         fn add_hs(&mut self, alg: &str, kid: Option<&str>, secret: &str) {
-            let path = self.file(&format!("secret-{alg}-{kid:?}"), &format!("{secret}\n"));
+            let path = self.file(&format!("secret-{alg}-{kid:?}-{secret}"), &format!("{secret}\n"));
             self.cfg.keys.push(JwtKey {
                 kid: kid.map(str::to_owned),
                 algorithm: alg.into(),
@@ -906,10 +1201,12 @@ uQIDAQAB\n\
         let id = auth.verify(&sign(Algorithm::HS256, None, &c, &key)).expect("valid");
         assert!(id.may_publish("lobby") && !id.may_publish("chat-1"));
 
-        // A `*` in sub does not widen the personal room into a glob.
+        // A `*` in sub cannot widen the personal room into a glob: it does not even make a valid room name.
         let c = json!({ "sub": "*", "exp": now() + 60 });
-        let id = auth.verify(&sign(Algorithm::HS256, None, &c, &key)).expect("valid");
-        assert!(id.may_join("user-*") && !id.may_join("user-bob"));
+        assert!(matches!(
+            auth.verify(&sign(Algorithm::HS256, None, &c, &key)),
+            Err(AuthError::InvalidClaim("sub"))
+        ));
 
         let c = json!({ "sub": "ann", "exp": now() + 60, "rooms": "lobby" });
         assert!(matches!(
@@ -935,6 +1232,312 @@ uQIDAQAB\n\
         let refused = auth.authenticate(Some("garbage")).err();
         assert!(matches!(refused, Some(AuthError::Malformed)));
         assert_eq!(refused.map(|e| e.reason()), Some("malformed token"));
+    }
+
+    fn hs_auth(tweak: impl FnOnce(&mut AuthConfig)) -> (Fixture, Authenticator) {
+        let mut f = Fixture::new();
+        f.add_hs("HS256", None, "s");
+        tweak(&mut f.cfg);
+        let auth = f.auth();
+        (f, auth)
+    }
+
+    fn hs(claims: &Value) -> String {
+        sign(Algorithm::HS256, None, claims, &EncodingKey::from_secret(b"s"))
+    }
+
+    #[test]
+    fn sub_must_be_header_and_log_safe() {
+        let (_f, auth) = hs_auth(|_| {});
+        for bad in [
+            "a\r\nX-Evil: 1",
+            "a\nb",
+            "a\u{0}b",
+            "tab\there",
+            "with space",
+            "caf\u{e9}",
+            &"x".repeat(129),
+        ] {
+            let t = hs(&json!({ "sub": bad, "exp": now() + 60 }));
+            assert!(
+                matches!(auth.verify(&t), Err(AuthError::InvalidClaim("sub"))),
+                "{bad:?} must be refused"
+            );
+        }
+        for good in [
+            "auth0|5f7c8ec7c33c6c004bbafe82",
+            "alice@example.com",
+            "https://idp/u/1",
+            &"x".repeat(128),
+        ] {
+            let t = hs(&json!({ "sub": good, "exp": now() + 60 }));
+            assert_eq!(auth.verify(&t).expect(good).user.as_deref(), Some(good));
+        }
+        // The reason shown and logged never carries the claim.
+        let e = AuthError::InvalidClaim("sub");
+        assert!(!e.reason().contains('\n') && !e.to_string().contains("evil"));
+    }
+
+    #[test]
+    fn sub_must_make_a_valid_personal_room() {
+        let (_f, auth) = hs_auth(|c| c.personal_room = Some("user-{sub}".into()));
+        let t = hs(&json!({ "sub": "auth0|abc", "exp": now() + 60 }));
+        assert!(matches!(auth.verify(&t), Err(AuthError::InvalidClaim("sub"))));
+        let t = hs(&json!({ "sub": &"x".repeat(124), "exp": now() + 60 }));
+        assert!(
+            matches!(auth.verify(&t), Err(AuthError::InvalidClaim("sub"))),
+            "room over 128"
+        );
+        // `.` is not a room character (it separates NATS subject tokens): such a `sub` cannot have a personal room.
+        let t = hs(&json!({ "sub": "ann@example.com", "exp": now() + 60 }));
+        assert!(matches!(auth.verify(&t), Err(AuthError::InvalidClaim("sub"))));
+        let t = hs(&json!({ "sub": "ann@example", "exp": now() + 60 }));
+        assert!(auth.verify(&t).expect("valid").may_join("user-ann@example"));
+    }
+
+    #[test]
+    fn absurd_times_never_panic() {
+        let (_f, auth) = hs_auth(|_| {});
+        let mut config = Config::default();
+        config.auth.max_session = Duration::from_secs(3600);
+        let start = Instant::now();
+        // Far-future exp: accepted, and the connection's deadline is the end of its session.
+        for exp in [json!(1e19), json!(u64::MAX), json!(1.8e19)] {
+            let t = hs(&json!({ "sub": "a", "exp": exp }));
+            match auth.verify(&t) {
+                Ok(id) => {
+                    assert!(id.expires_in(SystemTime::now()).expect("has exp") > Duration::from_secs(86_400 * 365));
+                    let session = Session::new(&config, &id, start);
+                    assert_eq!(
+                        session.expiry(&id, Instant::now()),
+                        Some(start + Duration::from_secs(3600))
+                    );
+                }
+                Err(e) => assert!(matches!(e, AuthError::Malformed), "{exp}: {e:?}"),
+            }
+        }
+        // Negative, fractional, huge nbf/iat.
+        let cases = [
+            (json!({ "sub": "a", "exp": -1 }), "malformed"),
+            (json!({ "sub": "a", "exp": -1e19 }), "malformed"),
+            (json!({ "sub": "a", "exp": f64::MAX }), "malformed"),
+            (json!({ "sub": "a", "exp": "soon" }), "malformed"),
+            (json!({ "sub": "a", "exp": (now() + 60) as f64 + 0.5 }), "ok"),
+            (json!({ "sub": "a", "exp": now() + 60, "nbf": 1e19 }), "nbf"),
+            (json!({ "sub": "a", "exp": now() + 60, "nbf": -5 }), "malformed"),
+            (json!({ "sub": "a", "exp": now() + 60, "nbf": 0.5 }), "ok"),
+            (json!({ "sub": "a", "exp": now() + 60, "iat": 1e19 }), "ok"),
+            (json!({ "sub": "a", "exp": now() + 60, "iat": -1e300 }), "ok"),
+        ];
+        for (c, want) in cases {
+            let got = match auth.verify(&hs(&c)) {
+                Ok(_) => "ok",
+                // An `exp` jsonwebtoken cannot read as a u64 counts as absent.
+                Err(AuthError::Malformed | AuthError::MissingClaim("exp")) => "malformed",
+                Err(AuthError::NotYetValid) => "nbf",
+                Err(e) => panic!("{c}: {e:?}"),
+            };
+            assert_eq!(got, want, "{c}");
+        }
+        // Identity arithmetic saturates on its own.
+        let id = Identity {
+            expires_at: Some(u64::MAX),
+            grace: Duration::from_secs(u64::MAX),
+            ..Identity::anonymous(&Permissions::default())
+        };
+        assert_eq!(id.expires_in(SystemTime::UNIX_EPOCH), Some(Duration::MAX));
+        assert!(Session::new(&config, &id, start).expiry(&id, Instant::now()).is_some());
+    }
+
+    #[test]
+    fn leeway_is_one_rule_for_accepting_and_for_closing() {
+        let (f, _auth) = hs_auth(|c| c.leeway_secs = 5);
+        let verifier = Authenticator::from_config(&f.cfg).expect("loads").verifier;
+        let exp = 1_700_000_000u64;
+        let claims = |exp: u64| match json!({ "sub": "a", "exp": exp }) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let at = |secs: f64| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs);
+        // Past exp but inside the leeway: accepted, and it stays open for the rest of the leeway, not 0 s.
+        let id = verifier
+            .identity_from_claims(&claims(exp), at(exp as f64 + 4.5))
+            .expect("inside leeway");
+        assert_eq!(id.expires_in(at(exp as f64 + 4.5)), Some(Duration::from_millis(500)));
+        // At exp + leeway: refused (it would be closed at once).
+        assert!(matches!(
+            verifier.identity_from_claims(&claims(exp), at(exp as f64 + 5.0)),
+            Err(AuthError::Expired)
+        ));
+        // Through the whole path: a token 2 s past exp with 5 s leeway has ~3 s left.
+        let auth = f.auth();
+        let id = auth
+            .verify(&hs(&json!({ "sub": "a", "exp": now() - 2 })))
+            .expect("inside leeway");
+        let left = id.expires_in(SystemTime::now()).expect("exp");
+        assert!(
+            left > Duration::from_secs(1) && left <= Duration::from_secs(3),
+            "{left:?}"
+        );
+    }
+
+    #[test]
+    fn many_keys_without_kid_are_bounded() {
+        // Four kid-less keys of one algorithm: every kid-less token would cost four checks; refused at load.
+        let mut f = Fixture::new();
+        for s in ["a", "b", "c", "d"] {
+            f.add_hs("HS256", None, s);
+        }
+        let err = Authenticator::from_config(&f.cfg).unwrap_err().to_string();
+        assert!(err.contains("auth.keys") && err.contains("max_keys_per_token"), "{err}");
+        f.cfg.max_keys_per_token = 4;
+        assert!(Authenticator::from_config(&f.cfg).is_ok());
+
+        // Keys with kids: a token naming one costs one check; a token naming none is refused before any check.
+        let mut f = Fixture::new();
+        for k in ["k1", "k2", "k3", "k4"] {
+            f.add_hs("HS256", Some(k), k);
+        }
+        let auth = f.auth();
+        let t = sign(Algorithm::HS256, None, &claims("a"), &EncodingKey::from_secret(b"k4"));
+        assert!(matches!(auth.verify(&t), Err(AuthError::UnknownKey)));
+        assert_eq!(auth.verifications(), 0);
+        let t = sign(
+            Algorithm::HS256,
+            Some("k4"),
+            &claims("a"),
+            &EncodingKey::from_secret(b"k4"),
+        );
+        assert!(auth.verify(&t).is_ok());
+        assert_eq!(auth.verifications(), 1);
+        // Two keys without kid under the default bound of 3: both tried.
+        let mut f = Fixture::new();
+        f.add_hs("HS256", None, "old");
+        f.add_hs("HS256", None, "new");
+        let auth = f.auth();
+        let t = sign(Algorithm::HS256, None, &claims("a"), &EncodingKey::from_secret(b"new"));
+        assert!(auth.verify(&t).is_ok());
+        assert_eq!(auth.verifications(), 2);
+    }
+
+    #[test]
+    fn jwks_encryption_keys_are_refused() {
+        let (_, _, ec_raw) = ec_pair(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let jwk = |extra: Value| {
+            let mut k = json!({ "kty": "EC", "crv": "P-256", "kid": "ec-1",
+                "x": b64url(&ec_raw[1..33]), "y": b64url(&ec_raw[33..65]) });
+            for (name, v) in extra.as_object().expect("object") {
+                k[name] = v.clone();
+            }
+            json!({ "keys": [k] }).to_string()
+        };
+        for (extra, want) in [
+            (json!({ "use": "enc" }), "`use`"),
+            (json!({ "use": "other" }), "`use`"),
+            (json!({ "key_ops": ["encrypt"] }), "key_ops"),
+            (json!({ "alg": "RS256" }), "alg"),
+        ] {
+            let mut f = Fixture::new();
+            f.cfg.jwks_file = Some(f.file("jwks.json", &jwk(extra.clone())));
+            let err = Authenticator::from_config(&f.cfg).unwrap_err().to_string();
+            assert!(err.contains("auth.jwks_file") && err.contains(want), "{extra}: {err}");
+        }
+        for extra in [
+            json!({ "use": "sig" }),
+            json!({ "key_ops": ["verify"] }),
+            json!({ "alg": "ES256" }),
+        ] {
+            let mut f = Fixture::new();
+            f.cfg.jwks_file = Some(f.file("jwks.json", &jwk(extra.clone())));
+            assert!(Authenticator::from_config(&f.cfg).is_ok(), "{extra}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_verification_refuses_early_and_gives_up_when_saturated() {
+        let (_f, auth) = hs_auth(|c| {
+            c.max_concurrent_verifications = 1;
+            c.max_verification_wait = Duration::from_millis(50);
+        });
+        let cancel = CancellationToken::new();
+        let alice = hs(&claims("alice"));
+        // Off the worker, and the identity comes back.
+        let id = auth
+            .verify_bounded(&alice, Some("alice"), &cancel)
+            .await
+            .expect("valid");
+        assert_eq!(id.user.as_deref(), Some("alice"));
+        assert_eq!(auth.verifications(), 1);
+        // Another user's token, even a correctly signed one, and malformed or oversized tokens: no check at all.
+        let bob = hs(&claims("bob"));
+        assert!(matches!(
+            auth.verify_bounded(&bob, Some("alice"), &cancel).await,
+            Err(AuthError::WrongUser)
+        ));
+        let forged = sign(Algorithm::HS256, None, &claims("bob"), &EncodingKey::from_secret(b"x"));
+        assert!(matches!(
+            auth.verify_bounded(&forged, Some("alice"), &cancel).await,
+            Err(AuthError::WrongUser)
+        ));
+        let huge = format!("{alice}{}", "A".repeat(MAX_TOKEN_LEN));
+        assert!(matches!(
+            auth.verify_bounded(&huge, None, &cancel).await,
+            Err(AuthError::Malformed)
+        ));
+        assert!(matches!(
+            auth.verify_bounded("a.b", None, &cancel).await,
+            Err(AuthError::Malformed)
+        ));
+        assert_eq!(auth.verifications(), 1);
+        // Every slot taken: the check gives up after max_verification_wait instead of queueing.
+        let held = auth.permits.clone().acquire_owned().await.expect("permit");
+        assert_eq!(auth.available_verification_slots(), 0);
+        assert!(matches!(
+            auth.verify_bounded(&alice, None, &cancel).await,
+            Err(AuthError::Busy)
+        ));
+        // The wait watches cancellation.
+        let cancelled = CancellationToken::new();
+        cancelled.cancel();
+        assert!(matches!(
+            auth.verify_bounded(&alice, None, &cancelled).await,
+            Err(AuthError::Cancelled)
+        ));
+        drop(held);
+        assert!(auth.authenticate_bounded(Some(&alice), &cancel).await.is_ok());
+        assert_eq!(auth.verifications(), 2);
+        assert_eq!(auth.available_verification_slots(), 1);
+    }
+
+    #[test]
+    fn refresh_budget_and_session_end() {
+        let mut config = Config::default();
+        config.limits.refreshes_per_minute = 2;
+        config.auth.max_session = Duration::from_secs(60);
+        let start = Instant::now();
+        let anon = Identity::anonymous(&Permissions::default());
+        let s = Session::new(&config, &anon, start);
+        assert_eq!(
+            s.expiry(&anon, start),
+            None,
+            "anonymous connections have no token deadline"
+        );
+        let (_f, auth) = hs_auth(|_| {});
+        let id = auth
+            .verify(&hs(&json!({ "sub": "a", "exp": now() + 7200 })))
+            .expect("valid");
+        let s = Session::new(&config, &id, start);
+        assert!(s.try_refresh() && s.try_refresh() && !s.try_refresh());
+        // A token valid for two hours still ends with the one-minute session.
+        assert_eq!(s.expiry(&id, start), Some(start + Duration::from_secs(60)));
+        let id = auth
+            .verify(&hs(&json!({ "sub": "a", "exp": now() + 10 })))
+            .expect("valid");
+        let left = s.expiry(&id, start).expect("deadline") - start;
+        assert!(
+            left > Duration::from_secs(30) && left <= Duration::from_secs(40),
+            "exp + 30 s leeway: {left:?}"
+        );
     }
 
     #[test]

@@ -405,6 +405,9 @@ pub struct LimitsConfig {
     /// Default `60s`.
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
+    /// `refresh` requests per minute per connection (burst: the same number); over it the refresh is answered
+    /// `rate_limited` without its signature being checked. Default 4.
+    pub refreshes_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -430,6 +433,7 @@ impl Default for LimitsConfig {
             max_tracked_keys: 100_000,
             heartbeat_interval: Duration::from_secs(25),
             heartbeat_timeout: Duration::from_secs(60),
+            refreshes_per_minute: 4,
         }
     }
 }
@@ -483,7 +487,8 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Required `aud` (one of), if set.
     pub audience: Vec<String>,
-    /// Clock leeway for `exp`/`nbf`, in seconds. Default 30.
+    /// Clock leeway for `exp`/`nbf`, in seconds: a token is accepted until `exp + leeway_secs`, and a connection
+    /// authenticated by it lives until that same instant. At most 3600. Default 30.
     pub leeway_secs: u64,
     /// Cookie carrying the token, if any (besides `Authorization: Bearer` and `?token=`).
     pub cookie: Option<String>,
@@ -496,6 +501,20 @@ pub struct AuthConfig {
     /// A `token_expiring` warning is sent this long before `exp`. Default `60s`.
     #[serde(with = "humantime_serde")]
     pub expiry_warning: Duration,
+    /// An authenticated connection is closed with 4001 this long after it was opened, whatever `refresh` requests
+    /// arrived (a `token_expiring` warning comes `expiry_warning` before). Between 1s and 365 days. Default `24h`.
+    #[serde(with = "humantime_serde")]
+    pub max_session: Duration,
+    /// A token without `kid` is refused (`unknown token key`) when more than this many configured keys share its
+    /// algorithm, so one bogus token costs at most this many signature checks. Default 3.
+    pub max_keys_per_token: usize,
+    /// Signature checks running at once in the whole gateway, on tokio's blocking threads (never on the async
+    /// workers). 0 = twice the number of CPU cores. Default 0.
+    pub max_concurrent_verifications: usize,
+    /// A token check that waited this long for one of the `max_concurrent_verifications` slots is given up: the
+    /// upgrade is answered 503 and a `refresh` `unavailable`. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub max_verification_wait: Duration,
 }
 
 impl Default for AuthConfig {
@@ -513,6 +532,10 @@ impl Default for AuthConfig {
             rooms_claim: "rooms".into(),
             publish_claim: "publish".into(),
             expiry_warning: Duration::from_secs(60),
+            max_session: Duration::from_secs(24 * 3600),
+            max_keys_per_token: 3,
+            max_concurrent_verifications: 0,
+            max_verification_wait: Duration::from_secs(1),
         }
     }
 }
@@ -657,6 +680,7 @@ impl Config {
             ("limits.connections_per_second_per_ip", l.connections_per_second_per_ip),
             ("limits.connections_burst_per_ip", l.connections_burst_per_ip),
             ("limits.max_rate_violations", l.max_rate_violations),
+            ("limits.refreshes_per_minute", l.refreshes_per_minute),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -713,6 +737,28 @@ impl Config {
             && !t.contains("{sub}")
         {
             return Err(invalid("auth.personal_room", "must contain {sub}"));
+        }
+        if let Some(t) = &self.auth.personal_room
+            && !crate::protocol::valid_room(&t.replace("{sub}", "u"))
+        {
+            return Err(invalid(
+                "auth.personal_room",
+                "must be a valid room name (A-Z a-z 0-9 _ - : @ = +) once {sub} is replaced",
+            ));
+        }
+        let a = &self.auth;
+        if a.leeway_secs > 3600 {
+            // jsonwebtoken computes `now - leeway` in u64: an absurd leeway must not reach it.
+            return Err(invalid("auth.leeway_secs", "must be at most 3600"));
+        }
+        if a.max_session < Duration::from_secs(1) || a.max_session > Duration::from_secs(365 * 86_400) {
+            return Err(invalid("auth.max_session", "must be between 1s and 365 days"));
+        }
+        if a.max_keys_per_token == 0 {
+            return Err(invalid("auth.max_keys_per_token", "must be at least 1"));
+        }
+        if a.max_verification_wait.is_zero() {
+            return Err(invalid("auth.max_verification_wait", "must be positive"));
         }
         Ok(())
     }
@@ -796,6 +842,47 @@ mod tests {
         // And with no `[rooms] overflow`, the documented default.
         let c = Config::parse("[auth]\nallow_anonymous = true\n").unwrap();
         assert_eq!(c.rooms.overflow_for("lobby"), Overflow::Disconnect);
+    }
+
+    #[test]
+    fn auth_hardening_keys_are_validated() {
+        let c = Config::parse("[auth]\nallow_anonymous = true\n").unwrap();
+        assert_eq!(c.auth.max_session, Duration::from_secs(86_400));
+        assert_eq!(c.limits.refreshes_per_minute, 4);
+        assert_eq!(c.auth.max_keys_per_token, 3);
+        for (bad, key) in [
+            (
+                "[auth]\nallow_anonymous = true\nleeway_secs = 3601\n",
+                "auth.leeway_secs",
+            ),
+            (
+                "[auth]\nallow_anonymous = true\nmax_session = \"0s\"\n",
+                "auth.max_session",
+            ),
+            (
+                "[auth]\nallow_anonymous = true\nmax_session = \"400days\"\n",
+                "auth.max_session",
+            ),
+            (
+                "[auth]\nallow_anonymous = true\nmax_keys_per_token = 0\n",
+                "auth.max_keys_per_token",
+            ),
+            (
+                "[auth]\nallow_anonymous = true\nmax_verification_wait = \"0s\"\n",
+                "auth.max_verification_wait",
+            ),
+            (
+                "[auth]\nallow_anonymous = true\npersonal_room = \"u.{sub}\"\n",
+                "auth.personal_room",
+            ),
+            (
+                "[auth]\nallow_anonymous = true\n[limits]\nrefreshes_per_minute = 0\n",
+                "limits.refreshes_per_minute",
+            ),
+        ] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    auth::Identity,
+    auth::{AuthError, Identity, Session},
     bridge::{BridgeError, Origin},
     frames::Meter,
     limits::IpGuard,
@@ -158,6 +158,8 @@ struct Conn {
     rooms: HashMap<Arc<str>, Arc<Room>>,
     /// Set by `refresh`: the token deadlines must be recomputed.
     token_changed: bool,
+    /// End of the session (`auth.max_session` from the upgrade) and the `refresh` budget.
+    session: Session,
     /// Global and per-IP slots, released when the connection (this struct) is dropped.
     _slots: (Admission, IpGuard),
 }
@@ -199,6 +201,7 @@ impl Conn {
         gw.metrics.connections.inc();
         gw.metrics.connections_open.inc();
         Conn {
+            session: Session::new(&gw.config, &identity, Instant::now()),
             cancel: gw.shutdown.child_token(),
             gw,
             id,
@@ -335,19 +338,14 @@ impl Conn {
         }
     }
 
-    /// Instants of the expiry warning and of the expiry, for a token with `exp`.
+    /// Instants of the expiry warning and of the expiry (the token's `exp` + leeway, or the end of the session if
+    /// earlier), for a connection with a token. Saturating: no `exp` can make this panic.
     fn token_deadlines(&self) -> (Option<Instant>, Option<Instant>) {
-        let Some(exp) = self.identity.expires_at else {
+        let now = Instant::now();
+        let Some(expire) = self.session.expiry(&self.identity, now) else {
             return (None, None);
         };
-        let now_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let left = Duration::from_secs(exp.saturating_sub(now_unix));
-        let expire = Instant::now() + left;
-        let warn = expire
-            .checked_sub(self.gw.config.auth.expiry_warning)
-            .unwrap_or_else(Instant::now);
+        let warn = expire.checked_sub(self.gw.config.auth.expiry_warning).unwrap_or(now);
         (Some(warn), Some(expire))
     }
 
@@ -586,12 +584,29 @@ impl Conn {
         }
     }
 
+    /// Replaces the connection's identity with a fresh token's. Refusals that need no signature check come first
+    /// (anonymous connection, over `limits.refreshes_per_minute`, then inside `verify_bounded`: malformed token,
+    /// no or too many keys, another `sub`); the check itself runs off the async workers, bounded.
     async fn refresh(&mut self, id: Option<&str>, token: &str) {
-        let identity = match self.gw.auth.verify(token) {
+        let Some(user) = self.identity.user.clone() else {
+            return self
+                .error(id, ErrorCode::Unauthorized, "anonymous connections cannot refresh")
+                .await;
+        };
+        if !self.session.try_refresh() {
+            return self
+                .error(id, ErrorCode::RateLimited, "too many refreshes; token not checked")
+                .await;
+        }
+        let identity = match self.gw.auth.verify_bounded(token, Some(&user), &self.cancel).await {
             Ok(identity) => identity,
+            // The connection is ending: the read loop sees the cancellation next.
+            Err(AuthError::Cancelled) => return,
+            Err(e @ AuthError::Busy) => return self.error(id, ErrorCode::Unavailable, e.reason()).await,
             Err(e) => return self.error(id, ErrorCode::Unauthorized, e.reason()).await,
         };
         if identity.user != self.identity.user {
+            // verify_bounded compared the unverified `sub`; the verified one must agree.
             return self
                 .error(id, ErrorCode::Unauthorized, "token is for another user")
                 .await;

@@ -257,7 +257,7 @@ where
     let service = service_fn(move |req: Request<Incoming>| {
         let gw = svc_gw.clone();
         let tx = tx.clone();
-        async move { Ok::<_, Infallible>(route(&gw, req, peer, over_capacity, counted_at_accept, &tx)) }
+        async move { Ok::<_, Infallible>(route(&gw, req, peer, over_capacity, counted_at_accept, &tx).await) }
     });
     // Only bounds the first request head; later ones are bounded by the caller's absolute deadline.
     let remaining = deadline.saturating_duration_since(Instant::now());
@@ -285,7 +285,7 @@ where
     rx.try_recv().ok()
 }
 
-fn route(
+async fn route(
     gw: &Gateway,
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -319,7 +319,7 @@ fn route(
             Metrics::bump(&gw.metrics.rejections, Reject::Capacity.label());
             Reject::Capacity.response()
         }
-        p if p == gw.config.server.ws_path => match upgrade(gw, req, peer, counted_at_accept, tx) {
+        p if p == gw.config.server.ws_path => match upgrade(gw, req, peer, counted_at_accept, tx).await {
             Ok(resp) => resp,
             Err(reject) => {
                 Metrics::bump(&gw.metrics.rejections, reject.label());
@@ -340,7 +340,7 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-fn upgrade(
+async fn upgrade(
     gw: &Gateway,
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -385,10 +385,16 @@ fn upgrade(
         (SocketAddr::new(ip, peer.port()), Some(guard))
     };
     let token = auth::extract_token(req.headers(), req.uri(), gw.config.auth.cookie.as_deref());
-    let identity = gw.auth.authenticate(token.as_deref()).map_err(|e| {
-        tracing::info!(uri = %auth::redact_uri(req.uri()), reason = e.reason(), "authentication failed");
-        Reject::Unauthorized(e)
-    })?;
+    // The signature check runs off the async workers, bounded (auth.max_concurrent_verifications).
+    let identity = match gw.auth.authenticate_bounded(token.as_deref(), &gw.shutdown).await {
+        Ok(identity) => identity,
+        // Checks saturated, or shutting down: not the client's fault, so 503 rather than 401.
+        Err(AuthError::Busy | AuthError::Cancelled) => return Err(Reject::Capacity),
+        Err(e) => {
+            tracing::info!(uri = %auth::redact_uri(req.uri()), reason = %e, "authentication failed");
+            return Err(Reject::Unauthorized(e));
+        }
+    };
     let subprotocol = header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
 
     let Some(tx) = tx.lock().take() else {

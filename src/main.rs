@@ -5,6 +5,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use roomwire::Config;
+use tracing_subscriber::{
+    Layer,
+    filter::{EnvFilter, LevelFilter, Targets},
+    layer::{Filter, SubscriberExt},
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
 
 /// Roomwire: a WebSocket gateway bridging browser rooms to NATS subjects.
 #[derive(Parser, Debug)]
@@ -52,12 +59,45 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Crates whose debug/trace logs can show what crosses the wire: tungstenite logs every frame with its payload at
+/// trace (a `refresh` carries a token), the HTTP and TLS crates can show headers (`Authorization`, cookies) or
+/// record contents.
+const WIRE_CRATES: [&str; 7] = [
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "rustls",
+    "tokio_rustls",
+    "h2",
+];
+
+/// The most these crates may log, whatever `RUST_LOG` asks (`docs/security.md`: tokens never reach the logs).
+const WIRE_CRATES_MAX: LevelFilter = LevelFilter::INFO;
+
+/// The log filter: `rust_log` (the `RUST_LOG` syntax; `info` when absent or invalid) AND a cap of
+/// [`WIRE_CRATES_MAX`] on [`WIRE_CRATES`]. The cap is a separate filter both must pass, not a directive added to
+/// `RUST_LOG`'s, so no directive can lift it (not `tungstenite::protocol=trace`, which is more specific than a
+/// `tungstenite` cap would be, nor a span directive such as `[conn]=trace`).
+fn log_filter<S>(rust_log: Option<&str>) -> impl Filter<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::FilterExt;
+    let wanted = rust_log
+        .and_then(|spec| EnvFilter::try_new(spec).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let caps = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_targets(WIRE_CRATES.map(|c| (c, WIRE_CRATES_MAX)));
+    wanted.and(caps)
+}
+
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    let rust_log = std::env::var("RUST_LOG").ok();
+    // `init` also routes the `log` crate (tungstenite, rustls) into tracing, through the same filter.
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_filter(log_filter(rust_log.as_deref())))
         .init();
     let config = Config::load(path)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -70,4 +110,101 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             .await
             .context("gateway failed to start")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Cursor, Write},
+        sync::{Arc, Mutex},
+    };
+
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+    use super::log_filter;
+
+    /// A `MakeWriter` collecting everything logged.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A masked client text frame, as a browser sends it.
+    fn client_text_frame(payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut f = vec![0x81, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    /// Logs what a real tungstenite logs when it reads a `refresh` frame, plus one line of our own, under `rust_log`
+    /// and (when `capped`) the shipped filter; returns the log text.
+    fn log_a_refresh_frame(rust_log: &str, capped: bool) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone());
+        let subscriber = if capped {
+            tracing_subscriber::registry().with(layer.with_filter(log_filter(Some(rust_log))).boxed())
+        } else {
+            let plain = tracing_subscriber::EnvFilter::new(rust_log);
+            tracing_subscriber::registry().with(layer.with_filter(plain).boxed())
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let frame = client_text_frame(br#"{"op":"refresh","token":"SECRET-TOKEN"}"#);
+            let mut ws = WebSocket::from_raw_socket(Cursor::new(frame), Role::Server, None);
+            let msg = ws.read().expect("frame parses");
+            assert!(msg.to_text().expect("text").contains("SECRET-TOKEN"));
+            tracing::trace!(target: "roomwire::connection", "our own trace line");
+        });
+        let bytes = out.0.lock().expect("lock").clone();
+        String::from_utf8(bytes).expect("utf8")
+    }
+
+    #[test]
+    fn wire_crates_never_log_frames_even_at_trace() {
+        // Route the `log` crate (which tungstenite uses) into tracing, as `init` does in `serve`.
+        let _ = tracing_subscriber::registry().try_init();
+
+        // Control: without the cap, RUST_LOG=trace shows the token (so this test can see a leak).
+        let leaked = log_a_refresh_frame("trace", false);
+        assert!(
+            leaked.contains("SECRET-TOKEN"),
+            "control must capture tungstenite's trace: {leaked}"
+        );
+
+        for spec in [
+            "trace",
+            "tungstenite=trace,tokio_tungstenite=trace",
+            "tungstenite::protocol=trace",
+            "[conn]=trace,trace",
+        ] {
+            let text = log_a_refresh_frame(spec, true);
+            assert!(!text.contains("SECRET-TOKEN"), "RUST_LOG={spec} leaked a token: {text}");
+            if spec.contains("trace,trace") || spec == "trace" {
+                assert!(
+                    text.contains("our own trace line"),
+                    "RUST_LOG={spec} must still show our traces: {text}"
+                );
+            }
+        }
+        // An invalid spec falls back to `info`.
+        let text = log_a_refresh_frame("=%%=", true);
+        assert!(
+            !text.contains("our own trace line") && !text.contains("SECRET-TOKEN"),
+            "{text}"
+        );
+    }
 }
