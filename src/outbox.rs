@@ -619,6 +619,96 @@ mod tests {
         assert_eq!(o.depth(), (1, 6));
     }
 
+    /// Issue 8 finding 8: `drop_oldest` evicted the head of the queue whatever its room, so a `disconnect` room lost a
+    /// message and got a gap notice.
+    #[tokio::test]
+    async fn drop_oldest_never_evicts_another_policys_message() {
+        let o = Outbox::new(2, 1000);
+        let (chat, feed): (Arc<str>, Arc<str>) = ("chat".into(), "feed".into());
+        assert_eq!(o.push_room(&chat, f("c1"), Overflow::Disconnect), Pushed::Queued);
+        assert_eq!(o.push_room(&feed, f("f1"), Overflow::DropOldest), Pushed::Queued);
+        assert_eq!(o.push_room(&feed, f("f2"), Overflow::DropOldest), Pushed::DroppedOldest(1));
+        assert_eq!(drain(&o).await, vec![("c1".into(), 0), ("f2".into(), 1)]);
+        // A queue full of another policy's messages: the new one is dropped, nothing queued is touched.
+        o.push_room(&chat, f("c2"), Overflow::Disconnect);
+        o.push_room(&chat, f("c3"), Overflow::Disconnect);
+        assert_eq!(o.push_room(&feed, f("f3"), Overflow::DropOldest), Pushed::DroppedNewest);
+        assert_eq!(drain(&o).await, vec![("c2".into(), 0), ("c3".into(), 0)]);
+        assert!(o.close_request().is_none());
+    }
+
+    /// Issue 8 finding 8: with the queue full of other rooms' messages, `latest` dropped the newest value, so a ticker
+    /// that stopped left the client with a stale one.
+    #[tokio::test]
+    async fn latest_ends_with_its_last_value_when_other_rooms_fill_the_queue() {
+        let o = Outbox::new(2, 1000);
+        let (chat, ticker): (Arc<str>, Arc<str>) = ("chat".into(), "ticker".into());
+        assert_eq!(o.push_room(&ticker, f("t1"), Overflow::Latest), Pushed::Queued);
+        assert_eq!(o.push_room(&chat, f("c1"), Overflow::Disconnect), Pushed::Queued);
+        assert_eq!(o.push_room(&ticker, f("t2"), Overflow::Latest), Pushed::Conflated);
+        let first = drain(&o).await;
+        assert_eq!(first, vec![("t2".into(), 0), ("c1".into(), 0)]);
+        o.push_room(&chat, f("c2"), Overflow::Disconnect);
+        o.push_room(&chat, f("c3"), Overflow::Disconnect);
+        // The queue is full of chat messages: t3 then t4 wait outside it, t4 replacing t3.
+        assert_eq!(o.push_room(&ticker, f("t3"), Overflow::Latest), Pushed::Parked);
+        assert_eq!(o.push_room(&ticker, f("t4"), Overflow::Latest), Pushed::Conflated);
+        assert_eq!(o.depth(), (2, 4));
+        let mut seen = drain(&o).await;
+        seen.extend(drain(&o).await);
+        assert_eq!(
+            seen,
+            vec![("c2".into(), 0), ("c3".into(), 0), ("t4".into(), 0)],
+            "the ticker must end with its last value"
+        );
+    }
+
+    /// Issue 8 finding 8: when evicting every `drop_oldest` message could not make room (the rest of the queue being
+    /// control frames), messages were evicted in vain and the push reported one drop where two happened.
+    #[tokio::test]
+    async fn drop_counts_are_exact_when_control_frames_fill_the_queue() {
+        let o = Outbox::new(10, 10);
+        let feed: Arc<str> = "feed".into();
+        let dropped = |p: Pushed| match p {
+            Pushed::DroppedNewest | Pushed::Conflated => 1,
+            Pushed::DroppedOldest(n) => n,
+            _ => 0,
+        };
+        let mut reported = dropped(o.push_room(&feed, f("ab"), Overflow::DropOldest));
+        assert!(o.try_push_control(f("cccccccc")));
+        reported += dropped(o.push_room(&feed, f("12345"), Overflow::DropOldest));
+        let mut seen = drain(&o).await;
+        reported += dropped(o.push_room(&feed, f("z"), Overflow::DropOldest));
+        seen.extend(drain(&o).await);
+        let told: u64 = seen.iter().map(|(_, gap)| gap).sum();
+        assert_eq!(told, reported, "gap notices {seen:?} disagree with the drops the pushes reported");
+        assert_eq!(seen, vec![("ab".into(), 0), ("cccccccc".into(), 0), ("z".into(), 1)]);
+    }
+
+    /// A room left and joined again: the new membership's values neither replace nor evict what was queued before the
+    /// leave, and a parked value of the old membership is not delivered.
+    #[tokio::test]
+    async fn leaving_a_room_settles_its_queued_messages() {
+        let o = Outbox::new(2, 1000);
+        let (ticker, chat): (Arc<str>, Arc<str>) = ("ticker".into(), "chat".into());
+        o.push_room(&ticker, f("t1"), Overflow::Latest);
+        o.push_room(&chat, f("c1"), Overflow::Disconnect);
+        o.forget_room("ticker");
+        assert_eq!(o.push_room(&ticker, f("t2"), Overflow::Latest), Pushed::Parked);
+        assert_eq!(drain(&o).await, vec![("t1".into(), 0), ("c1".into(), 0)]);
+        assert_eq!(drain(&o).await, vec![("t2".into(), 0)]);
+        o.push_room(&chat, f("c2"), Overflow::Disconnect);
+        o.push_room(&chat, f("c3"), Overflow::Disconnect);
+        assert_eq!(o.push_room(&ticker, f("t3"), Overflow::Latest), Pushed::Parked);
+        o.forget_room("ticker");
+        assert_eq!(drain(&o).await, vec![("c2".into(), 0), ("c3".into(), 0)]);
+        let mut batch = VecDeque::new();
+        assert!(
+            futures_util::FutureExt::now_or_never(o.next_batch(&mut batch)).is_none(),
+            "parked value of a left room delivered: {batch:?}"
+        );
+    }
+
     #[tokio::test]
     async fn control_waits_for_space() {
         let o = Arc::new(Outbox::new(1, 1000));
