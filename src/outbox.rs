@@ -627,7 +627,10 @@ mod tests {
         let (chat, feed): (Arc<str>, Arc<str>) = ("chat".into(), "feed".into());
         assert_eq!(o.push_room(&chat, f("c1"), Overflow::Disconnect), Pushed::Queued);
         assert_eq!(o.push_room(&feed, f("f1"), Overflow::DropOldest), Pushed::Queued);
-        assert_eq!(o.push_room(&feed, f("f2"), Overflow::DropOldest), Pushed::DroppedOldest(1));
+        assert_eq!(
+            o.push_room(&feed, f("f2"), Overflow::DropOldest),
+            Pushed::DroppedOldest(1)
+        );
         assert_eq!(drain(&o).await, vec![("c1".into(), 0), ("f2".into(), 1)]);
         // A queue full of another policy's messages: the new one is dropped, nothing queued is touched.
         o.push_room(&chat, f("c2"), Overflow::Disconnect);
@@ -681,7 +684,10 @@ mod tests {
         reported += dropped(o.push_room(&feed, f("z"), Overflow::DropOldest));
         seen.extend(drain(&o).await);
         let told: u64 = seen.iter().map(|(_, gap)| gap).sum();
-        assert_eq!(told, reported, "gap notices {seen:?} disagree with the drops the pushes reported");
+        assert_eq!(
+            told, reported,
+            "gap notices {seen:?} disagree with the drops the pushes reported"
+        );
         assert_eq!(seen, vec![("ab".into(), 0), ("cccccccc".into(), 0), ("z".into(), 1)]);
     }
 
