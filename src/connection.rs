@@ -692,7 +692,7 @@ async fn write_loop<S>(
             for item in batch.drain(..) {
                 match item {
                     Item::Control(frame) => sink.feed(Message::Text(frame)).await?,
-                    Item::Room { room, frame, gap } => {
+                    Item::Room { room, frame, gap, .. } => {
                         if gap > 0 {
                             sink.feed(Message::Text(protocol::gap(&room, gap).into())).await?;
                         }

@@ -10,8 +10,18 @@
 //! per connection and held for a handful of instructions (no allocation, no I/O inside), so the fan-out task and the
 //! writer are the only two parties and contention is negligible; the writer swaps the whole queue out under one lock.
 //!
-//! Bounds: at most `limits.max_pending_messages` entries and `limits.max_pending_bytes` bytes of frames. The `gaps`
-//! map holds at most one entry per joined room (`rooms.max_rooms_per_connection`).
+//! Several rooms share the queue, so each policy only ever acts on messages of rooms under that policy (one function
+//! per policy below): `disconnect` and `drop_newest` act only on the message being pushed; `drop_oldest` evicts only
+//! messages of `drop_oldest` rooms (each queued room message carries its policy); `latest` only replaces its own
+//! room's pending value. A `latest` value that finds the queue full of other rooms' messages is *parked* outside it
+//! (at most one per room: a newer value replaces it) and moved in, before anything pushed later, as soon as the writer
+//! takes a batch, so a ticker that stops still ends with its last value delivered.
+//!
+//! Bounds: the queue holds at most `limits.max_pending_messages` entries and `limits.max_pending_bytes` bytes (the
+//! one exception: a control frame larger than that is admitted into an empty queue, alone). Parked values: at most one
+//! per joined `latest` room (`rooms.max_rooms_per_connection`), each at most `max_pending_bytes`; a parked value is
+//! always the newest frame of its room, the same refcounted frame every member of the room holds, so parking adds no
+//! copy. The `gaps` map holds at most one entry per joined room.
 
 use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
@@ -20,6 +30,10 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::config::Overflow;
+
+/// The outbox checked against a plain model of `docs/backpressure.md` (property test and fuzz target).
+#[cfg(any(test, fuzzing))]
+pub mod model;
 
 /// What is queued for the writer.
 #[derive(Debug)]
@@ -34,6 +48,9 @@ pub enum Item {
         frame: Utf8Bytes,
         /// Messages of this room dropped just before this one; the writer sends a `gap` notice first.
         gap: u64,
+        /// The room's overflow policy, so that `drop_oldest` evicts only messages of `drop_oldest` rooms and `latest`
+        /// replaces only its own. `disconnect` (which no push acts on) once the connection has left the room.
+        policy: Overflow,
     },
 }
 
@@ -56,16 +73,20 @@ pub struct CloseRequest {
     pub flush_queued: bool,
 }
 
-/// Outcome of a push.
+/// Outcome of a push. Each variant says exactly how many room messages the push dropped (for the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     /// Queued.
     Queued,
-    /// Queued, replacing an older pending message of the same room (`latest`).
+    /// Held outside the full queue as its room's newest value (`latest`), moved in when the writer takes a batch.
+    /// Nothing dropped.
+    Parked,
+    /// Replaced its room's pending value, which is dropped (superseded) without a gap notice (`latest`).
     Conflated,
-    /// Queued after dropping this many older pending room messages (`drop_oldest`).
+    /// Queued after evicting this many older messages of `drop_oldest` rooms (possibly other rooms than its own).
     DroppedOldest(u64),
-    /// Not queued: the queue is full (`drop_newest`).
+    /// Not queued, and counted in its room's next gap notice: the queue is full (`drop_newest`; `drop_oldest` when
+    /// evicting every `drop_oldest` message would not make room; `latest` for a frame larger than the whole queue).
     DroppedNewest,
     /// Not queued: the queue is full and the policy is `disconnect`; the outbox is now closed with 4008.
     Overflowed,
@@ -73,15 +94,72 @@ pub enum Pushed {
     Closed,
 }
 
+/// A `latest` room's newest value, waiting outside a full queue.
+#[derive(Debug)]
+struct Parked {
+    room: Arc<str>,
+    frame: Utf8Bytes,
+    /// Messages of the room dropped just before this value.
+    gap: u64,
+}
+
+impl Parked {
+    fn into_item(self) -> Item {
+        Item::Room {
+            room: self.room,
+            frame: self.frame,
+            gap: self.gap,
+            policy: Overflow::Latest,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Item>,
     bytes: usize,
+    /// `drop_oldest` messages in `queue`, and their bytes: what evicting could free, known without a scan.
+    evictable: usize,
+    evictable_bytes: usize,
+    /// `latest` messages in `queue`: a `latest` push looks for its room's value only when there is one.
+    latest_queued: usize,
+    /// `latest` values that did not fit, oldest first; at most one per room.
+    parked: VecDeque<Parked>,
     /// Dropped counts of rooms that have no message queued yet to carry them.
     gaps: HashMap<Arc<str>, u64>,
     close: Option<CloseRequest>,
     /// Highest queue depth seen (messages), for metrics.
     high_water: usize,
+}
+
+impl State {
+    /// The drops owed to `room`'s next message (the hash lookup is skipped while nothing is owed to anyone).
+    fn take_gap(&mut self, room: &str) -> u64 {
+        if self.gaps.is_empty() {
+            0
+        } else {
+            self.gaps.remove(room).unwrap_or(0)
+        }
+    }
+
+    /// Owes `n` more drops to `room`'s next message.
+    fn owe_gap(&mut self, room: &Arc<str>, n: u64) {
+        let owed = self.gaps.entry(room.clone()).or_insert(0);
+        *owed = owed.saturating_add(n);
+    }
+
+    /// Forgets what was queued (the writer took it, or the connection is closing).
+    fn queue_taken(&mut self) {
+        self.bytes = 0;
+        self.evictable = 0;
+        self.evictable_bytes = 0;
+        self.latest_queued = 0;
+    }
+}
+
+/// Same room: the pointer test covers fan-out, which passes the room's own `Arc` to every push.
+fn same_room(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 /// Per-connection bounded outbound queue. Shared (`Arc`) by the connection's tasks and every room it is in.
@@ -113,120 +191,225 @@ impl Outbox {
     }
 
     fn enqueue(&self, s: &mut State, item: Item) {
-        s.bytes += item.len();
+        let len = item.len();
+        s.bytes += len;
+        match &item {
+            Item::Room {
+                policy: Overflow::DropOldest,
+                ..
+            } => {
+                s.evictable += 1;
+                s.evictable_bytes += len;
+            }
+            Item::Room {
+                policy: Overflow::Latest,
+                ..
+            } => s.latest_queued += 1,
+            _ => {}
+        }
         s.queue.push_back(item);
         s.high_water = s.high_water.max(s.queue.len());
     }
 
+    /// Queues a new room message, carrying the drops owed to its room.
+    fn enqueue_room(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes, policy: Overflow) -> Pushed {
+        let gap = s.take_gap(room);
+        self.enqueue(
+            s,
+            Item::Room {
+                room: room.clone(),
+                frame,
+                gap,
+                policy,
+            },
+        );
+        Pushed::Queued
+    }
+
     /// Queues a room message under `policy`. Never blocks.
     pub fn push_room(&self, room: &Arc<str>, frame: Utf8Bytes, policy: Overflow) -> Pushed {
-        let len = frame.len();
         let outcome = {
-            let mut s = self.state.lock();
+            let mut guard = self.state.lock();
+            let s = &mut *guard;
             if s.close.is_some() {
                 return Pushed::Closed;
             }
-            if policy == Overflow::Latest {
-                // Conflation: at most one pending message per `latest` room.
-                if let Some(pos) = s
-                    .queue
-                    .iter()
-                    .position(|i| matches!(i, Item::Room { room: r, .. } if r == room))
-                {
-                    let old_len = s.queue[pos].len();
-                    if s.bytes - old_len + len <= self.max_bytes {
-                        s.bytes = s.bytes - old_len + len;
-                        // No gap notice: under `latest` superseded values are meant to disappear.
-                        if let Item::Room { frame: f, .. } = &mut s.queue[pos] {
-                            *f = frame;
-                        }
-                        drop(s);
-                        return Pushed::Conflated;
-                    }
-                }
-            }
-            if self.fits(&s, len) {
-                let gap = s.gaps.remove(room).unwrap_or(0);
-                self.enqueue(
-                    &mut s,
-                    Item::Room {
-                        room: room.clone(),
-                        frame,
-                        gap,
-                    },
-                );
-                Pushed::Queued
-            } else {
-                match policy {
-                    Overflow::Disconnect => {
-                        s.close = Some(CloseRequest {
-                            code: crate::protocol::close::SLOW_CONSUMER,
-                            reason: "slow consumer",
-                            flush_queued: false,
-                        });
-                        Pushed::Overflowed
-                    }
-                    Overflow::DropNewest | Overflow::Latest => {
-                        *s.gaps.entry(room.clone()).or_insert(0) += 1;
-                        return Pushed::DroppedNewest;
-                    }
-                    Overflow::DropOldest => {
-                        // Drop room messages from the head until the new one fits; control frames stay.
-                        let mut freed = 0u64;
-                        while !self.fits(&s, len) {
-                            let Some(pos) = s.queue.iter().position(|i| matches!(i, Item::Room { .. })) else {
-                                break;
-                            };
-                            if let Some(Item::Room {
-                                room: old_room,
-                                frame: old,
-                                gap,
-                            }) = s.queue.remove(pos)
-                            {
-                                s.bytes -= old.len();
-                                // Carry the loss (and any loss it carried) to the next queued message of that room,
-                                // or to the next one pushed.
-                                let lost = gap + 1;
-                                let next = s.queue.iter_mut().skip(pos).find_map(|i| match i {
-                                    Item::Room { room: r, gap, .. } if *r == old_room => Some(gap),
-                                    _ => None,
-                                });
-                                match next {
-                                    Some(g) => *g += lost,
-                                    None => *s.gaps.entry(old_room).or_insert(0) += lost,
-                                }
-                                freed += 1;
-                            }
-                        }
-                        if !self.fits(&s, len) {
-                            *s.gaps.entry(room.clone()).or_insert(0) += 1;
-                            return Pushed::DroppedNewest;
-                        }
-                        let gap = s.gaps.remove(room).unwrap_or(0);
-                        self.enqueue(
-                            &mut s,
-                            Item::Room {
-                                room: room.clone(),
-                                frame,
-                                gap,
-                            },
-                        );
-                        if freed > 0 {
-                            Pushed::DroppedOldest(freed)
-                        } else {
-                            Pushed::Queued
-                        }
-                    }
-                }
+            match policy {
+                Overflow::Disconnect => self.push_disconnect(s, room, frame),
+                Overflow::DropNewest => self.push_drop_newest(s, room, frame),
+                Overflow::DropOldest => self.push_drop_oldest(s, room, frame),
+                Overflow::Latest => self.push_latest(s, room, frame),
             }
         };
-        self.wake_writer.notify_one();
-        if outcome == Pushed::Overflowed {
-            // The reader may be waiting in `push_control`: it must see the close, or it waits for space forever
-            // (the writer discards the queue without waking it) and the connection's task never ends.
-            self.space.notify_waiters();
+        match outcome {
+            Pushed::Queued | Pushed::DroppedOldest(_) => self.wake_writer.notify_one(),
+            Pushed::Overflowed => {
+                self.wake_writer.notify_one();
+                // The reader may be waiting in `push_control`: it must see the close, or it waits for space forever
+                // (the writer discards the queue without waking it) and the connection's task never ends.
+                self.space.notify_waiters();
+            }
+            // Nothing new in the queue: a conflated value replaced one the writer was already woken for, and a parked
+            // one is moved in by the writer itself when it takes its next batch.
+            Pushed::Parked | Pushed::Conflated | Pushed::DroppedNewest | Pushed::Closed => {}
         }
         outcome
+    }
+
+    /// `disconnect`: a full queue closes the connection with 4008; queued messages are never touched.
+    fn push_disconnect(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+        if self.fits(s, frame.len()) {
+            return self.enqueue_room(s, room, frame, Overflow::Disconnect);
+        }
+        s.close = Some(CloseRequest {
+            code: crate::protocol::close::SLOW_CONSUMER,
+            reason: "slow consumer",
+            flush_queued: false,
+        });
+        Pushed::Overflowed
+    }
+
+    /// `drop_newest`: a message that does not fit is dropped and owed to its room's next gap notice.
+    fn push_drop_newest(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+        if self.fits(s, frame.len()) {
+            return self.enqueue_room(s, room, frame, Overflow::DropNewest);
+        }
+        s.owe_gap(room, 1);
+        Pushed::DroppedNewest
+    }
+
+    /// `drop_oldest`: evict the oldest queued messages of `drop_oldest` rooms until the new one fits. If evicting all
+    /// of them would not be enough (the queue is full of other rooms' messages or control frames), evict nothing
+    /// and drop the new one instead, so no drop is made in vain.
+    fn push_drop_oldest(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+        let len = frame.len();
+        if self.fits(s, len) {
+            return self.enqueue_room(s, room, frame, Overflow::DropOldest);
+        }
+        let could_fit =
+            s.queue.len() - s.evictable < self.max_messages && s.bytes - s.evictable_bytes + len <= self.max_bytes;
+        if !could_fit {
+            s.owe_gap(room, 1);
+            return Pushed::DroppedNewest;
+        }
+        let mut evicted = 0u64;
+        let mut from = 0;
+        while !self.fits(s, len)
+            && let Some(pos) = Self::evict_oldest(s, from)
+        {
+            from = pos;
+            evicted += 1;
+        }
+        debug_assert!(self.fits(s, len), "drop_oldest counters out of step with the queue");
+        self.enqueue_room(s, room, frame, Overflow::DropOldest);
+        Pushed::DroppedOldest(evicted)
+    }
+
+    /// Removes the first `drop_oldest` message at or after `from` and owes its loss (and the losses it carried) to
+    /// the next message of its room: the next one still queued, else the next one pushed. Returns its position.
+    fn evict_oldest(s: &mut State, from: usize) -> Option<usize> {
+        let pos = from
+            + s.queue.range(from..).position(|i| {
+                matches!(
+                    i,
+                    Item::Room {
+                        policy: Overflow::DropOldest,
+                        ..
+                    }
+                )
+            })?;
+        let Some(Item::Room { room, frame, gap, .. }) = s.queue.remove(pos) else {
+            unreachable!("position() matched a room message");
+        };
+        s.bytes -= frame.len();
+        s.evictable -= 1;
+        s.evictable_bytes -= frame.len();
+        let lost = gap.saturating_add(1);
+        let next = s.queue.range_mut(pos..).find_map(|i| match i {
+            Item::Room { room: r, gap, .. } if same_room(r, &room) => Some(gap),
+            _ => None,
+        });
+        match next {
+            Some(g) => *g = g.saturating_add(lost),
+            None => s.owe_gap(&room, lost),
+        }
+        Some(pos)
+    }
+
+    /// `latest`: at most one pending value per room, the newest. It replaces the room's queued value in place, or
+    /// its parked value; with neither, it is queued if it fits and parked if not. It never touches another room.
+    fn push_latest(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+        let len = frame.len();
+        if len > self.max_bytes {
+            // Larger than the whole queue: it could never be delivered. Lost, and told like any other loss.
+            s.owe_gap(room, 1);
+            return Pushed::DroppedNewest;
+        }
+        let gap = s.take_gap(room);
+        if s.latest_queued > 0
+            && let Some(pos) = s
+                .queue
+                .iter()
+                .position(|i| matches!(i, Item::Room { room: r, policy: Overflow::Latest, .. } if same_room(r, room)))
+        {
+            return self.replace_queued(s, pos, frame, gap);
+        }
+        if let Some(p) = s.parked.iter_mut().find(|p| same_room(&p.room, room)) {
+            p.frame = frame;
+            p.gap = p.gap.saturating_add(gap);
+            return Pushed::Conflated;
+        }
+        let item = Item::Room {
+            room: room.clone(),
+            frame,
+            gap,
+            policy: Overflow::Latest,
+        };
+        if self.fits(s, len) {
+            self.enqueue(s, item);
+            return Pushed::Queued;
+        }
+        let Item::Room { room, frame, gap, .. } = item else {
+            unreachable!("built as a room message above");
+        };
+        s.parked.push_back(Parked { room, frame, gap });
+        Pushed::Parked
+    }
+
+    /// Replaces the `latest` value queued at `pos`. Superseded values get no gap notice, but the drops owed before
+    /// the new value (`gap`) add to those owed before the old one.
+    fn replace_queued(&self, s: &mut State, pos: usize, frame: Utf8Bytes, gap: u64) -> Pushed {
+        let (old_len, len) = (s.queue[pos].len(), frame.len());
+        if s.bytes - old_len + len <= self.max_bytes {
+            s.bytes = s.bytes - old_len + len;
+            if let Item::Room { frame: f, gap: g, .. } = &mut s.queue[pos] {
+                *f = frame;
+                *g = g.saturating_add(gap);
+            }
+            return Pushed::Conflated;
+        }
+        // The newer value is larger than the room left: the older one goes (superseded), the newer one is parked.
+        if let Some(Item::Room { room, gap: old_gap, .. }) = s.queue.remove(pos) {
+            s.bytes -= old_len;
+            s.latest_queued -= 1;
+            s.parked.push_back(Parked {
+                room,
+                frame,
+                gap: old_gap.saturating_add(gap),
+            });
+        }
+        Pushed::Conflated
+    }
+
+    /// Moves parked `latest` values into the queue, longest parked first, while they fit. Called when the writer has
+    /// just emptied the queue, so at least the first one fits.
+    fn unpark(&self, s: &mut State) {
+        while let Some(p) = s.parked.front()
+            && self.fits(s, p.frame.len())
+            && let Some(p) = s.parked.pop_front()
+        {
+            self.enqueue(s, p.into_item());
+        }
     }
 
     /// Queues a reply to the client, waiting for space if the queue is full. Waiting here is the inbound
@@ -282,25 +465,35 @@ impl Outbox {
     }
 
     /// Moves everything queued into `batch` (which should be empty) and returns the close request if one is set.
-    /// Waits until there is something to do.
+    /// Waits until there is something to do. Parked `latest` values then move into the emptied queue, for the next
+    /// batch; a graceful close (`flush_queued`) hands them over at once, after the queue.
     pub async fn next_batch(&self, batch: &mut VecDeque<Item>) -> Option<CloseRequest> {
         loop {
             let woken = self.wake_writer.notified();
             {
-                let mut s = self.state.lock();
+                let mut guard = self.state.lock();
+                let s = &mut *guard;
                 if let Some(close) = s.close.clone() {
                     if close.flush_queued {
                         std::mem::swap(&mut s.queue, batch);
+                        batch.extend(s.parked.drain(..).map(Parked::into_item));
                     } else {
                         s.queue.clear();
+                        s.parked.clear();
                     }
-                    s.bytes = 0;
+                    s.queue_taken();
                     return Some(close);
+                }
+                if s.queue.is_empty() {
+                    // Not reached while the invariants hold (a value is parked only behind a non-empty queue), but a
+                    // parked value must never wait for a push that may not come.
+                    self.unpark(s);
                 }
                 if !s.queue.is_empty() {
                     std::mem::swap(&mut s.queue, batch);
-                    s.bytes = 0;
-                    drop(s);
+                    s.queue_taken();
+                    self.unpark(s);
+                    drop(guard);
                     self.space.notify_waiters();
                     return None;
                 }
@@ -309,7 +502,7 @@ impl Outbox {
         }
     }
 
-    /// Current depth (messages, bytes).
+    /// Current depth of the queue (messages, bytes); parked `latest` values are not in it.
     pub fn depth(&self) -> (usize, usize) {
         let s = self.state.lock();
         (s.queue.len(), s.bytes)
@@ -320,9 +513,33 @@ impl Outbox {
         self.state.lock().high_water
     }
 
-    /// Forgets the pending gap count of a room the connection left.
+    /// Forgets a room the connection left: its pending gap count and its parked value (never delivered after the
+    /// leave). Messages of it already queued are still written, before the leave's ack, as they are: they are
+    /// re-marked `disconnect`, which no push acts on, so that if the client joins the room again, a push for the new
+    /// membership neither replaces (`latest`) nor evicts (`drop_oldest`) them and no loss crosses from one membership
+    /// to the next. Runs once per leave, not per message, so the scan is affordable.
     pub fn forget_room(&self, room: &str) {
-        self.state.lock().gaps.remove(room);
+        let mut guard = self.state.lock();
+        let s = &mut *guard;
+        s.gaps.remove(room);
+        s.parked.retain(|p| &*p.room != room);
+        for item in s.queue.iter_mut() {
+            if let Item::Room {
+                room: r, frame, policy, ..
+            } = item
+                && &**r == room
+            {
+                match policy {
+                    Overflow::DropOldest => {
+                        s.evictable -= 1;
+                        s.evictable_bytes -= frame.len();
+                    }
+                    Overflow::Latest => s.latest_queued -= 1,
+                    Overflow::Disconnect | Overflow::DropNewest => {}
+                }
+                *policy = Overflow::Disconnect;
+            }
+        }
     }
 }
 
@@ -400,6 +617,102 @@ mod tests {
             Pushed::DroppedNewest
         );
         assert_eq!(o.depth(), (1, 6));
+    }
+
+    /// Issue 8 finding 8: `drop_oldest` evicted the head of the queue whatever its room, so a `disconnect` room lost a
+    /// message and got a gap notice.
+    #[tokio::test]
+    async fn drop_oldest_never_evicts_another_policys_message() {
+        let o = Outbox::new(2, 1000);
+        let (chat, feed): (Arc<str>, Arc<str>) = ("chat".into(), "feed".into());
+        assert_eq!(o.push_room(&chat, f("c1"), Overflow::Disconnect), Pushed::Queued);
+        assert_eq!(o.push_room(&feed, f("f1"), Overflow::DropOldest), Pushed::Queued);
+        assert_eq!(
+            o.push_room(&feed, f("f2"), Overflow::DropOldest),
+            Pushed::DroppedOldest(1)
+        );
+        assert_eq!(drain(&o).await, vec![("c1".into(), 0), ("f2".into(), 1)]);
+        // A queue full of another policy's messages: the new one is dropped, nothing queued is touched.
+        o.push_room(&chat, f("c2"), Overflow::Disconnect);
+        o.push_room(&chat, f("c3"), Overflow::Disconnect);
+        assert_eq!(o.push_room(&feed, f("f3"), Overflow::DropOldest), Pushed::DroppedNewest);
+        assert_eq!(drain(&o).await, vec![("c2".into(), 0), ("c3".into(), 0)]);
+        assert!(o.close_request().is_none());
+    }
+
+    /// Issue 8 finding 8: with the queue full of other rooms' messages, `latest` dropped the newest value, so a ticker
+    /// that stopped left the client with a stale one.
+    #[tokio::test]
+    async fn latest_ends_with_its_last_value_when_other_rooms_fill_the_queue() {
+        let o = Outbox::new(2, 1000);
+        let (chat, ticker): (Arc<str>, Arc<str>) = ("chat".into(), "ticker".into());
+        assert_eq!(o.push_room(&ticker, f("t1"), Overflow::Latest), Pushed::Queued);
+        assert_eq!(o.push_room(&chat, f("c1"), Overflow::Disconnect), Pushed::Queued);
+        assert_eq!(o.push_room(&ticker, f("t2"), Overflow::Latest), Pushed::Conflated);
+        let first = drain(&o).await;
+        assert_eq!(first, vec![("t2".into(), 0), ("c1".into(), 0)]);
+        o.push_room(&chat, f("c2"), Overflow::Disconnect);
+        o.push_room(&chat, f("c3"), Overflow::Disconnect);
+        // The queue is full of chat messages: t3 then t4 wait outside it, t4 replacing t3.
+        assert_eq!(o.push_room(&ticker, f("t3"), Overflow::Latest), Pushed::Parked);
+        assert_eq!(o.push_room(&ticker, f("t4"), Overflow::Latest), Pushed::Conflated);
+        assert_eq!(o.depth(), (2, 4));
+        let mut seen = drain(&o).await;
+        seen.extend(drain(&o).await);
+        assert_eq!(
+            seen,
+            vec![("c2".into(), 0), ("c3".into(), 0), ("t4".into(), 0)],
+            "the ticker must end with its last value"
+        );
+    }
+
+    /// Issue 8 finding 8: when evicting every `drop_oldest` message could not make room (the rest of the queue being
+    /// control frames), messages were evicted in vain and the push reported one drop where two happened.
+    #[tokio::test]
+    async fn drop_counts_are_exact_when_control_frames_fill_the_queue() {
+        let o = Outbox::new(10, 10);
+        let feed: Arc<str> = "feed".into();
+        let dropped = |p: Pushed| match p {
+            Pushed::DroppedNewest | Pushed::Conflated => 1,
+            Pushed::DroppedOldest(n) => n,
+            _ => 0,
+        };
+        let mut reported = dropped(o.push_room(&feed, f("ab"), Overflow::DropOldest));
+        assert!(o.try_push_control(f("cccccccc")));
+        reported += dropped(o.push_room(&feed, f("12345"), Overflow::DropOldest));
+        let mut seen = drain(&o).await;
+        reported += dropped(o.push_room(&feed, f("z"), Overflow::DropOldest));
+        seen.extend(drain(&o).await);
+        let told: u64 = seen.iter().map(|(_, gap)| gap).sum();
+        assert_eq!(
+            told, reported,
+            "gap notices {seen:?} disagree with the drops the pushes reported"
+        );
+        assert_eq!(seen, vec![("ab".into(), 0), ("cccccccc".into(), 0), ("z".into(), 1)]);
+    }
+
+    /// A room left and joined again: the new membership's values neither replace nor evict what was queued before the
+    /// leave, and a parked value of the old membership is not delivered.
+    #[tokio::test]
+    async fn leaving_a_room_settles_its_queued_messages() {
+        let o = Outbox::new(2, 1000);
+        let (ticker, chat): (Arc<str>, Arc<str>) = ("ticker".into(), "chat".into());
+        o.push_room(&ticker, f("t1"), Overflow::Latest);
+        o.push_room(&chat, f("c1"), Overflow::Disconnect);
+        o.forget_room("ticker");
+        assert_eq!(o.push_room(&ticker, f("t2"), Overflow::Latest), Pushed::Parked);
+        assert_eq!(drain(&o).await, vec![("t1".into(), 0), ("c1".into(), 0)]);
+        assert_eq!(drain(&o).await, vec![("t2".into(), 0)]);
+        o.push_room(&chat, f("c2"), Overflow::Disconnect);
+        o.push_room(&chat, f("c3"), Overflow::Disconnect);
+        assert_eq!(o.push_room(&ticker, f("t3"), Overflow::Latest), Pushed::Parked);
+        o.forget_room("ticker");
+        assert_eq!(drain(&o).await, vec![("c2".into(), 0), ("c3".into(), 0)]);
+        let mut batch = VecDeque::new();
+        assert!(
+            futures_util::FutureExt::now_or_never(o.next_batch(&mut batch)).is_none(),
+            "parked value of a left room delivered: {batch:?}"
+        );
     }
 
     #[tokio::test]

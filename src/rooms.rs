@@ -244,8 +244,11 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
             if Some(m.id) == skip {
                 continue;
             }
+            // Each dropped message is counted once, by the push that dropped it: the superseded value for
+            // `Conflated`, the evicted ones (all of `drop_oldest` rooms, so under this room's label) for
+            // `DroppedOldest`, the new one for `DroppedNewest`.
             match m.outbox.push_room(&room.name, frame.clone(), room.policy) {
-                Pushed::Queued => delivered += 1,
+                Pushed::Queued | Pushed::Parked => delivered += 1,
                 Pushed::DroppedOldest(n) => {
                     delivered += 1;
                     dropped += n;
