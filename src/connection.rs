@@ -39,6 +39,7 @@ use crate::{
     metrics::Metrics,
     outbox::{CloseRequest, Item, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
+    room_quota::{QuotaError, QuotaKey},
     rooms::{JoinError, Member, Room},
     server::{Admission, Gateway},
 };
@@ -67,7 +68,7 @@ where
 {
     let Accepted {
         id,
-        peer: _,
+        peer,
         identity,
         slots,
     } = accepted;
@@ -91,6 +92,7 @@ where
         inflight: Arc::new(Semaphore::new(gw.config.limits.max_inflight_publishes)),
         gw,
         id,
+        peer,
         conn_id,
         identity,
         outbox,
@@ -148,6 +150,8 @@ async fn run<S>(
 struct Conn {
     gw: Arc<Gateway>,
     id: u64,
+    /// Client address (after trusted-proxy resolution): the room-quota key of anonymous connections.
+    peer: SocketAddr,
     conn_id: Arc<str>,
     identity: Identity,
     outbox: Arc<Outbox>,
@@ -310,12 +314,14 @@ impl Conn {
                 Metrics::bump(&self.gw.metrics.closes, "rate_abuse");
                 return Some(close_req(close::POLICY, "rate limit exceeded repeatedly", false));
             }
-            let id = protocol::parse_request(text).ok().and_then(|r| r.id);
+            let id = protocol::parse_request_with_depth(text, self.gw.config.limits.max_json_depth)
+                .ok()
+                .and_then(|r| r.id);
             self.error(id, ErrorCode::RateLimited, "rate limit exceeded; message not processed")
                 .await;
             return None;
         }
-        let request = match protocol::parse_request(text) {
+        let request = match protocol::parse_request_with_depth(text, self.gw.config.limits.max_json_depth) {
             Ok(r) => r,
             Err(e) => {
                 self.error(e.id, ErrorCode::BadRequest, &e.message).await;
@@ -350,6 +356,9 @@ impl Conn {
         if !self.check_room(id, room).await {
             return;
         }
+        // Rooms whose subscription ended under us (we were told `left`) are not joined any more: forget them, so a
+        // join makes a fresh subscription instead of being acked with nothing behind it.
+        self.rooms.retain(|_, r| r.is_live());
         if self.rooms.contains_key(room) {
             return self.ack(id).await;
         }
@@ -366,6 +375,7 @@ impl Conn {
         let member = Member {
             id: self.id,
             outbox: self.outbox.clone(),
+            key: QuotaKey::for_client(self.identity.user.as_deref(), self.peer),
         };
         match self.gw.rooms.join(room, member).await {
             Ok(entry) => {
@@ -384,6 +394,18 @@ impl Conn {
                     "this gateway holds the maximum number of rooms",
                 )
                 .await
+            }
+            Err(JoinError::Quota(QuotaError::TooManyRooms)) => {
+                self.error(
+                    id,
+                    ErrorCode::TooManyRooms,
+                    "in the maximum number of rooms for this user or address",
+                )
+                .await
+            }
+            Err(JoinError::Quota(QuotaError::CreationRate)) => {
+                self.error(id, ErrorCode::RateLimited, "creating rooms too fast; try again later")
+                    .await
             }
             Err(JoinError::Nats(e)) => {
                 tracing::info!(room, error = %e, "join failed");
@@ -434,28 +456,38 @@ impl Conn {
             user: self.identity.user.as_deref(),
         };
         let payload = Bytes::copy_from_slice(data.as_bytes());
+        let deadline = Instant::now() + self.gw.config.nats.publish_timeout;
         // Handing the message to the NATS client happens here, in order; only the confirmation runs apart.
-        if let Err(e) = self.gw.bridge.publish(subject, origin, echo, payload).await {
-            drop(permit);
-            return self.publish_failed(id, e).await;
-        }
+        let published = match self.gw.bridge.publish(subject, origin, echo, payload, deadline).await {
+            Ok(published) => published,
+            Err(e) => {
+                drop(permit);
+                return self.publish_failed(id, e).await;
+            }
+        };
         self.gw.metrics.publishes.inc();
-        let Some(id) = id.map(str::to_owned) else { return };
+        let id = id.map(str::to_owned);
         let (gw, outbox) = (self.gw.clone(), self.outbox.clone());
+        // Confirmed even without an `id` (then nothing is sent): the message's bytes count against
+        // `nats.max_pending_bytes` until NATS has written it.
         tokio::spawn(async move {
-            let frame = match gw.bridge.confirm().await {
-                Ok(()) => protocol::ack(&id),
-                Err(e) => {
+            let result = published.confirm(deadline).await;
+            let frame = match (result, id) {
+                (_, None) => None,
+                (Ok(()), Some(id)) => Some(protocol::ack(&id)),
+                (Err(e), Some(id)) => {
                     Metrics::bump(&gw.metrics.publish_failures, e.label());
                     Metrics::bump(&gw.metrics.errors, ErrorCode::Unavailable.as_str());
-                    protocol::error(
+                    Some(protocol::error(
                         Some(&id),
                         ErrorCode::Unavailable,
                         "messaging backend did not accept the message",
-                    )
+                    ))
                 }
             };
-            outbox.push_control(Utf8Bytes::from(frame)).await;
+            if let Some(frame) = frame {
+                outbox.push_control(Utf8Bytes::from(frame)).await;
+            }
             drop(permit);
         });
     }
