@@ -100,6 +100,8 @@ pub struct Bridge {
     pending: Arc<Semaphore>,
     /// `nats.max_pending_bytes`: a message costing more is refused as `TooLarge` (it could never get the permits).
     max_pending: usize,
+    /// Queue of the releaser task ([`release_when_written`]), for the bytes of unconfirmed publishes.
+    releaser: tokio::sync::mpsc::UnboundedSender<OwnedSemaphorePermit>,
     /// Subject → (generation, token) of the room subscription on it, so a server-side end of a subscription (a
     /// permissions violation reported by the server) ends the room. One entry per live room ([`RoomSub`] removes
     /// its own entry on drop; the generation keeps a dying instance from removing its successor's).
@@ -162,11 +164,17 @@ impl Drop for RoomSub {
 
 /// A client publish handed to the NATS client; holds its bytes against `nats.max_pending_bytes` until confirmed or
 /// dropped.
+///
+/// "Released" means released by the caller: a message whose confirmation timed out, or that was dropped
+/// unconfirmed, is still in async-nats's buffers, so its bytes pass to the bridge's releaser task, which gives them
+/// back only once the NATS connection has written everything handed to it so far (or the client is closed). The
+/// budget therefore bounds the bytes really waiting for NATS, not just those someone still waits on.
 #[derive(Debug)]
-#[must_use = "dropping it at once releases the byte budget before NATS has written the message"]
 pub struct Published {
-    _permit: OwnedSemaphorePermit,
+    /// `None` once handed on (confirmed, or passed to the releaser).
+    permit: Option<OwnedSemaphorePermit>,
     client: async_nats::Client,
+    releaser: tokio::sync::mpsc::UnboundedSender<OwnedSemaphorePermit>,
 }
 
 impl Published {
@@ -174,17 +182,48 @@ impl Published {
     ///
     /// A flush covers everything handed to the connection before it, so this confirms this message (core NATS has
     /// no per-message acknowledgement: "written to the server's socket" is what accepted means). A stalled or
-    /// vanished server gives `Timeout` or `Disconnected`.
-    pub async fn confirm(self, deadline: Instant) -> Result<(), BridgeError> {
+    /// vanished server gives `Timeout` or `Disconnected`; then the bytes stay counted until NATS writes the message
+    /// (see the type's doc).
+    pub async fn confirm(mut self, deadline: Instant) -> Result<(), BridgeError> {
         tokio::time::timeout_at(deadline, self.client.flush())
             .await
             .map_err(|_| BridgeError::Timeout)?
             .map_err(|e| BridgeError::Other(e.to_string()))?;
+        // Written: the bytes are free now, whatever the connection's state.
+        drop(self.permit.take());
         if self.client.connection_state() == State::Connected {
             Ok(())
         } else {
             Err(BridgeError::Disconnected)
         }
+    }
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            // If the releaser is gone (client closed), the permit is dropped here: nothing will be written anyway.
+            let _ = self.releaser.send(permit);
+        }
+    }
+}
+
+/// Gives back the bytes of unconfirmed publishes once NATS has written them: takes every permit queued, flushes the
+/// client (which completes once everything handed to it before is written, also across a reconnect), then drops
+/// them. Ends when the bridge and every `Published` are gone. A closed client fails the flush at once: nothing
+/// more will be written, so the bytes are given back rather than blocking publishes forever.
+///
+/// The queue is unbounded as a channel, but bounded by the byte budget itself: each permit in it holds at least
+/// `HEADER_OVERHEAD` bytes of `nats.max_pending_bytes`.
+async fn release_when_written(
+    client: async_nats::Client,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<OwnedSemaphorePermit>,
+) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, 1024).await > 0 {
+        // An error means the client is closed: nothing more will be written, so the bytes are free as well.
+        let _ = client.flush().await;
+        batch.clear();
     }
 }
 
@@ -275,7 +314,11 @@ impl Bridge {
             .connect(urls)
             .await
             .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        let (releaser, queue) = tokio::sync::mpsc::unbounded_channel();
+        // Not on the gateway's tracker: it holds nothing a shutdown must wait for, and ends with the client.
+        tokio::spawn(release_when_written(client.clone(), queue));
         Ok(Self {
+            releaser,
             client,
             gateway_id,
             events_prefix: cfg.events_prefix.as_str().into(),
@@ -358,8 +401,9 @@ impl Bridge {
             .map_err(|_| BridgeError::Timeout)?
             .map_err(|e| BridgeError::Other(e.to_string()))?;
         Ok(Published {
-            _permit: permit,
+            permit: Some(permit),
             client: self.client.clone(),
+            releaser: self.releaser.clone(),
         })
     }
 
@@ -494,10 +538,22 @@ mod tests {
         assert_eq!(denied_subscription(&format!("'{plain}'")), Some("rooms.secret"));
         let queue = r#"Permissions Violation for Subscription to "rooms.a" using queue "q""#;
         assert_eq!(denied_subscription(queue), Some("rooms.a"));
-        assert_eq!(denied_subscription(r#"permissions violation for subscription to "x.y""#), Some("x.y"));
-        assert_eq!(denied_subscription(r#"Permissions Violation for Publish to "rooms.a""#), None);
+        assert_eq!(
+            denied_subscription(r#"permissions violation for subscription to "x.y""#),
+            Some("x.y")
+        );
+        // After a config reload revokes a subscription (nats-server `processSubsOnConfigReload`).
+        let reload = r#"Permissions Violation for Subscription to "rooms.secret" (sid "5")"#;
+        assert_eq!(denied_subscription(reload), Some("rooms.secret"));
+        assert_eq!(
+            denied_subscription(r#"Permissions Violation for Publish to "rooms.a""#),
+            None
+        );
         assert_eq!(denied_subscription("maximum subscriptions exceeded"), None);
-        assert_eq!(denied_subscription(r#"Permissions Violation for Subscription to """#), None);
+        assert_eq!(
+            denied_subscription(r#"Permissions Violation for Subscription to """#),
+            None
+        );
         assert_eq!(denied_subscription("Permissions"), None);
     }
 
