@@ -108,7 +108,17 @@ pub struct Bridge {
     subjects: Subjects,
 }
 
-type Subjects = Arc<Mutex<HashMap<String, (u64, tokio_util::sync::CancellationToken)>>>;
+type Subjects = Arc<Mutex<HashMap<String, SubEntry>>>;
+
+/// What the event callback needs to end one room subscription.
+#[derive(Debug)]
+struct SubEntry {
+    generation: u64,
+    /// Known once async-nats has handed out the `Subscriber`; lets a reload's report (which names the sid) end
+    /// exactly the subscription it removed, not a newer one on the same subject.
+    sid: Option<u64>,
+    token: tokio_util::sync::CancellationToken,
+}
 
 /// Bytes a client publish costs besides its payload, subject and header values: the `HPUB` line, `NATS/1.0`, the
 /// four header names and their framing (an upper bound, so the budget errs on the safe side).
@@ -155,7 +165,10 @@ impl Drop for RoomSub {
             self.sids.lock().remove(&sid);
         }
         let mut subjects = self.subjects.lock();
-        if subjects.get(&self.subject).is_some_and(|(g, _)| *g == self.generation) {
+        if subjects
+            .get(&self.subject)
+            .is_some_and(|e| e.generation == self.generation)
+        {
             subjects.remove(&self.subject);
         }
         // Dropping `sub` (after this) unsubscribes on NATS.
@@ -274,10 +287,16 @@ impl Bridge {
                         // The server dropped (or refused) a subscription: end the room so that it is not kept
                         // registered with nothing behind it (async-nats itself keeps the `Subscriber` open).
                         match denied_subscription(&text) {
-                            Some(subject) => {
-                                tracing::warn!(subject, "NATS refused a room subscription (permissions violation)");
-                                if let Some((_, token)) = subjects.lock().get(subject) {
-                                    token.cancel();
+                            Some((subject, sid)) => {
+                                tracing::warn!(
+                                    subject,
+                                    sid,
+                                    "NATS refused a room subscription (permissions violation)"
+                                );
+                                if let Some(e) = subjects.lock().get(subject)
+                                    && (sid.is_none() || e.sid.is_none() || e.sid == sid)
+                                {
+                                    e.token.cancel();
                                 }
                             }
                             None => tracing::warn!(error = %text, "NATS server error"),
@@ -416,9 +435,14 @@ impl Bridge {
         // Registered before the SUB is sent, so a refusal the server sends in answer to it is not missed.
         let denied = tokio_util::sync::CancellationToken::new();
         let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.subjects
-            .lock()
-            .insert(subject.clone(), (generation, denied.clone()));
+        self.subjects.lock().insert(
+            subject.clone(),
+            SubEntry {
+                generation,
+                sid: None,
+                token: denied.clone(),
+            },
+        );
         let mut room_sub = RoomSub {
             sub: None,
             subject,
@@ -436,6 +460,11 @@ impl Bridge {
                 .map_err(|e| BridgeError::Other(e.to_string()))?;
             room_sub.sid = subscriber_sid(&sub);
             room_sub.sub = Some(sub);
+            if let Some(e) = self.subjects.lock().get_mut(&room_sub.subject)
+                && e.generation == generation
+            {
+                e.sid = room_sub.sid;
+            }
             self.round_trip().await
         };
         // On any error `room_sub` is dropped here, which unsubscribes and forgets it.
@@ -499,12 +528,12 @@ impl Bridge {
     }
 }
 
-/// The subject of a server error that reports a refused or removed subscription: nats-server sends
-/// `Permissions Violation for Subscription to "<subject>"` when a SUB is not allowed and, after a config reload
-/// that revokes it, for every existing subscription it removes. The text is nats-server's (`server/client.go`);
-/// `denied_subscription_parses_server_text` pins the parsing, and a test against a real server reloads
-/// permissions to prove it end to end.
-fn denied_subscription(text: &str) -> Option<&str> {
+/// The subject (and sid, when given) of a server error that reports a refused or removed subscription: nats-server
+/// sends `Permissions Violation for Subscription to "<subject>"` when a SUB is not allowed and, after a config
+/// reload that revokes it, `... to "<subject>" (sid "<sid>")` for every existing subscription it removes. The text
+/// is nats-server's (`server/client.go`); `denied_subscription_parses_server_text` pins the parsing, and a test
+/// against a real server reloads permissions to prove it end to end.
+fn denied_subscription(text: &str) -> Option<(&str, Option<u64>)> {
     let rest = text.trim().trim_matches('\'');
     let prefix = "permissions violation for subscription to ";
     let head = rest.get(..prefix.len())?;
@@ -512,8 +541,13 @@ fn denied_subscription(text: &str) -> Option<&str> {
         return None;
     }
     // The subject is quoted; a queue-group form adds ` using queue "<q>"` after it.
-    let subject = rest[prefix.len()..].trim().strip_prefix('"')?.split('"').next()?;
-    (!subject.is_empty()).then_some(subject)
+    let quoted = rest[prefix.len()..].trim().strip_prefix('"')?;
+    let (subject, tail) = quoted.split_once('"')?;
+    let sid = tail
+        .split_once("(sid \"")
+        .and_then(|(_, t)| t.split('"').next())
+        .and_then(|n| n.parse().ok());
+    (!subject.is_empty()).then_some((subject, sid))
 }
 
 /// async-nats keeps the subscription id private; its `Debug` output (`Subscriber { sid: N, .. }`) is the only way to
@@ -534,17 +568,17 @@ mod tests {
     fn denied_subscription_parses_server_text() {
         // As async-nats hands over nats-server's `-ERR '...'` text (quotes around the whole text stripped or not).
         let plain = r#"Permissions Violation for Subscription to "rooms.secret""#;
-        assert_eq!(denied_subscription(plain), Some("rooms.secret"));
-        assert_eq!(denied_subscription(&format!("'{plain}'")), Some("rooms.secret"));
+        assert_eq!(denied_subscription(plain), Some(("rooms.secret", None)));
+        assert_eq!(denied_subscription(&format!("'{plain}'")), Some(("rooms.secret", None)));
         let queue = r#"Permissions Violation for Subscription to "rooms.a" using queue "q""#;
-        assert_eq!(denied_subscription(queue), Some("rooms.a"));
+        assert_eq!(denied_subscription(queue), Some(("rooms.a", None)));
         assert_eq!(
             denied_subscription(r#"permissions violation for subscription to "x.y""#),
-            Some("x.y")
+            Some(("x.y", None))
         );
         // After a config reload revokes a subscription (nats-server `processSubsOnConfigReload`).
         let reload = r#"Permissions Violation for Subscription to "rooms.secret" (sid "5")"#;
-        assert_eq!(denied_subscription(reload), Some("rooms.secret"));
+        assert_eq!(denied_subscription(reload), Some(("rooms.secret", Some(5))));
         assert_eq!(
             denied_subscription(r#"Permissions Violation for Publish to "rooms.a""#),
             None

@@ -768,6 +768,40 @@ mod tests {
     }
 
     #[test]
+    fn nats_hardening_keys_have_defaults_and_are_validated() {
+        let c = Config::parse("[auth]\nallow_anonymous = true\n").unwrap();
+        assert_eq!(c.nats.ping_interval, Duration::from_secs(2));
+        assert_eq!(c.nats.max_pending_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.limits.max_json_depth, 32);
+        assert_eq!(
+            (
+                c.rooms.max_rooms_per_user,
+                c.rooms.room_creations_per_second,
+                c.rooms.room_creations_burst
+            ),
+            (1000, 10, 100)
+        );
+        for (toml, key) in [
+            ("[nats]\nping_interval = \"0s\"\n", "nats.ping_interval"),
+            ("[nats]\nmax_pending_bytes = 1000\n", "nats.max_pending_bytes"),
+            ("[nats]\nmax_pending_bytes = 4294967296\n", "nats.max_pending_bytes"),
+            ("[limits]\nmax_json_depth = 1\n", "limits.max_json_depth"),
+            ("[limits]\nmax_json_depth = 129\n", "limits.max_json_depth"),
+            ("[rooms]\nmax_rooms_per_user = 0\n", "rooms.max_rooms_per_user"),
+            (
+                "[rooms]\nroom_creations_per_second = 0\n",
+                "rooms.room_creations_per_second",
+            ),
+            ("[rooms]\nroom_creations_burst = 0\n", "rooms.room_creations_burst"),
+        ] {
+            let err = Config::parse(&format!("[auth]\nallow_anonymous = true\n{toml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
     fn secret_debug_is_masked() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "MASKED");
     }

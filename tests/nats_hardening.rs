@@ -420,7 +420,7 @@ async fn memory_per_room() {
     const ROOMS: usize = 20_000;
     let nats = NatsServer::start().await;
     let gw = TestGateway::start(&nats, |c| {
-        c.rooms.max_rooms_per_user = ROOMS;
+        c.rooms.max_rooms_per_user = 2 * ROOMS;
         c.rooms.room_creations_per_second = 1_000_000;
         c.rooms.room_creations_burst = 1_000_000;
     })
