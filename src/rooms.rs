@@ -14,8 +14,12 @@
 //! A room whose subscription ends while it has members (the NATS server refused or removed it, e.g. permissions
 //! revoked by a config reload; or the NATS client was closed) is removed at once, and its members are told
 //! `{"op":"left","room":..,"reason":"room subscription ended"}`, so no later join is acked for a room with nothing
-//! behind it. It is not resubscribed: in async-nats 0.51 a subscription only ends that way when resubscribing
-//! would fail the same way; a client that joins again makes a fresh subscription, which is checked like any other.
+//! behind it. It is not resubscribed: in async-nats 0.51 a subscription only ends when the server refused or removed
+//! it (async-nats itself keeps such a `Subscriber` open and only reports the server's error; `bridge::RoomSub` turns
+//! that report into the end of the subscription) or when the client is closed, and in both cases resubscribing would
+//! fail the same way. A client that joins again makes a fresh subscription. One window remains: a refusal of a *new*
+//! subscription arrives as an event handled on async-nats's event task, which may run just after the round trip
+//! that confirms the SUB, so such a join can be acked and then followed at once by `left`.
 
 use std::{collections::HashMap, sync::Arc};
 
