@@ -4,6 +4,15 @@
 //! async-nats is itself actor-style (a cloneable handle sending commands to one connection task), so [`Bridge`] is a
 //! thin, cloneable wrapper that adds the gateway's own timeouts and bookkeeping. It reconnects forever; while it is
 //! away `/readyz` answers 503 and client publishes are answered `unavailable` at once rather than buffered.
+//!
+//! A hung server (paused, or a black-holed link) is noticed by async-nats's own PINGs: one after every
+//! `nats.ping_interval` of silence from the server, and the connection is dropped when a third would be outstanding
+//! (async-nats's `MAX_PENDING_PINGS` is 2), so within about 3 × `ping_interval` of the server's last word.
+//!
+//! Client publishes hold their size against one gateway-wide byte budget (`nats.max_pending_bytes`, a semaphore
+//! counting bytes) from the moment they are handed to async-nats until the connection has written them
+//! ([`Published::confirm`]) or the caller gives up: async-nats buffers up to `nats.client_capacity` *commands* of any
+//! size, so without this a stalled server let memory grow by `client_capacity` × message size.
 
 use std::{
     collections::HashMap,
@@ -14,6 +23,10 @@ use std::{
 use async_nats::{HeaderMap, Subscriber, connection::State};
 use bytes::Bytes;
 use parking_lot::Mutex;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 
 use crate::{config::NatsConfig, metrics::Metrics};
 
@@ -38,9 +51,12 @@ pub enum BridgeError {
     /// NATS did not accept the operation within the configured timeout.
     #[error("NATS did not answer in time")]
     Timeout,
-    /// The payload is over the server's max_payload.
-    #[error("payload over the NATS server's max_payload")]
+    /// The payload is over the server's max_payload, or the message over `nats.max_pending_bytes`.
+    #[error("payload over the NATS server's max_payload or nats.max_pending_bytes")]
     TooLarge,
+    /// The NATS server refused the subscription (permissions violation).
+    #[error("NATS refused the subscription")]
+    Refused,
     /// Any other NATS client error.
     #[error("NATS error: {0}")]
     Other(String),
@@ -54,6 +70,7 @@ impl BridgeError {
             BridgeError::Disconnected => "disconnected",
             BridgeError::Timeout => "timeout",
             BridgeError::TooLarge => "too_large",
+            BridgeError::Refused => "refused",
             BridgeError::Other(_) => "error",
         }
     }
@@ -78,6 +95,149 @@ pub struct Bridge {
     timeout: Duration,
     /// Subscription id → room, to name the room in slow-consumer logs. One entry per live room.
     sids: Arc<Mutex<HashMap<u64, Arc<str>>>>,
+    /// Byte budget of client publishes not yet written to the NATS socket: `nats.max_pending_bytes` permits, one per
+    /// byte; a [`Published`] holds its message's share until confirmed or dropped.
+    pending: Arc<Semaphore>,
+    /// `nats.max_pending_bytes`: a message costing more is refused as `TooLarge` (it could never get the permits).
+    max_pending: usize,
+    /// Queue of the releaser task ([`release_when_written`]), for the bytes of unconfirmed publishes.
+    releaser: tokio::sync::mpsc::UnboundedSender<OwnedSemaphorePermit>,
+    /// Subject → (generation, token) of the room subscription on it, so a server-side end of a subscription (a
+    /// permissions violation reported by the server) ends the room. One entry per live room ([`RoomSub`] removes
+    /// its own entry on drop; the generation keeps a dying instance from removing its successor's).
+    subjects: Subjects,
+}
+
+type Subjects = Arc<Mutex<HashMap<String, SubEntry>>>;
+
+/// What the event callback needs to end one room subscription.
+#[derive(Debug)]
+struct SubEntry {
+    generation: u64,
+    /// Known once async-nats has handed out the `Subscriber`; lets a reload's report (which names the sid) end
+    /// exactly the subscription it removed, not a newer one on the same subject.
+    sid: Option<u64>,
+    token: tokio_util::sync::CancellationToken,
+}
+
+/// Bytes a client publish costs besides its payload, subject and header values: the `HPUB` line, `NATS/1.0`, the
+/// four header names and their framing (an upper bound, so the budget errs on the safe side).
+const HEADER_OVERHEAD: usize = 160;
+
+/// Source of [`RoomSub`] generations (unique per process).
+static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A room's live NATS subscription. [`RoomSub::next`] ends (`None`) when async-nats ends the subscription or when the
+/// server reports that it refused or removed it; dropping it unsubscribes and forgets its bookkeeping.
+#[derive(Debug)]
+pub struct RoomSub {
+    /// `None` only while [`Bridge::subscribe`] is still making it.
+    sub: Option<Subscriber>,
+    subject: String,
+    generation: u64,
+    sid: Option<u64>,
+    /// Cancelled by the event callback when the server refuses or removes this subscription.
+    denied: tokio_util::sync::CancellationToken,
+    sids: Arc<Mutex<HashMap<u64, Arc<str>>>>,
+    subjects: Subjects,
+}
+
+impl RoomSub {
+    /// The next message, or `None` once the subscription is over (whoever ended it).
+    pub async fn next(&mut self) -> Option<async_nats::Message> {
+        let sub = self.sub.as_mut()?;
+        tokio::select! {
+            biased;
+            _ = self.denied.cancelled() => None,
+            msg = futures_util::StreamExt::next(sub) => msg,
+        }
+    }
+
+    /// Whether the server reported that it refused or removed this subscription.
+    pub fn denied(&self) -> bool {
+        self.denied.is_cancelled()
+    }
+}
+
+impl Drop for RoomSub {
+    fn drop(&mut self) {
+        if let Some(sid) = self.sid {
+            self.sids.lock().remove(&sid);
+        }
+        let mut subjects = self.subjects.lock();
+        if subjects
+            .get(&self.subject)
+            .is_some_and(|e| e.generation == self.generation)
+        {
+            subjects.remove(&self.subject);
+        }
+        // Dropping `sub` (after this) unsubscribes on NATS.
+    }
+}
+
+/// A client publish handed to the NATS client; holds its bytes against `nats.max_pending_bytes` until confirmed or
+/// dropped.
+///
+/// "Released" means released by the caller: a message whose confirmation timed out, or that was dropped
+/// unconfirmed, is still in async-nats's buffers, so its bytes pass to the bridge's releaser task, which gives them
+/// back only once the NATS connection has written everything handed to it so far (or the client is closed). The
+/// budget therefore bounds the bytes really waiting for NATS, not just those someone still waits on.
+#[derive(Debug)]
+pub struct Published {
+    /// `None` once handed on (confirmed, or passed to the releaser).
+    permit: Option<OwnedSemaphorePermit>,
+    client: async_nats::Client,
+    releaser: tokio::sync::mpsc::UnboundedSender<OwnedSemaphorePermit>,
+}
+
+impl Published {
+    /// Waits until the NATS connection has written it (flush), at most until `deadline`; releases the bytes.
+    ///
+    /// A flush covers everything handed to the connection before it, so this confirms this message (core NATS has
+    /// no per-message acknowledgement: "written to the server's socket" is what accepted means). A stalled or
+    /// vanished server gives `Timeout` or `Disconnected`; then the bytes stay counted until NATS writes the message
+    /// (see the type's doc).
+    pub async fn confirm(mut self, deadline: Instant) -> Result<(), BridgeError> {
+        tokio::time::timeout_at(deadline, self.client.flush())
+            .await
+            .map_err(|_| BridgeError::Timeout)?
+            .map_err(|e| BridgeError::Other(e.to_string()))?;
+        // Written: the bytes are free now, whatever the connection's state.
+        drop(self.permit.take());
+        if self.client.connection_state() == State::Connected {
+            Ok(())
+        } else {
+            Err(BridgeError::Disconnected)
+        }
+    }
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            // If the releaser is gone (client closed), the permit is dropped here: nothing will be written anyway.
+            let _ = self.releaser.send(permit);
+        }
+    }
+}
+
+/// Gives back the bytes of unconfirmed publishes once NATS has written them: takes every permit queued, flushes the
+/// client (which completes once everything handed to it before is written, also across a reconnect), then drops
+/// them. Ends when the bridge and every `Published` are gone. A closed client fails the flush at once: nothing
+/// more will be written, so the bytes are given back rather than blocking publishes forever.
+///
+/// The queue is unbounded as a channel, but bounded by the byte budget itself: each permit in it holds at least
+/// `HEADER_OVERHEAD` bytes of `nats.max_pending_bytes`.
+async fn release_when_written(
+    client: async_nats::Client,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<OwnedSemaphorePermit>,
+) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, 1024).await > 0 {
+        // An error means the client is closed: nothing more will be written, so the bytes are free as well.
+        let _ = client.flush().await;
+        batch.clear();
+    }
 }
 
 impl Bridge {
@@ -89,6 +249,7 @@ impl Bridge {
             .connection_timeout(cfg.connect_timeout)
             .subscription_capacity(cfg.subscription_capacity)
             .client_capacity(cfg.client_capacity)
+            .ping_interval(cfg.ping_interval)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
@@ -113,12 +274,34 @@ impl Bridge {
                 .map_err(|e| BridgeError::Connect(e.to_string()))?;
             opts = opts.token(token.expose().to_string());
         }
+        let subjects: Subjects = Arc::default();
         let cb_sids = sids.clone();
+        let cb_subjects = subjects.clone();
         opts = opts.event_callback(move |event| {
             let metrics = metrics.clone();
             let sids = cb_sids.clone();
+            let subjects = cb_subjects.clone();
             async move {
                 match event {
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                        // The server dropped (or refused) a subscription: end the room so that it is not kept
+                        // registered with nothing behind it (async-nats itself keeps the `Subscriber` open).
+                        match denied_subscription(&text) {
+                            Some((subject, sid)) => {
+                                tracing::warn!(
+                                    subject,
+                                    sid,
+                                    "NATS refused a room subscription (permissions violation)"
+                                );
+                                if let Some(e) = subjects.lock().get(subject)
+                                    && (sid.is_none() || e.sid.is_none() || e.sid == sid)
+                                {
+                                    e.token.cancel();
+                                }
+                            }
+                            None => tracing::warn!(error = %text, "NATS server error"),
+                        }
+                    }
                     async_nats::Event::SlowConsumer(sid) => {
                         metrics.nats_slow_consumers.inc();
                         let room = sids.lock().get(&sid).cloned();
@@ -150,13 +333,20 @@ impl Bridge {
             .connect(urls)
             .await
             .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        let (releaser, queue) = tokio::sync::mpsc::unbounded_channel();
+        // Not on the gateway's tracker: it holds nothing a shutdown must wait for, and ends with the client.
+        tokio::spawn(release_when_written(client.clone(), queue));
         Ok(Self {
+            releaser,
             client,
             gateway_id,
             events_prefix: cfg.events_prefix.as_str().into(),
             events: cfg.events,
             timeout: cfg.publish_timeout,
             sids,
+            pending: Arc::new(Semaphore::new(cfg.max_pending_bytes)),
+            max_pending: cfg.max_pending_bytes,
+            subjects,
         })
     }
 
@@ -175,15 +365,24 @@ impl Bridge {
         self.client.server_info().max_payload
     }
 
-    /// Publishes a client message with the gateway's headers: hands it to the NATS connection (in order), bounded by
-    /// `nats.publish_timeout`. Refused at once while NATS is away, so nothing piles up for a dead link.
+    /// Bytes of the byte budget in use right now (handed to NATS, not yet confirmed or dropped).
+    pub fn pending_bytes(&self) -> usize {
+        self.max_pending.saturating_sub(self.pending.available_permits())
+    }
+
+    /// Waits for byte budget (until `deadline`), then hands the message to async-nats (until `deadline`).
+    ///
+    /// Refused at once while NATS is away (`Disconnected`), so nothing piles up for a dead link, and when it can never
+    /// fit (`TooLarge`: over the server's `max_payload` or over `nats.max_pending_bytes`). Messages of one caller are
+    /// handed over in call order.
     pub async fn publish(
         &self,
         subject: String,
         origin: Origin<'_>,
         echo: bool,
         payload: Bytes,
-    ) -> Result<(), BridgeError> {
+        deadline: Instant,
+    ) -> Result<Published, BridgeError> {
         if !self.is_connected() {
             return Err(BridgeError::Disconnected);
         }
@@ -191,6 +390,22 @@ impl Bridge {
         if max > 0 && payload.len() > max {
             return Err(BridgeError::TooLarge);
         }
+        // What the message costs while it waits: payload, subject and headers (their names and framing included).
+        let cost = payload
+            .len()
+            .saturating_add(subject.len())
+            .saturating_add(self.gateway_id.len())
+            .saturating_add(origin.conn.len())
+            .saturating_add(origin.user.map_or(0, str::len))
+            .saturating_add(HEADER_OVERHEAD);
+        if cost > self.max_pending {
+            return Err(BridgeError::TooLarge);
+        }
+        // `max_pending` ≤ u32::MAX (validated), so the cast cannot truncate.
+        let permit = tokio::time::timeout_at(deadline, self.pending.clone().acquire_many_owned(cost as u32))
+            .await
+            .map_err(|_| BridgeError::Timeout)?
+            .map_err(|_| BridgeError::Disconnected)?;
         let mut headers = HeaderMap::new();
         headers.insert(HDR_GATEWAY, &*self.gateway_id);
         headers.insert(HDR_CONN, origin.conn);
@@ -200,51 +415,69 @@ impl Bridge {
         if echo {
             headers.insert(HDR_ECHO, "1");
         }
-        tokio::time::timeout(
-            self.timeout,
-            self.client.publish_with_headers(subject, headers, payload),
-        )
-        .await
-        .map_err(|_| BridgeError::Timeout)?
-        .map_err(|e| BridgeError::Other(e.to_string()))
-    }
-
-    /// Waits until everything handed to the NATS connection so far was written to its socket: what "accepted" means
-    /// for core NATS. Bounded by `nats.publish_timeout`; a stalled or vanished server gives `Timeout`.
-    pub async fn confirm(&self) -> Result<(), BridgeError> {
-        tokio::time::timeout(self.timeout, self.client.flush())
+        tokio::time::timeout_at(deadline, self.client.publish_with_headers(subject, headers, payload))
             .await
             .map_err(|_| BridgeError::Timeout)?
             .map_err(|e| BridgeError::Other(e.to_string()))?;
-        if self.is_connected() {
-            Ok(())
-        } else {
-            Err(BridgeError::Disconnected)
-        }
+        Ok(Published {
+            permit: Some(permit),
+            client: self.client.clone(),
+            releaser: self.releaser.clone(),
+        })
     }
 
     /// Subscribes to a room's subject and waits until the server has the subscription (a round trip, see
     /// [`Bridge::round_trip`]), so a message published by anyone right after the client's join ack is delivered.
-    pub async fn subscribe(&self, subject: String, room: &Arc<str>) -> Result<Subscriber, BridgeError> {
+    pub async fn subscribe(&self, subject: String, room: &Arc<str>) -> Result<RoomSub, BridgeError> {
         if !self.is_connected() {
             return Err(BridgeError::Disconnected);
         }
+        // Registered before the SUB is sent, so a refusal the server sends in answer to it is not missed.
+        let denied = tokio_util::sync::CancellationToken::new();
+        let generation = NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.subjects.lock().insert(
+            subject.clone(),
+            SubEntry {
+                generation,
+                sid: None,
+                token: denied.clone(),
+            },
+        );
+        let mut room_sub = RoomSub {
+            sub: None,
+            subject,
+            generation,
+            sid: None,
+            denied,
+            sids: self.sids.clone(),
+            subjects: self.subjects.clone(),
+        };
         let op = async {
             let sub = self
                 .client
-                .subscribe(subject)
+                .subscribe(room_sub.subject.clone())
                 .await
                 .map_err(|e| BridgeError::Other(e.to_string()))?;
-            self.round_trip().await?;
-            Ok::<_, BridgeError>(sub)
+            room_sub.sid = subscriber_sid(&sub);
+            room_sub.sub = Some(sub);
+            if let Some(e) = self.subjects.lock().get_mut(&room_sub.subject)
+                && e.generation == generation
+            {
+                e.sid = room_sub.sid;
+            }
+            self.round_trip().await
         };
-        let sub = tokio::time::timeout(self.timeout, op)
+        // On any error `room_sub` is dropped here, which unsubscribes and forgets it.
+        tokio::time::timeout(self.timeout, op)
             .await
             .map_err(|_| BridgeError::Timeout)??;
-        if let Some(sid) = subscriber_sid(&sub) {
+        if room_sub.denied.is_cancelled() {
+            return Err(BridgeError::Refused);
+        }
+        if let Some(sid) = room_sub.sid {
             self.sids.lock().insert(sid, room.clone());
         }
-        Ok(sub)
+        Ok(room_sub)
     }
 
     /// Returns once the server has processed every command sent before it on this connection. `flush` only writes
@@ -259,13 +492,6 @@ impl Bridge {
         match futures_util::StreamExt::next(&mut probe).await {
             Some(_) => Ok(()),
             None => Err(BridgeError::Disconnected),
-        }
-    }
-
-    /// Forgets a room's subscription id (the `Subscriber` itself unsubscribes on drop).
-    pub fn forget(&self, sub: &Subscriber) {
-        if let Some(sid) = subscriber_sid(sub) {
-            self.sids.lock().remove(&sid);
         }
     }
 
@@ -302,10 +528,83 @@ impl Bridge {
     }
 }
 
+/// The subject (and sid, when given) of a server error that reports a refused or removed subscription: nats-server
+/// sends `Permissions Violation for Subscription to "<subject>"` when a SUB is not allowed and, after a config
+/// reload that revokes it, `... to "<subject>" (sid "<sid>")` for every existing subscription it removes. The text
+/// is nats-server's (`server/client.go`); `denied_subscription_parses_server_text` pins the parsing, and a test
+/// against a real server reloads permissions to prove it end to end.
+fn denied_subscription(text: &str) -> Option<(&str, Option<u64>)> {
+    let rest = text.trim().trim_matches('\'');
+    let prefix = "permissions violation for subscription to ";
+    let head = rest.get(..prefix.len())?;
+    if !head.eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    // The subject is quoted; a queue-group form adds ` using queue "<q>"` after it.
+    let quoted = rest[prefix.len()..].trim().strip_prefix('"')?;
+    let (subject, tail) = quoted.split_once('"')?;
+    let sid = tail
+        .split_once("(sid \"")
+        .and_then(|(_, t)| t.split('"').next())
+        .and_then(|n| n.parse().ok());
+    (!subject.is_empty()).then_some((subject, sid))
+}
+
 /// async-nats keeps the subscription id private; its `Debug` output (`Subscriber { sid: N, .. }`) is the only way to
-/// learn it, and it is needed only to name the room in slow-consumer logs. Returns None if the format changes.
+/// learn it, and it is needed only to name the room in slow-consumer logs. Returns None if the format changes;
+/// `subscriber_sid_reads_debug_format` pins the format of the async-nats version in use, so an upgrade that changes
+/// it fails the tests instead of silently dropping room names from the logs.
 fn subscriber_sid(sub: &Subscriber) -> Option<u64> {
     let dbg = format!("{sub:?}");
     let rest = dbg.split("sid: ").nth(1)?;
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_subscription_parses_server_text() {
+        // As async-nats hands over nats-server's `-ERR '...'` text (quotes around the whole text stripped or not).
+        let plain = r#"Permissions Violation for Subscription to "rooms.secret""#;
+        assert_eq!(denied_subscription(plain), Some(("rooms.secret", None)));
+        assert_eq!(denied_subscription(&format!("'{plain}'")), Some(("rooms.secret", None)));
+        let queue = r#"Permissions Violation for Subscription to "rooms.a" using queue "q""#;
+        assert_eq!(denied_subscription(queue), Some(("rooms.a", None)));
+        assert_eq!(
+            denied_subscription(r#"permissions violation for subscription to "x.y""#),
+            Some(("x.y", None))
+        );
+        // After a config reload revokes a subscription (nats-server `processSubsOnConfigReload`).
+        let reload = r#"Permissions Violation for Subscription to "rooms.secret" (sid "5")"#;
+        assert_eq!(denied_subscription(reload), Some(("rooms.secret", Some(5))));
+        assert_eq!(
+            denied_subscription(r#"Permissions Violation for Publish to "rooms.a""#),
+            None
+        );
+        assert_eq!(denied_subscription("maximum subscriptions exceeded"), None);
+        assert_eq!(
+            denied_subscription(r#"Permissions Violation for Subscription to """#),
+            None
+        );
+        assert_eq!(denied_subscription("Permissions"), None);
+    }
+
+    /// Pins the `Debug` format `subscriber_sid` reads: if an async-nats upgrade changes it, this fails. No server is
+    /// needed: with `retry_on_initial_connect` the client hands out subscribers before it is connected.
+    #[tokio::test]
+    async fn subscriber_sid_reads_debug_format() {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .expect("client without a server");
+        let a = client.subscribe("a").await.expect("subscribe a");
+        let b = client.subscribe("b").await.expect("subscribe b");
+        let (sa, sb) = (subscriber_sid(&a), subscriber_sid(&b));
+        assert!(sa.is_some() && sb.is_some(), "Debug format changed: {a:?}");
+        assert_ne!(sa, sb, "each subscription has its own id");
+        assert!(format!("{a:?}").contains(&format!("sid: {}", sa.unwrap_or(0))));
+    }
 }

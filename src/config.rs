@@ -265,6 +265,15 @@ pub struct NatsConfig {
     pub subscription_capacity: usize,
     /// Commands (publishes, subscribes) buffered toward the NATS connection. Default 8192.
     pub client_capacity: usize,
+    /// The NATS client sends a PING after this much silence from the server; after 3 unanswered intervals it drops
+    /// the connection (gateway not ready, publishes `unavailable`, reconnect). A paused server is noticed within about
+    /// 3 × this. Default `2s`.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Bytes of client publishes (payload + subject + headers) handed to the NATS client and not yet written to its
+    /// socket, over all connections. A publish waits for room here until `publish_timeout` (then `unavailable`); a
+    /// single message larger than this is refused `too_large`. Default 8388608 (8 MiB).
+    pub max_pending_bytes: usize,
     /// Subject prefix of lifecycle events (`<prefix>.connect`, `.disconnect`, `.join`, `.leave`).
     /// Default `roomwire.events`.
     pub events_prefix: String,
@@ -285,6 +294,8 @@ impl Default for NatsConfig {
             publish_timeout: Duration::from_secs(5),
             subscription_capacity: 65_536,
             client_capacity: 8192,
+            ping_interval: Duration::from_secs(2),
+            max_pending_bytes: 8 * 1024 * 1024,
             events_prefix: "roomwire.events".into(),
             events: true,
         }
@@ -329,6 +340,14 @@ pub struct RoomsConfig {
     pub max_rooms_per_connection: usize,
     /// Distinct rooms (NATS subscriptions) this gateway holds at once; over it: `unavailable`. Default 100000.
     pub max_rooms: usize,
+    /// Distinct rooms one user (one address, IPv6 /64, for anonymous clients) is in at once, over all its
+    /// connections; over it: `too_many_rooms`. Default 1000.
+    pub max_rooms_per_user: usize,
+    /// Sustained rate at which one user (or address) may create rooms on this gateway (a join that makes a new NATS
+    /// subscription; joining a room that exists already is free); over it: `rate_limited`. Default 10.
+    pub room_creations_per_second: u32,
+    /// Burst of room creations above the sustained rate. Default 100.
+    pub room_creations_burst: u32,
 }
 
 impl Default for RoomsConfig {
@@ -339,6 +358,9 @@ impl Default for RoomsConfig {
             policy: Vec::new(),
             max_rooms_per_connection: 100,
             max_rooms: 100_000,
+            max_rooms_per_user: 1000,
+            room_creations_per_second: 10,
+            room_creations_burst: 100,
         }
     }
 }
@@ -390,6 +412,10 @@ pub struct LimitsConfig {
     pub bytes_burst: u32,
     /// After this many `rate_limited` answers in a row the connection is closed with 1008. Default 50.
     pub max_rate_violations: u32,
+    /// Deepest nesting of arrays/objects in a client frame (the frame's own object is level 1, so a publish's `data`
+    /// may nest `max_json_depth - 1` levels); deeper: `bad_request`, nothing reaches NATS. Between 2 and 128.
+    /// Default 32.
+    pub max_json_depth: usize,
     /// Concurrent connections per client IP. Over it: 429. Default 256.
     pub max_connections_per_ip: usize,
     /// New connections per second per client IP. Default 20.
@@ -427,6 +453,7 @@ impl Default for LimitsConfig {
             bytes_per_second: 1024 * 1024,
             bytes_burst: 2 * 1024 * 1024,
             max_rate_violations: 50,
+            max_json_depth: 32,
             max_connections_per_ip: 256,
             connections_per_second_per_ip: 20,
             connections_burst_per_ip: 100,
@@ -605,6 +632,16 @@ impl Config {
         if self.nats.publish_timeout.is_zero() {
             return Err(invalid("nats.publish_timeout", "must be positive"));
         }
+        if self.nats.ping_interval.is_zero() {
+            return Err(invalid("nats.ping_interval", "must be positive"));
+        }
+        if self.nats.max_pending_bytes < self.limits.max_message_size || self.nats.max_pending_bytes > u32::MAX as usize
+        {
+            return Err(invalid(
+                "nats.max_pending_bytes",
+                "must be between limits.max_message_size and 4294967295",
+            ));
+        }
         if self.nats.password.is_some() && self.nats.user.is_none() {
             return Err(invalid("nats.password", "needs `nats.user`"));
         }
@@ -630,6 +667,15 @@ impl Config {
         }
         if self.rooms.max_rooms == 0 {
             return Err(invalid("rooms.max_rooms", "must be at least 1"));
+        }
+        if self.rooms.max_rooms_per_user == 0 {
+            return Err(invalid("rooms.max_rooms_per_user", "must be at least 1"));
+        }
+        if self.rooms.room_creations_per_second == 0 {
+            return Err(invalid("rooms.room_creations_per_second", "must be at least 1"));
+        }
+        if self.rooms.room_creations_burst == 0 {
+            return Err(invalid("rooms.room_creations_burst", "must be at least 1"));
         }
         let l = &self.limits;
         if l.max_message_size < 256 {
@@ -691,6 +737,9 @@ impl Config {
                 "limits.bytes_burst",
                 "must be at least limits.max_message_size",
             ));
+        }
+        if !(2..=128).contains(&l.max_json_depth) {
+            return Err(invalid("limits.max_json_depth", "must be between 2 and 128"));
         }
         if l.max_connections_per_ip == 0 {
             return Err(invalid("limits.max_connections_per_ip", "must be at least 1"));
@@ -882,6 +931,40 @@ mod tests {
         ] {
             let err = Config::parse(bad).unwrap_err().to_string();
             assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn nats_hardening_keys_have_defaults_and_are_validated() {
+        let c = Config::parse("[auth]\nallow_anonymous = true\n").unwrap();
+        assert_eq!(c.nats.ping_interval, Duration::from_secs(2));
+        assert_eq!(c.nats.max_pending_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.limits.max_json_depth, 32);
+        assert_eq!(
+            (
+                c.rooms.max_rooms_per_user,
+                c.rooms.room_creations_per_second,
+                c.rooms.room_creations_burst
+            ),
+            (1000, 10, 100)
+        );
+        for (toml, key) in [
+            ("[nats]\nping_interval = \"0s\"\n", "nats.ping_interval"),
+            ("[nats]\nmax_pending_bytes = 1000\n", "nats.max_pending_bytes"),
+            ("[nats]\nmax_pending_bytes = 4294967296\n", "nats.max_pending_bytes"),
+            ("[limits]\nmax_json_depth = 1\n", "limits.max_json_depth"),
+            ("[limits]\nmax_json_depth = 129\n", "limits.max_json_depth"),
+            ("[rooms]\nmax_rooms_per_user = 0\n", "rooms.max_rooms_per_user"),
+            (
+                "[rooms]\nroom_creations_per_second = 0\n",
+                "rooms.room_creations_per_second",
+            ),
+            ("[rooms]\nroom_creations_burst = 0\n", "rooms.room_creations_burst"),
+        ] {
+            let err = Config::parse(&format!("[auth]\nallow_anonymous = true\n{toml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{toml}: {err}");
         }
     }
 

@@ -49,6 +49,7 @@ use crate::{
     metrics::Metrics,
     outbox::{CloseRequest, Item, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
+    room_quota::{QuotaError, QuotaKey},
     rooms::{JoinError, Member, Room},
     server::{Admission, Gateway},
 };
@@ -147,6 +148,8 @@ where
 struct Conn {
     gw: Arc<Gateway>,
     id: u64,
+    /// Client address (after trusted-proxy resolution): the room-quota key of anonymous connections.
+    peer: SocketAddr,
     conn_id: Arc<str>,
     identity: Identity,
     outbox: Arc<Outbox>,
@@ -188,7 +191,7 @@ impl Conn {
     fn new(gw: Arc<Gateway>, accepted: Accepted) -> Self {
         let Accepted {
             id,
-            peer: _,
+            peer,
             identity,
             slots,
             meter,
@@ -205,6 +208,7 @@ impl Conn {
             cancel: gw.shutdown.child_token(),
             gw,
             id,
+            peer,
             conn_id,
             identity,
             outbox,
@@ -375,7 +379,9 @@ impl Conn {
             Message::Text(text) => {
                 self.gw.metrics.frames_in.inc();
                 if refused {
-                    let id = protocol::parse_request(&text).ok().and_then(|r| r.id);
+                    let id = protocol::parse_request_with_depth(&text, self.gw.config.limits.max_json_depth)
+                        .ok()
+                        .and_then(|r| r.id);
                     self.rate_limited(id).await;
                 } else {
                     return self.on_text(&text, arrived).await;
@@ -408,7 +414,7 @@ impl Conn {
 
     /// Handles one text frame within the rate limits.
     async fn on_text(&mut self, text: &str, arrived: Instant) -> Handled {
-        let request = match protocol::parse_request(text) {
+        let request = match protocol::parse_request_with_depth(text, self.gw.config.limits.max_json_depth) {
             Ok(r) => r,
             Err(e) => {
                 self.error(e.id, ErrorCode::BadRequest, &e.message).await;
@@ -468,6 +474,9 @@ impl Conn {
         if !self.check_room(id, room).await {
             return;
         }
+        // Rooms whose subscription ended under us (we were told `left`) are not joined any more: forget them, so a
+        // join makes a fresh subscription instead of being acked with nothing behind it.
+        self.rooms.retain(|_, r| r.is_live());
         if self.rooms.contains_key(room) {
             return self.ack(id).await;
         }
@@ -484,6 +493,7 @@ impl Conn {
         let member = Member {
             id: self.id,
             outbox: self.outbox.clone(),
+            key: QuotaKey::for_client(self.identity.user.as_deref(), self.peer),
         };
         match self.gw.rooms.join(room, member).await {
             Ok(entry) => {
@@ -498,6 +508,18 @@ impl Conn {
                     "this gateway holds the maximum number of rooms",
                 )
                 .await
+            }
+            Err(JoinError::Quota(QuotaError::TooManyRooms)) => {
+                self.error(
+                    id,
+                    ErrorCode::TooManyRooms,
+                    "in the maximum number of rooms for this user or address",
+                )
+                .await
+            }
+            Err(JoinError::Quota(QuotaError::CreationRate)) => {
+                self.error(id, ErrorCode::RateLimited, "creating rooms too fast; try again later")
+                    .await
             }
             Err(JoinError::Nats(e)) => {
                 tracing::info!(room, error = %e, "join failed");
@@ -530,7 +552,8 @@ impl Conn {
         if !self.check_room(id, room).await {
             return None;
         }
-        if !self.rooms.contains_key(room) {
+        // A room whose subscription the server ended is no longer joined (its members were told with `left`).
+        if !self.rooms.get(room).is_some_and(|r| r.is_live()) {
             self.error(id, ErrorCode::NotJoined, "join the room before publishing to it")
                 .await;
             return None;
@@ -543,21 +566,26 @@ impl Conn {
         let deadline = arrived + self.gw.config.nats.publish_timeout;
         let subject = protocol::room_subject(&self.gw.config.rooms.subject_prefix, room);
         let payload = Bytes::copy_from_slice(data.as_bytes());
-        let handed = tokio::time::timeout_at(deadline, self.gw.bridge.publish(subject, self.origin(), echo, payload))
+        // Handing the message to the NATS client happens here, in order; only the confirmation runs apart.
+        let published = match self
+            .gw
+            .bridge
+            .publish(subject, self.origin(), echo, payload, deadline)
             .await
-            .unwrap_or(Err(BridgeError::Timeout));
-        if let Err(e) = handed {
-            self.publish_failed(id, e).await;
-            return None;
-        }
+        {
+            Ok(published) => published,
+            Err(e) => {
+                self.publish_failed(id, e).await;
+                return None;
+            }
+        };
         self.gw.metrics.publishes.inc();
         let id = id.map(str::to_owned);
         let gw = self.gw.clone();
+        // Confirmed even without an `id` (then nothing is sent): the message's bytes count against
+        // `nats.max_pending_bytes` until NATS has written it.
         Some(Box::pin(async move {
-            let confirmed = tokio::time::timeout_at(deadline, gw.bridge.confirm())
-                .await
-                .unwrap_or(Err(BridgeError::Timeout));
-            match confirmed {
+            match published.confirm(deadline).await {
                 Ok(()) => id.map(|id| protocol::ack(&id)),
                 Err(e) => {
                     Metrics::bump(&gw.metrics.publish_failures, e.label());
@@ -853,6 +881,7 @@ mod tests {
         let member = Member {
             id: conn.id,
             outbox: conn.outbox.clone(),
+            key: QuotaKey::for_client(None, conn.peer),
         };
         let room = gw.rooms.join("lobby", member).await.expect("join");
         conn.rooms.insert(room.name().clone(), room);

@@ -34,12 +34,12 @@ fn nz(v: u32) -> NonZeroU32 {
     NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN)
 }
 
-fn quota(per_second: u32, burst: u32) -> Quota {
+pub(crate) fn quota(per_second: u32, burst: u32) -> Quota {
     Quota::per_second(nz(per_second)).allow_burst(nz(burst))
 }
 
 /// Key used for per-IP accounting: IPv4 as is, IPv6 truncated to its /64.
-fn ip_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let s = v6.segments();
@@ -50,7 +50,7 @@ fn ip_key(ip: IpAddr) -> IpAddr {
 }
 
 /// A keyed limiter whose key count stays within `max` (see [`BoundedKeyed::prune`]).
-struct BoundedKeyed<K: std::hash::Hash + Eq + Clone> {
+pub(crate) struct BoundedKeyed<K: std::hash::Hash + Eq + Clone> {
     /// Swapped for a fresh limiter as the last-resort eviction; checks take the read lock.
     limiter: RwLock<DefaultKeyedRateLimiter<K>>,
     quota: Quota,
@@ -58,7 +58,7 @@ struct BoundedKeyed<K: std::hash::Hash + Eq + Clone> {
 }
 
 impl<K: std::hash::Hash + Eq + Clone> BoundedKeyed<K> {
-    fn new(quota: Quota, max: usize) -> Self {
+    pub(crate) fn new(quota: Quota, max: usize) -> Self {
         Self {
             limiter: RwLock::new(RateLimiter::keyed(quota)),
             quota,
@@ -67,14 +67,14 @@ impl<K: std::hash::Hash + Eq + Clone> BoundedKeyed<K> {
     }
 
     /// Charges `n` cells to `key`. A request larger than the burst is refused like a rate excess.
-    fn check(&self, key: &K, n: u32) -> bool {
+    pub(crate) fn check(&self, key: &K, n: u32) -> bool {
         let Some(n) = NonZeroU32::new(n) else {
             return true;
         };
         matches!(self.limiter.read().check_key_n(key, n), Ok(Ok(())))
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.limiter.read().len()
     }
 
@@ -82,7 +82,7 @@ impl<K: std::hash::Hash + Eq + Clone> BoundedKeyed<K> {
     /// is back to "fresh" (`retain_recent`), and if that is not enough, replaces the whole store. This last resort
     /// forgets every key's history, so an attacker spraying keys can reset other clients' budgets; it only happens
     /// under such a spray, and the per-IP concurrency cap and the global connection cap still hold.
-    fn prune(&self, headroom: usize) {
+    pub(crate) fn prune(&self, headroom: usize) {
         let limit = self.max.saturating_sub(headroom);
         if self.len() <= limit {
             return;

@@ -156,8 +156,22 @@ fn bad<'a>(id: Option<&'a str>, message: impl Into<Cow<'static, str>>) -> ParseE
     }
 }
 
-/// Parses one text frame into a request.
+/// Nesting limit used by [`parse_request`]: the default of `limits.max_json_depth`.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 32;
+
+/// Parses one text frame into a request, refusing JSON nested deeper than [`DEFAULT_MAX_JSON_DEPTH`].
 pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
+    parse_request_with_depth(text, DEFAULT_MAX_JSON_DEPTH)
+}
+
+/// Parses one text frame into a request, refusing JSON whose arrays/objects nest deeper than `max_depth`
+/// (`limits.max_json_depth`; the frame's own object is level 1) before anything else reads it. serde_json forwards a
+/// `RawValue` of any depth, and a backend's parser may refuse or crash on it (Python's `json.loads` raises on 32,000
+/// levels), so the gateway refuses it with `bad_request` and nothing reaches NATS.
+pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<'_>, ParseError<'_>> {
+    if json_depth_exceeds(text.as_bytes(), max_depth) {
+        return Err(bad(None, format!("JSON nested deeper than {max_depth} levels")));
+    }
     let raw: RawOp<'_> = serde_json::from_str(text).map_err(|e| bad(None, format!("invalid request: {e}")))?;
     let id = match raw.id {
         None => None,
@@ -200,6 +214,39 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
         }
     };
     Ok(Request { id, op })
+}
+
+/// Whether `json` nests arrays/objects deeper than `max`: one pass, no recursion, brackets inside strings (escapes
+/// included) not counted. Meant to run before a parser; on text that is not JSON the answer is only a bound, and the
+/// parser then refuses the text anyway.
+pub fn json_depth_exceeds(json: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_str = false;
+    let mut esc = false;
+    for &b in json {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Removes insignificant whitespace from valid JSON text. Borrows when there is none (the common case).
@@ -459,6 +506,47 @@ fn into_string(b: Vec<u8>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_depth_counts_only_structure() {
+        assert!(!json_depth_exceeds(b"{}", 1));
+        assert!(json_depth_exceeds(b"{\"a\":[]}", 1));
+        assert!(!json_depth_exceeds(b"{\"a\":[]}", 2));
+        // Brackets inside strings, escaped quotes and escaped backslashes do not count.
+        assert!(!json_depth_exceeds(br#"{"a":"[[[[{{{{"}"#, 1));
+        assert!(!json_depth_exceeds(br#"{"a":"\"[[[[","b":"\\"}"#, 1));
+        assert!(json_depth_exceeds(br#"{"a":"\\",  "b":[[1]]}"#, 2));
+        // Siblings do not add up: depth is nesting, not count.
+        let wide = format!("{{\"a\":[{}]}}", vec!["[]"; 1000].join(","));
+        assert!(!json_depth_exceeds(wide.as_bytes(), 3));
+        assert!(json_depth_exceeds(wide.as_bytes(), 2));
+    }
+
+    #[test]
+    fn deep_data_is_refused_before_parsing() {
+        let nest = |n: usize| {
+            format!(
+                r#"{{"op":"publish","room":"a","id":1,"data":{}1{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        // The frame's object is level 1, so `data` may nest max - 1 levels.
+        assert!(parse_request_with_depth(&nest(31), 32).is_ok());
+        let text = nest(32);
+        let e = parse_request_with_depth(&text, 32).unwrap_err();
+        assert!(e.message.contains("deeper than 32"), "{}", e.message);
+        assert!(e.message.len() < 64, "the error does not echo the input");
+        let text = nest(32_000);
+        let e = parse_request(&text).unwrap_err();
+        assert!(e.message.contains("deeper than"), "{}", e.message);
+        // Strings full of brackets are data, not depth.
+        let s = format!(r#"{{"op":"publish","room":"a","data":"{}"}}"#, "[".repeat(10_000));
+        assert!(parse_request_with_depth(&s, 2).is_ok());
+        // Deep `id` or unknown fields count too: the whole frame is bounded, not only `data`.
+        let deep_extra = format!(r#"{{"op":"ping","x":{}{}}}"#, "{\"a\":".repeat(40), "}".repeat(40));
+        assert!(parse_request_with_depth(&deep_extra, 32).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -6,11 +6,23 @@
 //! cannot keep up is handled by the room's overflow policy inside its own outbox; the others are not delayed.
 //!
 //! Bounds: at most `rooms.max_rooms` rooms (the map), and each room's member list holds one entry per joined
-//! connection (each connection is in at most `rooms.max_rooms_per_connection` rooms).
+//! connection (each connection is in at most `rooms.max_rooms_per_connection` rooms). Per user (per address for
+//! anonymous clients) at most `rooms.max_rooms_per_user` distinct rooms, and room creations (new NATS subscriptions)
+//! at `rooms.room_creations_per_second`: see [`RoomQuota`], charged here on every join and released on every way a
+//! member leaves.
+//!
+//! A room whose subscription ends while it has members (the NATS server refused or removed it, e.g. permissions
+//! revoked by a config reload; or the NATS client was closed) is removed at once, and its members are told
+//! `{"op":"left","room":..,"reason":"room subscription ended"}`, so no later join is acked for a room with nothing
+//! behind it. It is not resubscribed: in async-nats 0.51 a subscription only ends when the server refused or removed
+//! it (async-nats itself keeps such a `Subscriber` open and only reports the server's error; `bridge::RoomSub` turns
+//! that report into the end of the subscription) or when the client is closed, and in both cases resubscribing would
+//! fail the same way. A client that joins again makes a fresh subscription. One window remains: a refusal of a *new*
+//! subscription arrives as an event handled on async-nats's event task, which may run just after the round trip
+//! that confirms the SUB, so such a join can be acked and then followed at once by `left`.
 
 use std::{collections::HashMap, sync::Arc};
 
-use futures_util::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -22,21 +34,28 @@ use crate::{
     metrics::Metrics,
     outbox::{Outbox, Pushed},
     protocol,
+    room_quota::{QuotaError, QuotaKey, RoomQuota},
 };
 
-/// One local member of a room: a connection's id and its outbox.
+/// One local member of a room: a connection's id, its outbox and whose room budget it draws on.
 #[derive(Debug, Clone)]
 pub struct Member {
     /// Local connection number (the `<n>` of `<gateway>-<n>`), for echo suppression.
     pub id: u64,
     /// The connection's outbound queue.
     pub outbox: Arc<Outbox>,
+    /// The connection's user, or its address if anonymous (`rooms.max_rooms_per_user`, room-creation rate).
+    pub key: QuotaKey,
 }
+
+/// Reason given to the members of a room whose NATS subscription ended.
+pub const ENDED_REASON: &str = "room subscription ended";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Readiness {
     Pending,
     Ready,
+    /// The subscription could not be made, or it ended; the room is out of the map for good.
     Failed,
 }
 
@@ -55,6 +74,12 @@ impl Room {
     pub fn name(&self) -> &Arc<str> {
         &self.name
     }
+
+    /// Whether the room still has its NATS subscription. False once it ended: a connection holding this room must
+    /// not treat itself as joined (it was told `left`).
+    pub fn is_live(&self) -> bool {
+        *self.ready.borrow() == Readiness::Ready
+    }
 }
 
 /// Why a join failed.
@@ -66,6 +91,9 @@ pub enum JoinError {
     /// This gateway holds `rooms.max_rooms` rooms already.
     #[error("this gateway holds the maximum number of rooms")]
     Capacity,
+    /// Over the user's (or address's) `rooms.max_rooms_per_user` or room-creation rate.
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
 }
 
 /// The registry of rooms with local members.
@@ -74,16 +102,20 @@ pub struct Rooms {
     map: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     bridge: Bridge,
     config: RoomsConfig,
+    /// Rooms per user/address and room-creation rate; updated under `map`'s lock.
+    quota: RoomQuota,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
 
 impl Rooms {
-    /// An empty registry. Room tasks are spawned on `tracker` and end with `shutdown`.
+    /// An empty registry. Room tasks are spawned on `tracker` and end with `shutdown`. `max_tracked_keys`
+    /// (`limits.max_tracked_keys`) bounds the keys of the room-creation rate limiter.
     pub fn new(
         bridge: Bridge,
         config: RoomsConfig,
+        max_tracked_keys: usize,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
@@ -91,6 +123,7 @@ impl Rooms {
         Arc::new(Self {
             map: Mutex::default(),
             bridge,
+            quota: RoomQuota::new(&config, max_tracked_keys),
             config,
             metrics,
             tracker,
@@ -100,12 +133,16 @@ impl Rooms {
 
     /// Adds `member` to `room` (a valid name), subscribing on NATS if it is the first local member. Returns once
     /// the subscription is live on the NATS server, so a publish made after the client's ack reaches it.
+    ///
+    /// Charges `member.key`: one more distinct room unless the key is in it already (`rooms.max_rooms_per_user`),
+    /// and a room creation when this join makes the room (`rooms.room_creations_per_second`).
     pub async fn join(self: &Arc<Self>, room: &str, member: Member) -> Result<Arc<Room>, JoinError> {
         let id = member.id;
         let (entry, created) = {
             let mut map = self.map.lock();
             match map.get(room) {
                 Some(r) => {
+                    self.quota.claim(&member.key, &r.name)?;
                     r.members.write().push(member);
                     (r.clone(), false)
                 }
@@ -114,6 +151,11 @@ impl Rooms {
                         return Err(JoinError::Capacity);
                     }
                     let name: Arc<str> = room.into();
+                    self.quota.claim(&member.key, &name)?;
+                    if let Err(e) = self.quota.charge_creation(&member.key) {
+                        self.quota.release(&member.key, &name);
+                        return Err(e.into());
+                    }
                     let r = Arc::new(Room {
                         policy: self.config.overflow_for(room),
                         name: name.clone(),
@@ -146,6 +188,16 @@ impl Rooms {
         }
     }
 
+    /// Distinct rooms the user (or address) `key` is in on this gateway.
+    pub fn rooms_of(&self, key: &QuotaKey) -> usize {
+        self.quota.rooms_of(key)
+    }
+
+    /// Keys tracked by the per-user room accounting (tests assert this stays bounded).
+    pub fn tracked_keys(&self) -> usize {
+        self.quota.tracked_keys()
+    }
+
     /// Removes member `id` from `room`. Returns whether it was a member.
     pub fn leave(&self, room: &str, id: u64) -> bool {
         let entry = self.map.lock().get(room).cloned();
@@ -162,7 +214,8 @@ impl Rooms {
         let Some(pos) = members.iter().position(|m| m.id == id) else {
             return false;
         };
-        members.swap_remove(pos);
+        let member = members.swap_remove(pos);
+        self.quota.release(&member.key, &room.name);
         if members.is_empty() {
             if map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
                 map.remove(&room.name);
@@ -183,7 +236,8 @@ impl Rooms {
         self.len() == 0
     }
 
-    /// Subscribes, signals readiness, then fans out until the room empties or the gateway shuts down.
+    /// Subscribes, signals readiness, then fans out until the room empties or the gateway shuts down, or until the
+    /// subscription ends under it (then [`Rooms::end_room`]).
     async fn room_task(self: Arc<Self>, room: Arc<Room>) {
         let subject = protocol::room_subject(&self.config.subject_prefix, &room.name);
         let mut sub = match self.bridge.subscribe(subject, &room.name).await {
@@ -209,14 +263,42 @@ impl Rooms {
                 _ = room.cancel.cancelled() => break,
                 msg = sub.next() => match msg {
                     Some(msg) => fan_out(&room, &msg, self.bridge.gateway_id(), &self.metrics),
-                    None => break,
+                    None => {
+                        tracing::warn!(room = %room.name, denied = sub.denied(), "room subscription ended under it");
+                        self.end_room(&room);
+                        break;
+                    }
                 },
             }
         }
-        self.bridge.forget(&sub);
-        // Dropping the subscriber unsubscribes on NATS.
+        // Dropping the subscription unsubscribes on NATS and forgets its bookkeeping.
         drop(sub);
         tracing::debug!(room = %room.name, "room unsubscribed");
+    }
+
+    /// Removes a room whose subscription ended while it may still have members: out of the map (so the next join
+    /// makes a fresh subscription), marked failed (so a join waiting on it is refused), its members released from
+    /// their quotas and told `left`. The notice is best effort (`try_push_control`, never a wait inside the room
+    /// task): a member whose queue is full misses it; its next join of the room makes a new subscription anyway.
+    fn end_room(&self, room: &Arc<Room>) {
+        let members = {
+            let mut map = self.map.lock();
+            if map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
+                map.remove(&room.name);
+                self.metrics.rooms.set(map.len() as i64);
+            }
+            room.ready.send_replace(Readiness::Failed);
+            let members = std::mem::take(&mut *room.members.write());
+            for m in &members {
+                self.quota.release(&m.key, &room.name);
+            }
+            members
+        };
+        let frame = Utf8Bytes::from(protocol::left(&room.name, ENDED_REASON));
+        for m in members {
+            m.outbox.forget_room(&room.name);
+            m.outbox.try_push_control(frame.clone());
+        }
     }
 }
 

@@ -105,6 +105,7 @@ impl Gateway {
         let rooms = Rooms::new(
             bridge.clone(),
             config.rooms.clone(),
+            config.limits.max_tracked_keys,
             metrics.clone(),
             tracker.clone(),
             shutdown.clone(),
