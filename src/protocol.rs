@@ -15,6 +15,9 @@ use serde_json::value::RawValue;
 pub const MAX_ROOM_LEN: usize = 128;
 /// Longest `id` a client may attach to an op, in bytes of its JSON text.
 pub const MAX_ID_LEN: usize = 64;
+/// Longest error text a refused frame produces, in bytes: the fixed wording plus a short prefix of what the client
+/// sent, never the whole of it (the text goes back to the client and into the log).
+pub const MAX_ERROR_TEXT: usize = 256;
 
 /// WebSocket close codes the gateway uses. Documented in `docs/protocol.md`.
 pub mod close {
@@ -154,7 +157,7 @@ fn bad<'a>(id: Option<&'a str>, message: impl Into<Cow<'static, str>>) -> ParseE
 
 /// Parses one text frame into a request.
 pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
-    let raw: RawOp<'_> = serde_json::from_str(text).map_err(|e| bad(None, format!("invalid request: {e}")))?;
+    let raw: RawOp<'_> = serde_json::from_str(text).map_err(|e| bad(None, json_error(&e)))?;
     let id = match raw.id {
         None => None,
         Some(v) => {
@@ -196,6 +199,26 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
         }
     };
     Ok(Request { id, op })
+}
+
+/// serde's text for a refused frame, shortened: it quotes the offending value whole ("invalid type: string \"...\""),
+/// so a 60 KB field would come back in the error frame and the log. Keeps a prefix and the position.
+fn json_error(e: &serde_json::Error) -> String {
+    const PREFIX: usize = 96;
+    let text = e.to_string();
+    // serde_json prints no position when it has none (line 0).
+    let at = if e.line() == 0 {
+        String::new()
+    } else {
+        format!(" at line {} column {}", e.line(), e.column())
+    };
+    let what = text.strip_suffix(at.as_str()).unwrap_or(&text);
+    let mut end = what.len().min(PREFIX);
+    while !what.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = if end < what.len() { "..." } else { "" };
+    format!("invalid request: {}{more}{at}", &what[..end])
 }
 
 /// Removes insignificant whitespace from valid JSON text. Borrows when there is none (the common case).
@@ -481,6 +504,37 @@ mod tests {
         assert!(parse_request(r#"{"op":"publish","room":"a"}"#).is_err());
         assert!(parse_request(r#"{"op":"join","room":"a","id":{"x":1}}"#).is_err());
         assert!(parse_request(r#"[1,2]"#).is_err());
+    }
+
+    #[test]
+    fn parse_errors_echo_only_a_short_prefix() {
+        // Found by `scripts/fuzz` (target parse_request): serde's error text quoted the whole offending value, so a
+        // 60 KB bad field came back in the error frame (and the log line).
+        let big = "V".repeat(60_000);
+        for text in [
+            format!(r#"{{"op":"ping","echo":"{big}"}}"#),
+            format!(r#""{big}""#),
+            format!(r#"{{"op":"join","room":"a","id":1,"echo":"{}"}}"#, "é".repeat(30_000)),
+        ] {
+            let e = parse_request(&text).unwrap_err();
+            assert!(
+                e.message.len() <= MAX_ERROR_TEXT,
+                "{} bytes: {}",
+                e.message.len(),
+                e.message
+            );
+            assert!(
+                e.message.starts_with("invalid request: invalid type: string"),
+                "{}",
+                e.message
+            );
+            assert!(e.message.contains(" at line 1 column "), "{}", e.message);
+        }
+        let e = parse_request(r#"{"op":"ping","echo":"x"}"#).unwrap_err();
+        assert_eq!(
+            e.message,
+            r#"invalid request: invalid type: string "x", expected a boolean at line 1 column 23"#
+        );
     }
 
     #[test]
