@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 
 fuzz_target!(|data: &[u8]| {
     // WebSocket text frames are UTF-8 (tungstenite refuses others with 1007); NATS payloads are any bytes.
-    assert_json(protocol::message("r", data, Some("c1")));
+    check_message(data);
     let Ok(text) = std::str::from_utf8(data) else { return };
     let _ = protocol::compact_json(text);
     match protocol::parse_request(text) {
@@ -99,6 +99,25 @@ fn check_room(room: &str) {
         let subject = protocol::room_subject("rooms", room);
         assert!(async_nats::Subject::validated(&subject).is_ok(), "{subject:?}");
         assert_eq!(subject.split('.').count(), 2);
+    }
+}
+
+/// A NATS payload reaches the browser intact: JSON embedded as is, other text as a JSON string, bytes as base64.
+fn check_message(payload: &[u8]) {
+    let frame = protocol::message("r", payload, Some("c1"));
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_str(&frame).expect("message frame is a JSON object");
+    assert_eq!(fields.get("from").map(|v| v.get()), Some(r#""c1""#));
+    match (std::str::from_utf8(payload), fields.get("data"), fields.get("data_b64")) {
+        (Ok(text), Some(data), None) => {
+            let as_string: Result<String, _> = serde_json::from_str(data.get());
+            assert!(
+                data.get() == text.trim() || as_string.as_deref().ok() == Some(text),
+                "{text:?} carried as {}",
+                data.get()
+            );
+        }
+        (Err(_), None, Some(b64)) => assert!(b64.get().starts_with('"')),
+        _ => panic!("wrong payload field in {frame:?}"),
     }
 }
 
