@@ -15,6 +15,9 @@ use serde_json::value::RawValue;
 pub const MAX_ROOM_LEN: usize = 128;
 /// Longest `id` a client may attach to an op, in bytes of its JSON text.
 pub const MAX_ID_LEN: usize = 64;
+/// Longest error text a refused frame produces, in bytes: the fixed wording plus a short prefix of what the client
+/// sent, never the whole of it (the text goes back to the client and into the log).
+pub const MAX_ERROR_TEXT: usize = 256;
 
 /// WebSocket close codes the gateway uses. Documented in `docs/protocol.md`.
 pub mod close {
@@ -172,7 +175,7 @@ pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<
     if json_depth_exceeds(text.as_bytes(), max_depth) {
         return Err(bad(None, format!("JSON nested deeper than {max_depth} levels")));
     }
-    let raw: RawOp<'_> = serde_json::from_str(text).map_err(|e| bad(None, format!("invalid request: {e}")))?;
+    let raw: RawOp<'_> = serde_json::from_str(text).map_err(|e| bad(None, json_error(&e)))?;
     let id = match raw.id {
         None => None,
         Some(v) => {
@@ -247,6 +250,26 @@ pub fn json_depth_exceeds(json: &[u8], max: usize) -> bool {
         }
     }
     false
+}
+
+/// serde's text for a refused frame, shortened: it quotes the offending value whole ("invalid type: string \"...\""),
+/// so a 60 KB field would come back in the error frame and the log. Keeps a prefix and the position.
+fn json_error(e: &serde_json::Error) -> String {
+    const PREFIX: usize = 96;
+    let text = e.to_string();
+    // serde_json prints no position when it has none (line 0).
+    let at = if e.line() == 0 {
+        String::new()
+    } else {
+        format!(" at line {} column {}", e.line(), e.column())
+    };
+    let what = text.strip_suffix(at.as_str()).unwrap_or(&text);
+    let mut end = what.len().min(PREFIX);
+    while !what.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = if end < what.len() { "..." } else { "" };
+    format!("invalid request: {}{more}{at}", &what[..end])
 }
 
 /// Removes insignificant whitespace from valid JSON text. Borrows when there is none (the common case).
@@ -387,23 +410,19 @@ pub fn pong(id: Option<&str>) -> String {
     }
 }
 
-/// Longest error `message` sent, in bytes. Messages may quote a little of the client's input (serde's parse errors
-/// do); never more than this, so a client cannot make the gateway send back large replies it did not pay for.
-pub const MAX_ERROR_MESSAGE: usize = 160;
-
-/// `message` cut to at most [`MAX_ERROR_MESSAGE`] bytes, at a character boundary, marked with `…` when cut.
+/// `message` cut to at most [`MAX_ERROR_TEXT`] bytes, at a character boundary, marked with `…` when cut.
 fn short(message: &str) -> Cow<'_, str> {
-    if message.len() <= MAX_ERROR_MESSAGE {
+    if message.len() <= MAX_ERROR_TEXT {
         return Cow::Borrowed(message);
     }
-    let mut end = MAX_ERROR_MESSAGE - '…'.len_utf8();
+    let mut end = MAX_ERROR_TEXT - '…'.len_utf8();
     while !message.is_char_boundary(end) {
         end -= 1;
     }
     Cow::Owned(format!("{}…", &message[..end]))
 }
 
-/// `{"op":"error","id":N?,"code":C,"message":M}`; `M` is cut to [`MAX_ERROR_MESSAGE`] bytes.
+/// `{"op":"error","id":N?,"code":C,"message":M}`; `M` is cut to [`MAX_ERROR_TEXT`] bytes.
 pub fn error(id: Option<&str>, code: ErrorCode, message: &str) -> String {
     let message = short(message);
     let message = message.as_ref();
@@ -594,6 +613,37 @@ mod tests {
     }
 
     #[test]
+    fn parse_errors_echo_only_a_short_prefix() {
+        // Found by `scripts/fuzz` (target parse_request): serde's error text quoted the whole offending value, so a
+        // 60 KB bad field came back in the error frame (and the log line).
+        let big = "V".repeat(60_000);
+        for text in [
+            format!(r#"{{"op":"ping","echo":"{big}"}}"#),
+            format!(r#""{big}""#),
+            format!(r#"{{"op":"join","room":"a","id":1,"echo":"{}"}}"#, "é".repeat(30_000)),
+        ] {
+            let e = parse_request(&text).unwrap_err();
+            assert!(
+                e.message.len() <= MAX_ERROR_TEXT,
+                "{} bytes: {}",
+                e.message.len(),
+                e.message
+            );
+            assert!(
+                e.message.starts_with("invalid request: invalid type: string"),
+                "{}",
+                e.message
+            );
+            assert!(e.message.contains(" at line 1 column "), "{}", e.message);
+        }
+        let e = parse_request(r#"{"op":"ping","echo":"x"}"#).unwrap_err();
+        assert_eq!(
+            e.message,
+            r#"invalid request: invalid type: string "x", expected a boolean at line 1 column 23"#
+        );
+    }
+
+    #[test]
     fn room_names() {
         for ok in ["lobby", "a", "team-42_x", "user:1@org", &"a".repeat(128)] {
             assert!(valid_room(ok), "{ok}");
@@ -723,7 +773,7 @@ mod tests {
         let frame = error(e.id, ErrorCode::BadRequest, &e.message);
         let v: serde_json::Value = serde_json::from_str(&frame).expect("valid JSON");
         let msg = v["message"].as_str().expect("message");
-        assert!(msg.len() <= MAX_ERROR_MESSAGE, "{} bytes", msg.len());
+        assert!(msg.len() <= MAX_ERROR_TEXT, "{} bytes", msg.len());
         assert!(msg.ends_with('…'));
         assert!(frame.len() < 300, "{} bytes", frame.len());
         assert_eq!(short("short"), "short");
