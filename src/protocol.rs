@@ -774,8 +774,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&frame).expect("valid JSON");
         let msg = v["message"].as_str().expect("message");
         assert!(msg.len() <= MAX_ERROR_TEXT, "{} bytes", msg.len());
-        assert!(msg.ends_with('…'));
-        assert!(frame.len() < 300, "{} bytes", frame.len());
+        assert!(frame.len() < 400, "{} bytes", frame.len());
+        // Any other message is cut too, at a character boundary.
+        let cut = short(&"é".repeat(300)).into_owned();
+        assert!(cut.len() <= MAX_ERROR_TEXT && cut.ends_with('…'), "{cut}");
+        assert!(error(None, ErrorCode::BadRequest, &"é".repeat(300)).contains(cut.as_str()));
         assert_eq!(short("short"), "short");
     }
 }
