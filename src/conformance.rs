@@ -21,20 +21,20 @@ use tokio_tungstenite::{
 
 use crate::{
     connection::{Accepted, read_error_close},
+    gateway::Gateway,
     protocol::close,
-    server::Gateway,
 };
 
-/// Echoes one WebSocket until it closes; this is the connection's task. Takes what `connection::serve` takes, so
+/// Echoes one WebSocket until it closes; this is the connection's task. Takes what `connection::start` takes, so
 /// `crate::http` picks one or the other at compile time.
 pub async fn echo<S>(gw: Arc<Gateway>, mut ws: WebSocketStream<S>, accepted: Accepted)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // Held until the echo ends, like a real connection holds its global and per-IP slots.
-    let _slots = accepted.slots;
-    let cancel = gw.shutdown.clone();
-    let write_timeout = gw.config.limits.write_timeout;
+    let _slot = accepted.slot;
+    let cancel = gw.shutdown().clone();
+    let write_timeout = gw.config().limits.write_timeout;
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => {

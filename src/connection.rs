@@ -45,13 +45,13 @@ use crate::{
     auth::{AuthError, Identity, Session},
     bridge::{BridgeError, Origin},
     frames::Meter,
-    limits::IpGuard,
+    gateway::Gateway,
+    limits::ConnSlot,
     metrics::Metrics,
     outbox::{CloseRequest, Item, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
     room_quota::{QuotaError, QuotaKey},
     rooms::{JoinError, Member, Room},
-    server::{Admission, Gateway},
 };
 
 /// What the HTTP layer hands over after a successful upgrade.
@@ -63,8 +63,8 @@ pub struct Accepted {
     pub peer: SocketAddr,
     /// Who the client is.
     pub identity: Identity,
-    /// The connection's slot under `server.max_connections` and its per-IP count; released when the connection ends.
-    pub slots: (Admission, IpGuard),
+    /// The connection's global permit and per-address count; released when the connection ends.
+    pub slot: ConnSlot,
     /// Rate-limit verdicts of the frames the socket wrapper charged (see [`crate::frames`]).
     pub meter: Arc<Meter>,
 }
@@ -82,27 +82,27 @@ enum Handled {
     Close(CloseRequest),
 }
 
-/// Serves one WebSocket until it closes; the returned future is the connection's task.
+/// Starts serving one upgraded WebSocket: spawns its writer and returns the session, which is the connection's task.
 ///
 /// Setup is synchronous on purpose: the returned future then holds only what lives as long as the connection
 /// (an async fn would also keep its arguments' slots, the whole `WebSocketStream` among them, for the connection's
 /// lifetime, which is measurable memory per idle connection).
-pub fn serve<S>(gw: Arc<Gateway>, ws: WebSocketStream<S>, accepted: Accepted) -> impl Future<Output = ()> + Send
+pub fn start<S>(gw: Arc<Gateway>, ws: WebSocketStream<S>, accepted: Accepted) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, stream) = ws.split();
     let conn = Conn::new(gw, accepted);
     // The queue is empty, so the welcome always fits.
-    let welcome = protocol::welcome(&conn.conn_id, &conn.gw.gateway_id, conn.identity.user.as_deref());
+    let welcome = protocol::welcome(&conn.conn_id, conn.gw.id(), conn.identity.user.as_deref());
     conn.outbox.try_push_control(Utf8Bytes::from(welcome));
     let writer = write_loop(sink, conn.outbox.clone(), conn.cancel.clone(), conn.gw.clone());
-    let writer = conn.gw.tracker.spawn(writer.instrument(tracing::Span::current()));
-    run(conn, stream, writer)
+    let writer = conn.gw.spawn(writer.instrument(tracing::Span::current()));
+    session(conn, stream, writer)
 }
 
 /// The reader side of a connection, then the cleanup every way of ending shares.
-async fn run<S>(mut conn: Conn, stream: SplitStream<WebSocketStream<S>>, writer: tokio::task::JoinHandle<()>)
+async fn session<S>(mut conn: Conn, stream: SplitStream<WebSocketStream<S>>, writer: tokio::task::JoinHandle<()>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -122,7 +122,7 @@ where
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
     // The writer flushes (or not, per the close request) and sends the close frame; bounded by write_timeout.
-    let grace = gw.config.limits.write_timeout + Duration::from_millis(100);
+    let grace = gw.config().limits.write_timeout + Duration::from_millis(100);
     if tokio::time::timeout(grace, writer).await.is_err() {
         tracing::debug!(conn = %conn.conn_id, "writer did not finish in time");
     }
@@ -136,11 +136,11 @@ where
     // Best effort and bounded as a whole: a NATS outage must not keep a finished connection's task around.
     let events = async {
         for room in &rooms {
-            gw.bridge.event("leave", origin, Some(room)).await;
+            gw.bridge().event("leave", origin, Some(room)).await;
         }
-        gw.bridge.event("disconnect", origin, None).await;
+        gw.bridge().event("disconnect", origin, None).await;
     };
-    let _ = tokio::time::timeout(gw.config.nats.publish_timeout, events).await;
+    let _ = tokio::time::timeout(gw.config().nats.publish_timeout, events).await;
     tracing::debug!(conn = %conn_id, "disconnected");
 }
 
@@ -163,19 +163,19 @@ struct Conn {
     token_changed: bool,
     /// End of the session (`auth.max_session` from the upgrade) and the `refresh` budget.
     session: Session,
-    /// Global and per-IP slots, released when the connection (this struct) is dropped.
-    _slots: (Admission, IpGuard),
+    /// Global permit and per-address count, released when the connection (this struct) is dropped.
+    _slot: ConnSlot,
 }
 
 impl Drop for Conn {
     /// Runs however the connection ends, a panic included: rooms, outbox, writer, gauge and slots are given back.
     fn drop(&mut self) {
         for room in self.rooms.keys() {
-            self.gw.rooms.leave(room, self.id);
+            self.gw.rooms().leave(room, self.id);
         }
         self.outbox.close(close_req(close::INTERNAL, "internal error", false));
         self.cancel.cancel();
-        self.gw.metrics.connections_open.dec();
+        self.gw.metrics().connections_open.dec();
     }
 }
 
@@ -193,19 +193,19 @@ impl Conn {
             id,
             peer,
             identity,
-            slots,
+            slot,
             meter,
         } = accepted;
-        let conn_id: Arc<str> = format!("{}-{}", gw.gateway_id, id).into();
+        let conn_id: Arc<str> = format!("{}-{}", gw.id(), id).into();
         let outbox = Arc::new(Outbox::new(
-            gw.config.limits.max_pending_messages,
-            gw.config.limits.max_pending_bytes,
+            gw.config().limits.max_pending_messages,
+            gw.config().limits.max_pending_bytes,
         ));
-        gw.metrics.connections.inc();
-        gw.metrics.connections_open.inc();
+        gw.metrics().connections.inc();
+        gw.metrics().connections_open.inc();
         Conn {
-            session: Session::new(&gw.config, &identity, Instant::now()),
-            cancel: gw.shutdown.child_token(),
+            session: Session::new(gw.config(), &identity, Instant::now()),
+            cancel: gw.shutdown().child_token(),
             gw,
             id,
             peer,
@@ -215,7 +215,7 @@ impl Conn {
             meter,
             rooms: HashMap::new(),
             token_changed: false,
-            _slots: slots,
+            _slot: slot,
         }
     }
 
@@ -229,7 +229,7 @@ impl Conn {
 
     /// Publishes a lifecycle event for this connection.
     async fn event(&self, kind: &'static str, room: Option<&str>) {
-        self.gw.bridge.event(kind, self.origin(), room).await;
+        self.gw.bridge().event(kind, self.origin(), room).await;
     }
 
     /// Reads until the client leaves, a deadline passes or the connection is cancelled; returns how to close.
@@ -238,8 +238,8 @@ impl Conn {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let cancel = self.cancel.clone();
-        let heartbeat_timeout = self.gw.config.limits.heartbeat_timeout;
-        let max_inflight = self.gw.config.limits.max_inflight_publishes;
+        let heartbeat_timeout = self.gw.config().limits.heartbeat_timeout;
+        let max_inflight = self.gw.config().limits.max_inflight_publishes;
         // Timers are created once and re-armed, not rebuilt per frame: a busy connection costs no timer churn.
         // `last_seen` is refreshed per frame; the heartbeat timer re-arms itself from it when it fires.
         let mut last_seen = Instant::now();
@@ -270,11 +270,11 @@ impl Conn {
                         heartbeat.as_mut().reset(due);
                         continue;
                     }
-                    Metrics::bump(&self.gw.metrics.closes, "heartbeat_timeout");
+                    Metrics::bump(&self.gw.metrics().closes, "heartbeat_timeout");
                     return close_req(close::GOING_AWAY, "heartbeat timeout", false);
                 }
                 _ = &mut expire, if expire_at.is_some() => {
-                    Metrics::bump(&self.gw.metrics.closes, "token_expired");
+                    Metrics::bump(&self.gw.metrics().closes, "token_expired");
                     return close_req(close::TOKEN_EXPIRED, "token expired", true);
                 }
                 _ = &mut warn, if warn_at.is_some() => {
@@ -323,7 +323,7 @@ impl Conn {
 
     /// Maps a read error to the close the client sees.
     fn read_error(&self, e: tungstenite::Error) -> CloseRequest {
-        let m = &self.gw.metrics;
+        let m = &self.gw.metrics();
         if self.meter.abusive() {
             Metrics::bump(&m.closes, "rate_abuse");
             // Flushed: the client sees the `rate_limited` answers that led here (bounded by the queue).
@@ -349,7 +349,7 @@ impl Conn {
         let Some(expire) = self.session.expiry(&self.identity, now) else {
             return (None, None);
         };
-        let warn = expire.checked_sub(self.gw.config.auth.expiry_warning).unwrap_or(now);
+        let warn = expire.checked_sub(self.gw.config().auth.expiry_warning).unwrap_or(now);
         (Some(warn), Some(expire))
     }
 
@@ -369,7 +369,7 @@ impl Conn {
     }
 
     async fn error(&self, id: Option<&str>, code: ErrorCode, message: &str) {
-        Metrics::bump(&self.gw.metrics.errors, code.as_str());
+        Metrics::bump(&self.gw.metrics().errors, code.as_str());
         self.send(protocol::error(id, code, message)).await;
     }
 
@@ -377,9 +377,9 @@ impl Conn {
     async fn on_message(&mut self, msg: Message, refused: bool, arrived: Instant) -> Handled {
         match msg {
             Message::Text(text) => {
-                self.gw.metrics.frames_in.inc();
+                self.gw.metrics().frames_in.inc();
                 if refused {
-                    let id = protocol::parse_request_with_depth(&text, self.gw.config.limits.max_json_depth)
+                    let id = protocol::parse_request_with_depth(&text, self.gw.config().limits.max_json_depth)
                         .ok()
                         .and_then(|r| r.id);
                     self.rate_limited(id).await;
@@ -388,7 +388,7 @@ impl Conn {
                 }
             }
             Message::Binary(_) => {
-                self.gw.metrics.frames_in.inc();
+                self.gw.metrics().frames_in.inc();
                 if refused {
                     self.rate_limited(None).await;
                 } else {
@@ -414,7 +414,7 @@ impl Conn {
 
     /// Handles one text frame within the rate limits.
     async fn on_text(&mut self, text: &str, arrived: Instant) -> Handled {
-        let request = match protocol::parse_request_with_depth(text, self.gw.config.limits.max_json_depth) {
+        let request = match protocol::parse_request_with_depth(text, self.gw.config().limits.max_json_depth) {
             Ok(r) => r,
             Err(e) => {
                 self.error(e.id, ErrorCode::BadRequest, &e.message).await;
@@ -441,7 +441,7 @@ impl Conn {
     fn leave_all(&mut self) -> Vec<Arc<str>> {
         let rooms: Vec<Arc<str>> = self.rooms.drain().map(|(name, _)| name).collect();
         for room in &rooms {
-            self.gw.rooms.leave(room, self.id);
+            self.gw.rooms().leave(room, self.id);
         }
         rooms
     }
@@ -451,7 +451,7 @@ impl Conn {
         if self.rooms.remove(room).is_none() {
             return false;
         }
-        self.gw.rooms.leave(room, self.id);
+        self.gw.rooms().leave(room, self.id);
         self.outbox.forget_room(room);
         self.event("leave", Some(room)).await;
         true
@@ -485,7 +485,7 @@ impl Conn {
                 .error(id, ErrorCode::Forbidden, "not allowed to join this room")
                 .await;
         }
-        if self.rooms.len() >= self.gw.config.rooms.max_rooms_per_connection {
+        if self.rooms.len() >= self.gw.config().rooms.max_rooms_per_connection {
             return self
                 .error(id, ErrorCode::TooManyRooms, "joined the maximum number of rooms")
                 .await;
@@ -495,7 +495,7 @@ impl Conn {
             outbox: self.outbox.clone(),
             key: QuotaKey::for_client(self.identity.user.as_deref(), self.peer),
         };
-        match self.gw.rooms.join(room, member).await {
+        match self.gw.rooms().join(room, member).await {
             Ok(entry) => {
                 self.rooms.insert(entry.name().clone(), entry);
                 self.ack(id).await;
@@ -563,13 +563,13 @@ impl Conn {
                 .await;
             return None;
         }
-        let deadline = arrived + self.gw.config.nats.publish_timeout;
-        let subject = protocol::room_subject(&self.gw.config.rooms.subject_prefix, room);
+        let deadline = arrived + self.gw.config().nats.publish_timeout;
+        let subject = protocol::room_subject(&self.gw.config().rooms.subject_prefix, room);
         let payload = Bytes::copy_from_slice(data.as_bytes());
         // Handing the message to the NATS client happens here, in order; only the confirmation runs apart.
         let published = match self
             .gw
-            .bridge
+            .bridge()
             .publish(subject, self.origin(), echo, payload, deadline)
             .await
         {
@@ -579,7 +579,7 @@ impl Conn {
                 return None;
             }
         };
-        self.gw.metrics.publishes.inc();
+        self.gw.metrics().publishes.inc();
         let id = id.map(str::to_owned);
         let gw = self.gw.clone();
         // Confirmed even without an `id` (then nothing is sent): the message's bytes count against
@@ -588,8 +588,8 @@ impl Conn {
             match published.confirm(deadline).await {
                 Ok(()) => id.map(|id| protocol::ack(&id)),
                 Err(e) => {
-                    Metrics::bump(&gw.metrics.publish_failures, e.label());
-                    Metrics::bump(&gw.metrics.errors, ErrorCode::Unavailable.as_str());
+                    Metrics::bump(&gw.metrics().publish_failures, e.label());
+                    Metrics::bump(&gw.metrics().errors, ErrorCode::Unavailable.as_str());
                     let message = "messaging backend did not accept the message";
                     id.map(|id| protocol::error(Some(&id), ErrorCode::Unavailable, message))
                 }
@@ -598,7 +598,7 @@ impl Conn {
     }
 
     async fn publish_failed(&self, id: Option<&str>, e: BridgeError) {
-        Metrics::bump(&self.gw.metrics.publish_failures, e.label());
+        Metrics::bump(&self.gw.metrics().publish_failures, e.label());
         match e {
             BridgeError::TooLarge => {
                 self.error(id, ErrorCode::TooLarge, "message over the backend's maximum payload")
@@ -626,7 +626,7 @@ impl Conn {
                 .error(id, ErrorCode::RateLimited, "too many refreshes; token not checked")
                 .await;
         }
-        let identity = match self.gw.auth.verify_bounded(token, Some(&user), &self.cancel).await {
+        let identity = match self.gw.auth().verify_bounded(token, Some(&user), &self.cancel).await {
             Ok(identity) => identity,
             // The connection is ending: the read loop sees the cancellation next.
             Err(AuthError::Cancelled) => return,
@@ -695,7 +695,7 @@ async fn write_loop<S>(
         outbox: &outbox,
         cancel: &cancel,
     };
-    let limits = &gw.config.limits;
+    let limits = &gw.config().limits;
     let mut ping = tokio::time::interval_at(Instant::now() + limits.heartbeat_interval, limits.heartbeat_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: VecDeque<Item> = VecDeque::new();
@@ -715,7 +715,7 @@ async fn write_loop<S>(
                 continue;
             }
         };
-        gw.metrics.note_depth(batch.len());
+        gw.metrics().note_depth(batch.len());
         let wrote = timed_write(limits.write_timeout, async {
             for item in batch.drain(..) {
                 match item {
@@ -763,13 +763,13 @@ impl WriteFailed {
     fn close(self, gw: &Gateway) -> CloseRequest {
         match self {
             WriteFailed::Timeout => {
-                Metrics::bump(&gw.metrics.slow_consumers, "write_timeout");
+                Metrics::bump(&gw.metrics().slow_consumers, "write_timeout");
                 tracing::info!("write timed out: slow consumer dropped");
                 close_req(close::SLOW_CONSUMER, "slow consumer", false)
             }
             WriteFailed::Error(tungstenite::Error::WriteBufferFull(_)) => {
                 // Config::validate makes this unreachable for frames the outbox admits; say so loudly if not.
-                Metrics::bump(&gw.metrics.closes, "write_buffer_full");
+                Metrics::bump(&gw.metrics().closes, "write_buffer_full");
                 tracing::warn!("outgoing frame over limits.max_write_buffer_size: connection closed");
                 close_req(close::INTERNAL, "internal error", false)
             }
@@ -796,8 +796,6 @@ async fn timed_write(
 #[cfg(test)]
 mod tests {
     use std::{process::Stdio, time::Duration};
-
-    use tokio::sync::Semaphore;
 
     use super::*;
 
@@ -858,23 +856,28 @@ mod tests {
         config.tls.enabled = false;
         config.auth.allow_anonymous = true;
         config.limits.max_connections_per_ip = 1;
+        config.server.max_connections = 1;
         config.nats.url = crate::config::OneOrMany::One(nats.url.clone());
         let gw = Gateway::start(config, CancellationToken::new()).await.expect("gateway");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !gw.bridge.is_connected() {
+        while !gw.bridge().is_connected() {
             assert!(Instant::now() < deadline, "NATS connection");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let global = Arc::new(Semaphore::new(1));
         let ip = "192.0.2.7".parse().expect("ip");
+        let other: std::net::IpAddr = "192.0.2.8".parse().expect("ip");
+        let over_capacity = || {
+            let slot = gw
+                .limits()
+                .admit_connection(other)
+                .expect("a slot or an over-capacity answer");
+            slot.over_capacity()
+        };
         let accepted = Accepted {
             id: gw.next_conn_id(),
             peer: SocketAddr::new(ip, 4000),
-            identity: Identity::anonymous(&gw.config.auth.anonymous),
-            slots: (
-                Admission::Admitted(global.clone().try_acquire_owned().expect("permit")),
-                gw.limits.admit(ip).expect("per-IP slot"),
-            ),
+            identity: Identity::anonymous(&gw.config().auth.anonymous),
+            slot: gw.limits().admit_connection(ip).expect("slot"),
             meter: Arc::default(),
         };
         let mut conn = Conn::new(gw.clone(), accepted);
@@ -883,11 +886,11 @@ mod tests {
             outbox: conn.outbox.clone(),
             key: QuotaKey::for_client(None, conn.peer),
         };
-        let room = gw.rooms.join("lobby", member).await.expect("join");
+        let room = gw.rooms().join("lobby", member).await.expect("join");
         conn.rooms.insert(room.name().clone(), room);
-        assert_eq!((gw.rooms.len(), gw.metrics.connections_open.get()), (1, 1));
-        assert_eq!(global.available_permits(), 0);
-        assert!(gw.limits.admit(ip).is_err(), "the per-IP slot is held");
+        assert_eq!((gw.rooms().len(), gw.metrics().connections_open.get()), (1, 1));
+        assert!(over_capacity(), "the only global slot is held");
+        assert!(gw.limits().admit(ip).is_err(), "the per-IP slot is held");
         let cancel = conn.cancel.clone();
 
         let task = tokio::spawn(async move {
@@ -896,10 +899,10 @@ mod tests {
         });
         assert!(task.await.expect_err("the task panicked").is_panic());
 
-        assert!(gw.rooms.is_empty(), "room left");
-        assert_eq!(gw.metrics.connections_open.get(), 0, "gauge");
-        assert_eq!(global.available_permits(), 1, "global slot");
-        assert!(gw.limits.admit(ip).is_ok(), "per-IP slot");
+        assert!(gw.rooms().is_empty(), "room left");
+        assert_eq!(gw.metrics().connections_open.get(), 0, "gauge");
+        assert!(!over_capacity(), "global slot");
+        assert!(gw.limits().admit(ip).is_ok(), "per-IP slot");
         assert!(cancel.is_cancelled(), "writer told to stop");
     }
 }

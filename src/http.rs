@@ -45,9 +45,9 @@ use crate::{
     auth::{self, AuthError, Identity},
     connection::Accepted,
     frames::Metered,
-    limits::{ForwardedError, IpGuard, Rejection},
+    gateway::Gateway,
+    limits::{ConnSlot, ForwardedError, IpGuard, Rejection},
     metrics::Metrics,
-    server::{Admission, Gateway},
 };
 
 /// Sub-protocol name a client may request; echoed when offered.
@@ -146,51 +146,38 @@ struct Upgrade {
     ip_guard: Option<IpGuard>,
 }
 
-/// Serves one accepted TCP connection: TLS (if enabled), HTTP, then the WebSocket if upgraded, all of it before the
-/// upgrade within `deadline` (accept + `server.handshake_timeout`). `ip_guard` is the per-address slot taken at
-/// accept ([`crate::limits::Limits::admit_peer`]); `None` for a trusted proxy, whose clients are counted at the
-/// upgrade by forwarded address. Either way exactly one guard moves into the WebSocket task, and every other path
-/// (refusal, timeout, failed handshake, panic) drops it here.
-pub async fn handle(
-    gw: Arc<Gateway>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    deadline: Instant,
-    admission: Admission,
-    ip_guard: Option<IpGuard>,
-) {
+/// One accepted TCP connection's task: TLS (if enabled), HTTP, then the WebSocket session if upgraded, all of it
+/// before the upgrade within `deadline` (accept + `server.handshake_timeout`). `slot` holds the connection's global
+/// permit and per-address count (for a trusted proxy, the count is added at the upgrade by forwarded address); it
+/// moves into the session on upgrade, and every other path (refusal, timeout, failed handshake, panic) drops it here.
+pub async fn handshake(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadline: Instant, slot: ConnSlot) {
     let _ = tcp.set_nodelay(true);
-    match &gw.tls {
+    match gw.tls() {
         Some(tls) => {
             let accept = tls.acceptor().accept(tcp);
             match tokio::time::timeout_at(deadline, accept).await {
-                Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, admission, ip_guard).await,
+                Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, slot).await,
                 Ok(Err(e)) => {
-                    Metrics::bump(&gw.metrics.rejections, "tls");
+                    Metrics::bump(&gw.metrics().rejections, "tls");
                     tracing::debug!(error = %e, "TLS handshake failed");
                 }
                 Err(_) => {
-                    Metrics::bump(&gw.metrics.rejections, "handshake_timeout");
+                    Metrics::bump(&gw.metrics().rejections, "handshake_timeout");
                     tracing::debug!("TLS handshake timed out");
                 }
             }
         }
-        None => serve_http(gw, tcp, peer, deadline, admission, ip_guard).await,
+        None => serve_http(gw, tcp, peer, deadline, slot).await,
     }
 }
 
-async fn serve_http<IO>(
-    gw: Arc<Gateway>,
-    io: IO,
-    peer: SocketAddr,
-    deadline: Instant,
-    admission: Admission,
-    ip_guard: Option<IpGuard>,
-) where
+/// HTTP until the upgrade (under the absolute deadline), then the session in a task of its own.
+async fn serve_http<IO>(gw: Arc<Gateway>, io: IO, peer: SocketAddr, deadline: Instant, mut slot: ConnSlot)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let over_capacity = matches!(admission, Admission::OverCapacity(_));
-    let counted_at_accept = ip_guard.is_some();
+    let over_capacity = slot.over_capacity();
+    let counted_at_accept = slot.counted_at_accept();
     // One absolute deadline for every request on this connection (see the module doc): dropping the HTTP
     // connection at the deadline closes the socket, and this task's slots go with it.
     let phase = http_phase(&gw, io, peer, deadline, over_capacity, counted_at_accept);
@@ -198,16 +185,15 @@ async fn serve_http<IO>(
         Ok(Some(upgrade)) => upgrade,
         Ok(None) => return,
         Err(_) => {
-            Metrics::bump(&gw.metrics.rejections, "handshake_timeout");
+            Metrics::bump(&gw.metrics().rejections, "handshake_timeout");
             tracing::debug!("not upgraded within the handshake deadline: closed");
             return;
         }
     };
-    // Exactly one of the two is set (see `upgrade`): the slot from accept, or the forwarded client's.
-    let Some(ip_guard) = upgrade.ip_guard.or(ip_guard) else {
-        tracing::error!("upgraded connection without a per-address slot: closed");
-        return;
-    };
+    // A trusted proxy's connection is counted from here on under its client's address (see `upgrade`).
+    if let Some(guard) = upgrade.ip_guard {
+        slot.count_forwarded(guard);
+    }
     let upgraded = match upgrade.on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -216,26 +202,26 @@ async fn serve_http<IO>(
         }
     };
     // Every frame the client sends is charged to its rate limits as it arrives (see `crate::frames`).
-    let limiter = gw.limits.message_limiter(upgrade.identity.user.as_deref());
+    let limiter = gw.limits().message_limiter(upgrade.identity.user.as_deref());
     let (io, meter) = Metered::new(TokioIo::new(upgraded), limiter);
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(gw.ws_config)).await;
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(gw.ws_config())).await;
     tracing::Span::current().record("peer", tracing::field::display(upgrade.client));
     let accepted = Accepted {
         id: gw.next_conn_id(),
         peer: upgrade.client,
         identity: upgrade.identity,
-        slots: (admission, ip_guard),
+        slot,
         meter,
     };
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
     // HTTP futures, their arguments) would otherwise stay allocated for the whole life of every idle connection.
     let span = tracing::Span::current();
     // Test builds with the `conformance` feature echo instead of serving rooms (Autobahn run, `crate::conformance`).
-    #[cfg(feature = "conformance")]
-    let serve = crate::conformance::echo;
     #[cfg(not(feature = "conformance"))]
-    let serve = crate::connection::serve;
-    gw.tracker.clone().spawn(serve(gw, ws, accepted).instrument(span));
+    let session = crate::connection::start;
+    #[cfg(feature = "conformance")]
+    let session = crate::conformance::echo;
+    gw.clone().spawn(session(gw, ws, accepted).instrument(span));
 }
 
 /// Serves HTTP until the connection closes or is upgraded; returns the upgrade, if any. The caller bounds it by the
@@ -265,13 +251,13 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(remaining.max(std::time::Duration::from_millis(1)))
-        .max_buf_size(gw.config.server.max_header_bytes)
+        .max_buf_size(gw.config().server.max_header_bytes)
         .keep_alive(!over_capacity);
     let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = gw.shutdown.cancelled() => {
+        _ = gw.shutdown().cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -308,21 +294,21 @@ async fn route(
             }
         }
         "/metrics" => {
-            let mut resp = text(StatusCode::OK, gw.metrics.render());
+            let mut resp = text(StatusCode::OK, gw.metrics().render());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             resp
         }
-        p if p == gw.config.server.ws_path && over_capacity => {
-            Metrics::bump(&gw.metrics.rejections, Reject::Capacity.label());
+        p if p == gw.config().server.ws_path && over_capacity => {
+            Metrics::bump(&gw.metrics().rejections, Reject::Capacity.label());
             Reject::Capacity.response()
         }
-        p if p == gw.config.server.ws_path => match upgrade(gw, req, peer, counted_at_accept, tx).await {
+        p if p == gw.config().server.ws_path => match upgrade(gw, req, peer, counted_at_accept, tx).await {
             Ok(resp) => resp,
             Err(reject) => {
-                Metrics::bump(&gw.metrics.rejections, reject.label());
+                Metrics::bump(&gw.metrics().rejections, reject.label());
                 tracing::debug!(status = %reject.status(), reason = %reject, "upgrade refused");
                 reject.response()
             }
@@ -372,7 +358,7 @@ async fn upgrade(
         return Err(Reject::BadUpgrade("malformed Sec-WebSocket-Key"));
     }
     let accept = derive_accept_key(key.as_bytes());
-    if !gw.limits.origin_allowed(req.headers()) {
+    if !gw.limits().origin_allowed(req.headers()) {
         return Err(Reject::Origin);
     }
     // A direct client was counted by its peer address at accept. A trusted proxy's client is counted here, by the
@@ -380,13 +366,13 @@ async fn upgrade(
     let (client, ip_guard) = if counted_at_accept {
         (SocketAddr::new(peer.ip().to_canonical(), peer.port()), None)
     } else {
-        let ip = gw.limits.client_ip(peer, req.headers()).map_err(Reject::Forwarded)?;
-        let guard = gw.limits.admit(ip).map_err(Reject::Limited)?;
+        let ip = gw.limits().client_ip(peer, req.headers()).map_err(Reject::Forwarded)?;
+        let guard = gw.limits().admit(ip).map_err(Reject::Limited)?;
         (SocketAddr::new(ip, peer.port()), Some(guard))
     };
-    let token = auth::extract_token(req.headers(), req.uri(), gw.config.auth.cookie.as_deref());
+    let token = auth::extract_token(req.headers(), req.uri(), gw.config().auth.cookie.as_deref());
     // The signature check runs off the async workers, bounded (auth.max_concurrent_verifications).
-    let identity = match gw.auth.authenticate_bounded(token.as_deref(), &gw.shutdown).await {
+    let identity = match gw.auth().authenticate_bounded(token.as_deref(), gw.shutdown()).await {
         Ok(identity) => identity,
         // Checks saturated, or shutting down: not the client's fault, so 503 rather than 401.
         Err(AuthError::Busy | AuthError::Cancelled) => return Err(Reject::Capacity),

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conformance;
 pub mod connection;
 pub mod frames;
+pub mod gateway;
 pub mod http;
 pub mod limits;
 pub mod metrics;
@@ -26,4 +27,5 @@ pub mod shutdown;
 pub mod tls;
 
 pub use config::Config;
+pub use gateway::Gateway;
 pub use server::run;

@@ -26,6 +26,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use hyper::http::{HeaderMap, header};
 use ipnet::IpNet;
 use parking_lot::{Mutex, RwLock};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{Config, config::ForwardedHeader};
 
@@ -175,6 +176,61 @@ pub struct Limits {
     msg_quota: Quota,
     byte_quota: Quota,
     max_violations: u32,
+    /// Global connection cap (`server.max_connections`); a permit lives as long as its connection's task.
+    conn_permits: Arc<Semaphore>,
+    /// Small pool for answering connections over the cap, so rejecting cannot itself exhaust memory.
+    reject_permits: Arc<Semaphore>,
+}
+
+/// Connections over `server.max_connections` that may still get one answer (503, `/healthz`); beyond that they are
+/// closed at accept.
+const REJECT_POOL: usize = 64;
+
+/// Why a new TCP connection was closed at accept, before any TLS work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// Its address is over `limits.max_connections_per_ip` or the per-IP connection rate.
+    Address(Rejection),
+    /// The gateway is over `server.max_connections` and its pool of over-capacity answers is busy too.
+    Capacity,
+}
+
+impl Shed {
+    /// Metrics label (`roomwire_rejections_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Shed::Address(r) => r.shed_label(),
+            Shed::Capacity => "capacity",
+        }
+    }
+}
+
+/// A connection's places under the caps, owned together from accept to close: its global permit (or a place in the
+/// over-capacity answer pool) and its per-address count. Dropping it releases both, exactly once, however the
+/// connection ends.
+#[derive(Debug)]
+pub struct ConnSlot {
+    _global: OwnedSemaphorePermit,
+    over_capacity: bool,
+    /// `None` until the upgrade for a trusted proxy's connection, whose client is counted by forwarded address.
+    address: Option<IpGuard>,
+}
+
+impl ConnSlot {
+    /// Over `server.max_connections`: the connection gets one answer and is closed.
+    pub fn over_capacity(&self) -> bool {
+        self.over_capacity
+    }
+
+    /// Whether the connection was counted by its peer address at accept (false for a trusted proxy).
+    pub fn counted_at_accept(&self) -> bool {
+        self.address.is_some()
+    }
+
+    /// Counts a trusted proxy's connection under its client's (forwarded) address, from the upgrade on.
+    pub fn count_forwarded(&mut self, guard: IpGuard) {
+        self.address.get_or_insert(guard);
+    }
 }
 
 impl std::fmt::Debug for Limits {
@@ -209,7 +265,31 @@ impl Limits {
             msg_quota,
             byte_quota,
             max_violations: l.max_rate_violations,
+            conn_permits: Arc::new(Semaphore::new(config.server.max_connections)),
+            reject_permits: Arc::new(Semaphore::new(REJECT_POOL)),
         }
+    }
+
+    /// Admits a new TCP connection at accept, before any TLS work: its per-address count and rate (see
+    /// [`Limits::admit_peer`]), then a global permit, or a place in the small pool of over-capacity answers.
+    pub fn admit_connection(&self, peer: IpAddr) -> Result<ConnSlot, Shed> {
+        let address = self.admit_peer(peer).map_err(Shed::Address)?;
+        let (global, over_capacity) = match self.conn_permits.clone().try_acquire_owned() {
+            Ok(p) => (p, false),
+            Err(_) => {
+                let p = self
+                    .reject_permits
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Shed::Capacity)?;
+                (p, true)
+            }
+        };
+        Ok(ConnSlot {
+            _global: global,
+            over_capacity,
+            address,
+        })
     }
 
     fn trusted(&self, ip: IpAddr) -> bool {
@@ -303,6 +383,11 @@ impl Limits {
             return Ok(None);
         }
         self.admit(peer.to_canonical()).map(Some)
+    }
+
+    /// Addresses with at least one open connection counted against them.
+    pub fn open_addresses(&self) -> usize {
+        self.conns.lock().len()
     }
 
     /// Keys held by the keyed limiters plus the per-IP connection map (tests assert this stays bounded).

@@ -106,9 +106,11 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let shutdown = roomwire::shutdown::on_signals();
-        roomwire::run(listener, config, shutdown)
+        let gateway = roomwire::Gateway::start(config, shutdown)
             .await
-            .context("gateway failed to start")
+            .context("gateway failed to start")?;
+        roomwire::run(listener, gateway).await;
+        Ok(())
     })
 }
 

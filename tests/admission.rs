@@ -93,7 +93,7 @@ fn upgrade_request(headers: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// `roomwire_rejections_total{reason=..}` as the gateway counts it.
 fn rejections(gw: &TestGateway, reason: &'static str) -> u64 {
-    gw.gw.metrics.rejections.get_or_create(&[("reason", reason)]).get()
+    gw.gw.metrics().rejections.get_or_create(&[("reason", reason)]).get()
 }
 
 /// Opens a WebSocket client from `from`, retrying while it is shed (a slot released by a connection that just
@@ -131,7 +131,7 @@ async fn holds_exactly(gw: &TestGateway, from: IpAddr, n: usize) -> Vec<TlsStrea
         n + 1
     );
     assert!(
-        started.elapsed() < gw.gw.config.server.handshake_timeout / 2,
+        started.elapsed() < gw.gw.config().server.handshake_timeout / 2,
         "shed at once, not at the handshake deadline"
     );
     assert_eq!(rejections(gw, "shed_per_ip"), shed_before + 1);
@@ -328,11 +328,11 @@ async fn per_address_slot_comes_back_exactly_once_on_every_path() {
     // Exactly CAP again: a slot released twice would let a third in, one never released would keep one out.
     drop(holds_exactly(&gw, a, CAP).await);
     let drained = Instant::now() + WAIT;
-    while gw.gw.limits.tracked_keys() > 1 {
+    while gw.gw.limits().tracked_keys() > 1 {
         assert!(
             Instant::now() < drained,
             "per-IP entries left: {}",
-            gw.gw.limits.tracked_keys()
+            gw.gw.limits().tracked_keys()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

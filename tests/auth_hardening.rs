@@ -11,9 +11,8 @@ use common::*;
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use roomwire::{
-    Config,
+    Config, Gateway,
     config::{JwtKey, SecretSource},
-    server::Gateway,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -192,7 +191,7 @@ async fn anonymous_and_other_user_refreshes_are_refused_without_a_signature_chec
     .await;
     let mut anon = gw.client().await;
     let mut ann = connect(&gw, &token("ann", 600)).await.expect("ann");
-    let before = gw.gw.auth.verifications();
+    let before = gw.gw.auth().verifications();
     // A correctly signed token: an anonymous connection may not adopt it.
     let r = anon
         .request(json!({"op": "refresh", "token": token("ann", 600)}), 1)
@@ -210,14 +209,14 @@ async fn anonymous_and_other_user_refreshes_are_refused_without_a_signature_chec
         assert!(is_error(&r, "unauthorized"), "{r}");
         assert_eq!(r["message"], "token is for another user");
     }
-    assert_eq!(gw.gw.auth.verifications(), before, "no signature was checked");
+    assert_eq!(gw.gw.auth().verifications(), before, "no signature was checked");
     // A genuine refresh is still checked and accepted.
     assert_eq!(
         ann.request(json!({"op": "refresh", "token": token("ann", 900)}), 20)
             .await["op"],
         "ack"
     );
-    assert_eq!(gw.gw.auth.verifications(), before + 1);
+    assert_eq!(gw.gw.auth().verifications(), before + 1);
 }
 
 #[tokio::test]
@@ -230,7 +229,7 @@ async fn refreshes_have_their_own_rate() {
     })
     .await;
     let mut c = connect(&gw, &token("ann", 600)).await.expect("ann");
-    let before = gw.gw.auth.verifications();
+    let before = gw.gw.auth().verifications();
     for i in 0..2 {
         assert_eq!(
             c.request(json!({"op": "refresh", "token": token("ann", 600)}), i).await["op"],
@@ -241,7 +240,7 @@ async fn refreshes_have_their_own_rate() {
         let r = c.request(json!({"op": "refresh", "token": token("ann", 600)}), i).await;
         assert!(is_error(&r, "rate_limited"), "{r}");
     }
-    assert_eq!(gw.gw.auth.verifications(), before + 2);
+    assert_eq!(gw.gw.auth().verifications(), before + 2);
     // Other ops are not affected, and another connection has its own budget.
     assert_eq!(c.request(json!({"op": "ping"}), 9).await["op"], "pong");
     let mut d = connect(&gw, &token("ann", 600)).await.expect("second connection");
@@ -380,7 +379,7 @@ async fn bogus_refresh_flood_costs_bounded_checks_and_a_bystander_stays_fast() {
         flooders.push(gw.client().await);
     }
     let mut bystander = gw.client().await;
-    let before = gw.gw.auth.verifications();
+    let before = gw.gw.auth().verifications();
     let flood = flooders.into_iter().map(|mut c| {
         let bogus = bogus.clone();
         tokio::spawn(async move {
@@ -400,7 +399,7 @@ async fn bogus_refresh_flood_costs_bounded_checks_and_a_bystander_stays_fast() {
     for f in flood {
         f.await.unwrap();
     }
-    let checks = gw.gw.auth.verifications() - before;
+    let checks = gw.gw.auth().verifications() - before;
     // Each authenticated flooder gets `refreshes_per_minute` checks (4 by default), anonymous ones none; without
     // the bounds this would be FLOODERS * 2 * REFRESHES = 1440.
     assert!(checks <= FLOODERS as u64 * 4, "{checks} signature checks");

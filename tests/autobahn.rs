@@ -16,7 +16,7 @@ mod common;
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use common::NatsServer;
-use roomwire::{Config, config::OneOrMany, server::Gateway};
+use roomwire::{Config, Gateway, config::OneOrMany};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -82,7 +82,7 @@ async fn autobahn_cases_1_to_10_match_expectations() {
     let shutdown = CancellationToken::new();
     let gw = Gateway::start(config, shutdown.clone()).await.expect("gateway starts");
     assert!(gw.tls.is_none(), "the conformance run is plain ws://");
-    let server = tokio::spawn(gw.clone().serve(listener));
+    let server = tokio::spawn(roomwire::run(listener, gw.clone()));
 
     let out_dir = std::env::var_os("AUTOBAHN_REPORT_DIR")
         .map(PathBuf::from)

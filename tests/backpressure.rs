@@ -178,21 +178,21 @@ async fn drain_slow_consumer(mut c: WsClient) -> (u64, &'static str) {
 }
 
 fn slow_consumers(gw: &TestGateway, reason: &'static str) -> u64 {
-    Metrics::get(&gw.gw.metrics.slow_consumers, reason)
+    Metrics::get(&gw.gw.metrics().slow_consumers, reason)
 }
 
 fn dropped(gw: &TestGateway, reason: &'static str) -> u64 {
-    Metrics::get(&gw.gw.metrics.dropped, reason)
+    Metrics::get(&gw.gw.metrics().dropped, reason)
 }
 
 /// Waits until the gateway has fanned out `n` NATS messages in all (so every one of them is queued or dropped).
 async fn wait_fanned_out(gw: &TestGateway, n: u64) {
     let deadline = Instant::now() + WAIT;
-    while gw.gw.metrics.room_messages.get() < n {
+    while gw.gw.metrics().room_messages.get() < n {
         assert!(
             Instant::now() < deadline,
             "gateway fanned out {} of {n}",
-            gw.gw.metrics.room_messages.get()
+            gw.gw.metrics().room_messages.get()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -219,7 +219,7 @@ async fn stalled_client_costs_the_others_nothing_and_memory_stays_bounded() {
         c.nats.subscription_capacity = 256;
     })
     .await;
-    let cfg = &gw.gw.config;
+    let cfg = &gw.gw.config();
 
     let mut stalled = gw.client_small_rcvbuf(STALLED_RCVBUF).await;
     stalled.join("flood").await;
@@ -326,7 +326,7 @@ async fn flood_until(
     mut enough: impl FnMut() -> bool,
 ) -> u64 {
     let subject = format!("rooms.{room}");
-    let base = fanned_out.map_or(0, |gw| gw.gw.metrics.room_messages.get());
+    let base = fanned_out.map_or(0, |gw| gw.gw.metrics().room_messages.get());
     let deadline = Instant::now() + WAIT;
     let mut n = 0;
     loop {
@@ -532,12 +532,12 @@ async fn never_reading_client_is_dropped_after_write_timeout() {
     })
     .await;
     let pad = "x".repeat(4 * KIB - 20);
-    let open = gw.gw.metrics.connections_open.get();
+    let open = gw.gw.metrics().connections_open.get();
     assert_eq!(open, 1);
     let started = Instant::now();
     // The socket fills after a few MiB (well under a second here), then the write deadline runs.
     flood_until(&backend, "feed-2", &pad, None, || {
-        gw.gw.metrics.connections_open.get() == 0
+        gw.gw.metrics().connections_open.get() == 0
     })
     .await;
     let elapsed = started.elapsed();
@@ -599,7 +599,7 @@ async fn nats_outage(outage: Outage) {
         c.limits.bytes_burst = u32::MAX;
     })
     .await;
-    let cfg = &gw.gw.config;
+    let cfg = &gw.gw.config();
     let mut b = gw.client().await;
     let mut c = gw.client().await;
     b.join("lobby").await;
@@ -724,12 +724,12 @@ async fn nats_outage(outage: Outage) {
                 sent < FLOOD * SIZE as u64 / 4,
                 "the gateway kept reading {sent} bytes while NATS was paused"
             );
-            assert!(Metrics::get(&gw.gw.metrics.publish_failures, "timeout") >= want);
+            assert!(Metrics::get(&gw.gw.metrics().publish_failures, "timeout") >= want);
         }
         Outage::Stopped => {
             // Refused at once, not after the timeout.
             assert!(max_silence < publish_timeout / 2, "no reply for {max_silence:?}");
-            assert_eq!(Metrics::get(&gw.gw.metrics.publish_failures, "disconnected"), FLOOD);
+            assert_eq!(Metrics::get(&gw.gw.metrics().publish_failures, "disconnected"), FLOOD);
         }
     }
     flood.abort();

@@ -233,7 +233,7 @@ async fn no_ack_without_id_but_errors_still_sent() {
     a.send(json!({"op":"publish","room":"lobby","data":"x"})).await;
     a.send(json!({"op":"leave","room":"lobby"})).await;
     assert_alive(&mut a).await;
-    assert_eq!(gw.gw.rooms.len(), 0, "the id-less join and leave were carried out");
+    assert_eq!(gw.gw.rooms().len(), 0, "the id-less join and leave were carried out");
     // An error is sent even without an id, and carries no id.
     a.send(json!({"op":"publish","room":"lobby","data":"x"})).await;
     let e = a.recv_op("error").await;
@@ -443,7 +443,7 @@ async fn hostile_room_names_are_refused_without_nats_traffic() {
             assert_eq!(e["id"], id);
         }
     }
-    assert_eq!(gw.gw.rooms.len(), 0, "no room was created");
+    assert_eq!(gw.gw.rooms().len(), 0, "no room was created");
     assert_eq!(
         gateway_subs(mport).await,
         Vec::<String>::new(),
@@ -552,7 +552,7 @@ async fn unknown_op_and_missing_or_mistyped_fields_are_bad_request() {
         a.send(v.clone()).await;
         assert_eq!(a.recv_op("error").await["code"], "bad_request", "{v}");
     }
-    assert_eq!(gw.gw.rooms.len(), 0);
+    assert_eq!(gw.gw.rooms().len(), 0);
     assert_alive(&mut a).await;
 }
 
@@ -669,7 +669,7 @@ async fn nats_down_gives_unavailable_and_recovers() {
     )
     .await;
     expect_error(&mut a, json!({"op":"join","room":"newroom"}), 2, "unavailable").await;
-    assert_eq!(gw.gw.rooms.len(), 1, "the failed join left no room behind");
+    assert_eq!(gw.gw.rooms().len(), 1, "the failed join left no room behind");
     assert_alive(&mut a).await;
     nats.restart().await;
     gw.wait_ready(true).await;
@@ -691,7 +691,7 @@ async fn join_not_confirmed_in_time_is_unavailable() {
     // A frozen server keeps its TCP connection open but answers nothing: the subscription is never confirmed.
     nats.pause_and_wait().await;
     expect_error(&mut a, json!({"op":"join","room":"frozen"}), 1, "unavailable").await;
-    assert_eq!(gw.gw.rooms.len(), 1, "the failed join left no room behind");
+    assert_eq!(gw.gw.rooms().len(), 1, "the failed join left no room behind");
     assert_alive(&mut a).await;
     nats.resume();
     a.join("frozen").await;
@@ -733,18 +733,18 @@ async fn one_nats_subscription_per_room_per_gateway() {
     a.join("lobby").await;
     b.join("lobby").await;
     a.join("other").await;
-    assert_eq!(gw.gw.rooms.len(), 2);
+    assert_eq!(gw.gw.rooms().len(), 2);
     wait_gateway_subs(mport, &["rooms.lobby", "rooms.other"]).await;
     a.request(json!({"op":"leave","room":"lobby"}), 1).await;
-    assert_eq!(gw.gw.rooms.len(), 2, "b still holds lobby");
+    assert_eq!(gw.gw.rooms().len(), 2, "b still holds lobby");
     wait_gateway_subs(mport, &["rooms.lobby", "rooms.other"]).await;
     b.request(json!({"op":"leave","room":"lobby"}), 2).await;
-    assert_eq!(gw.gw.rooms.len(), 1, "last leave drops the room");
+    assert_eq!(gw.gw.rooms().len(), 1, "last leave drops the room");
     wait_gateway_subs(mport, &["rooms.other"]).await;
     // Disconnecting counts as leaving.
     a.ws.close(None).await.unwrap();
     wait_gateway_subs(mport, &[]).await;
-    assert_eq!(gw.gw.rooms.len(), 0);
+    assert_eq!(gw.gw.rooms().len(), 0);
 }
 
 #[tokio::test]

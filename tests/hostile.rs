@@ -1093,7 +1093,7 @@ async fn hostile_room_names_are_refused() {
         let r = reply_to(&mut ws, &format!(r#"{{"op":"join","room":{bad_json},"id":1}}"#)).await;
         assert_eq!(r["code"], "bad_request", "{bad_json}: {r}");
     }
-    assert_eq!(h.gw.gw.rooms.len(), 1, "only the bystander's room exists");
+    assert_eq!(h.gw.gw.rooms().len(), 1, "only the bystander's room exists");
     assert_eq!(
         reply_to(&mut ws, r#"{"op":"join","room":"ok","id":"j"}"#).await,
         json!({"op":"ack","id":"j"})

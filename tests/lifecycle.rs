@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{
 async fn until_no_connection(gw: &TestGateway, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        if gw.gw.metrics.connections_open.get() == 0 {
+        if gw.gw.metrics().connections_open.get() == 0 {
             return start.elapsed();
         }
         assert!(
@@ -178,7 +178,8 @@ async fn large_room_message_is_delivered_with_default_write_buffers() {
     let gw = TestGateway::start(&nats, |_| {}).await;
     let defaults = roomwire::config::LimitsConfig::default();
     assert_eq!(
-        gw.gw.config.limits.max_write_buffer_size, defaults.max_write_buffer_size,
+        gw.gw.config().limits.max_write_buffer_size,
+        defaults.max_write_buffer_size,
         "the test runs the shipped write-buffer settings"
     );
     let mut c = gw.client().await;

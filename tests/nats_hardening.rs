@@ -39,7 +39,7 @@ async fn paused_nats_turns_not_ready_within_seconds() {
     let nats = NatsServer::start().await;
     let gw = TestGateway::start(&nats, |_| {}).await;
     assert_eq!(
-        gw.gw.config.nats.ping_interval,
+        gw.gw.config().nats.ping_interval,
         Duration::from_secs(2),
         "the default is what is tested"
     );
@@ -113,7 +113,11 @@ async fn bytes_waiting_for_a_paused_nats_are_bounded() {
             _ => panic!("unexpected frame {r}"),
         }
     }
-    assert!(gw.gw.bridge.pending_bytes() <= MIB, "{}", gw.gw.bridge.pending_bytes());
+    assert!(
+        gw.gw.bridge().pending_bytes() <= MIB,
+        "{}",
+        gw.gw.bridge().pending_bytes()
+    );
     assert!(refused > 0, "the pause must have blocked something (acked {acked})");
 
     nats.resume();
@@ -133,7 +137,7 @@ async fn bytes_waiting_for_a_paused_nats_are_bounded() {
         "delivered {delivered}, acked {acked}, refused {refused}: refused messages reached NATS beyond the budget"
     );
     // Every byte comes back once NATS has written it.
-    eventually("byte budget released", || gw.gw.bridge.pending_bytes() == 0).await;
+    eventually("byte budget released", || gw.gw.bridge().pending_bytes() == 0).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -230,13 +234,13 @@ async fn room_removed_by_the_server_is_not_kept() {
     let mut a = gw.client().await;
     a.join("secret").await;
     a.join("open").await;
-    assert_eq!(gw.gw.rooms.len(), 2);
+    assert_eq!(gw.gw.rooms().len(), 2);
 
     nats.reload(&["rooms.secret"]);
     let left = a.recv_op("left").await;
     assert_eq!(left["room"], "secret", "{left}");
     assert_eq!(left["reason"], "room subscription ended", "{left}");
-    assert_eq!(gw.gw.rooms.len(), 1, "the dead room left the registry");
+    assert_eq!(gw.gw.rooms().len(), 1, "the dead room left the registry");
 
     // Joining again: the server refuses the new subscription, so no ack may stand.
     let mut b = gw.client().await;
@@ -251,7 +255,7 @@ async fn room_removed_by_the_server_is_not_kept() {
             _ => panic!("unexpected reply {r}"),
         }
     }
-    eventually("no dead room registered", || gw.gw.rooms.len() == 1).await;
+    eventually("no dead room registered", || gw.gw.rooms().len() == 1).await;
 
     // The other room still works end to end.
     let nc = async_nats::connect(nats.url()).await.expect("connect");
@@ -292,7 +296,7 @@ async fn room_removed_by_the_server_is_not_kept() {
 async fn deep_json_never_reaches_nats() {
     let nats = NatsServer::start().await;
     let gw = TestGateway::start(&nats, |_| {}).await;
-    let depth = gw.gw.config.limits.max_json_depth;
+    let depth = gw.gw.config().limits.max_json_depth;
     assert_eq!(depth, 32, "documented default");
     let nc = nats.client().await;
     let mut sub = nc.subscribe("rooms.deep").await.expect("subscribe");
@@ -351,7 +355,7 @@ async fn rooms_per_address_are_capped() {
     let e = b.request(json!({"op":"join","room":"r4"}), 2).await;
     assert_eq!(e["code"], "too_many_rooms", "{e}");
     b.join("r1").await; // a room the address is in already costs nothing
-    assert_eq!(gw.gw.rooms.rooms_of(&key), 3);
+    assert_eq!(gw.gw.rooms().rooms_of(&key), 3);
 
     // r3 is held by `a` only: leaving it frees one.
     let r = a.request(json!({"op":"leave","room":"r3"}), 3).await;
@@ -366,8 +370,8 @@ async fn rooms_per_address_are_capped() {
     // Disconnecting gives everything back; the accounting map forgets the address.
     drop(a);
     drop(b);
-    eventually("rooms released on disconnect", || gw.gw.rooms.rooms_of(&key) == 0).await;
-    assert_eq!(gw.gw.rooms.len(), 0);
+    eventually("rooms released on disconnect", || gw.gw.rooms().rooms_of(&key) == 0).await;
+    assert_eq!(gw.gw.rooms().len(), 0);
     let mut c = gw.client().await;
     for r in ["x1", "x2", "x3"] {
         c.join(r).await;
@@ -390,7 +394,7 @@ async fn room_creation_is_rate_limited() {
     }
     let e = a.request(json!({"op":"join","room":"c4"}), 1).await;
     assert_eq!(e["code"], "rate_limited", "{e}");
-    assert_eq!(gw.gw.rooms.len(), 3, "no subscription made for the refused join");
+    assert_eq!(gw.gw.rooms().len(), 3, "no subscription made for the refused join");
     // An existing room is no creation.
     let mut b = gw.client().await;
     b.join("c1").await;
@@ -429,7 +433,7 @@ async fn memory_per_room() {
     let outbox = std::sync::Arc::new(Outbox::new(1024, MIB));
     let key = QuotaKey::Addr("10.0.0.1".parse().expect("ip"));
     let join = |i: usize| {
-        let rooms = gw.gw.rooms.clone();
+        let rooms = gw.gw.rooms().clone();
         let member = Member {
             id: 1,
             outbox: outbox.clone(),
@@ -455,5 +459,5 @@ async fn memory_per_room() {
         after / 1024,
         if cfg!(debug_assertions) { "debug" } else { "release" }
     );
-    assert_eq!(gw.gw.rooms.len(), ROOMS + 1000);
+    assert_eq!(gw.gw.rooms().len(), ROOMS + 1000);
 }

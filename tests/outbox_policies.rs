@@ -26,17 +26,17 @@ fn payload(n: u64, pad: &str) -> Bytes {
 }
 
 fn dropped(gw: &TestGateway, reason: &'static str) -> u64 {
-    Metrics::get(&gw.gw.metrics.dropped, reason)
+    Metrics::get(&gw.gw.metrics().dropped, reason)
 }
 
 /// Waits until the gateway has fanned out `n` NATS messages in all (so each is queued, parked or dropped).
 async fn wait_fanned_out(gw: &TestGateway, n: u64) {
     let deadline = Instant::now() + WAIT;
-    while gw.gw.metrics.room_messages.get() < n {
+    while gw.gw.metrics().room_messages.get() < n {
         assert!(
             Instant::now() < deadline,
             "gateway fanned out {} of {n}",
-            gw.gw.metrics.room_messages.get()
+            gw.gw.metrics().room_messages.get()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -123,7 +123,7 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
     // MiB). The writer is stuck once a value published after a long pause still finds the previous one queued
     // (conflated), three times in a row: a writer that is merely busy takes a value in well under a millisecond.
     let mut ticker_a = 0u64;
-    let mut fanned = gw.gw.metrics.room_messages.get();
+    let mut fanned = gw.gw.metrics().room_messages.get();
     let mut stuck_probes = 0;
     let deadline = Instant::now() + 2 * WAIT;
     while stuck_probes < 3 {
@@ -165,7 +165,7 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
     fanned += 3 + TICKER_B;
     wait_fanned_out(&gw, fanned).await;
     assert_eq!(
-        Metrics::get(&gw.gw.metrics.slow_consumers, "queue_full"),
+        Metrics::get(&gw.gw.metrics().slow_consumers, "queue_full"),
         0,
         "nobody overflowed a disconnect room"
     );

@@ -14,7 +14,7 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
-use roomwire::{Config, server::Gateway};
+use roomwire::{Config, Gateway};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
 use tokio::{
@@ -309,7 +309,7 @@ impl TestGateway {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let gw = Gateway::start(config, shutdown.clone()).await.expect("gateway starts");
-        let task = tokio::spawn(gw.clone().serve(listener));
+        let task = tokio::spawn(roomwire::run(listener, gw.clone()));
         let t = TestGateway {
             addr,
             gw,
@@ -381,7 +381,7 @@ impl TestGateway {
 
     /// Connects a WebSocket client (anonymous) and reads the welcome.
     pub async fn client(&self) -> WsClient {
-        self.client_with(&self.gw.config.server.ws_path.clone(), &[])
+        self.client_with(&self.gw.config().server.ws_path.clone(), &[])
             .await
             .expect("upgrade accepted")
     }
@@ -535,7 +535,11 @@ impl TestGateway {
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();
-        let url = format!("wss://localhost:{}{}", self.addr.port(), self.gw.config.server.ws_path);
+        let url = format!(
+            "wss://localhost:{}{}",
+            self.addr.port(),
+            self.gw.config().server.ws_path
+        );
         let (ws, _) = tokio_tungstenite::client_async(url, tls)
             .await
             .expect("upgrade accepted");

@@ -1,0 +1,189 @@
+//! The state every connection shares, built once at startup by [`Gateway::start`]: the validated configuration, the
+//! NATS bridge, the room registry, the token verifier, the limits, the metrics, the TLS acceptor, the root shutdown
+//! token and the tracker of every spawned task.
+//!
+//! Fields are private; the methods say what each part is for. The accept loop (`crate::server`), the handshake
+//! (`crate::http`) and the session (`crate::connection`) all depend on this module, and it depends on none of them,
+//! so a connection's life reads in one direction: accept → TLS and HTTP → upgrade → session.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::{AuthError, Authenticator},
+    bridge::{Bridge, BridgeError},
+    config::{Config, ConfigError},
+    limits::Limits,
+    metrics::Metrics,
+    rooms::Rooms,
+    tls::{Tls, TlsError},
+};
+
+/// Startup failures of the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is inconsistent (the same checks as `Config::load`, for configs built in code).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificate or key problem.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// NATS options problem (bad URL or credentials file).
+    #[error(transparent)]
+    Nats(#[from] BridgeError),
+    /// Authentication keys problem.
+    #[error("auth: {0}")]
+    Auth(#[from] AuthError),
+}
+
+/// Everything a connection needs, shared by all of them (`Arc<Gateway>`).
+#[derive(Debug)]
+pub struct Gateway {
+    config: Config,
+    /// This instance's id (NATS headers, events, connection ids).
+    id: Arc<str>,
+    bridge: Bridge,
+    rooms: Arc<Rooms>,
+    auth: Authenticator,
+    limits: Arc<Limits>,
+    metrics: Arc<Metrics>,
+    /// `None` when `tls.enabled = false`.
+    tls: Option<Tls>,
+    /// Applied to every upgraded connection (built from `[limits]`).
+    ws_config: WebSocketConfig,
+    /// Root shutdown token; every task holds it or a child.
+    shutdown: CancellationToken,
+    /// Every task spawned for connections and rooms; shutdown waits for them, bounded by `server.shutdown_grace`.
+    tracker: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+impl Gateway {
+    /// Validates the configuration and what needs files (certificates, keys), and connects to NATS (in the
+    /// background if it is not up yet, so the gateway starts and reports not-ready).
+    pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Arc<Self>, StartError> {
+        config.validate()?;
+        let id: Arc<str> = match &config.server.gateway_id {
+            Some(id) => id.as_str().into(),
+            None => format!("gw{:08x}", rand::random::<u32>()).into(),
+        };
+        let tls = if config.tls.enabled {
+            Some(Tls::new(&config.tls)?)
+        } else {
+            None
+        };
+        let auth = Authenticator::from_config(&config.auth)?;
+        let metrics = Arc::new(Metrics::new());
+        let bridge = Bridge::connect(&config.nats, id.clone(), metrics.clone()).await?;
+        let tracker = TaskTracker::new();
+        let rooms = Rooms::new(
+            bridge.clone(),
+            config.rooms.clone(),
+            config.limits.max_tracked_keys,
+            metrics.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        );
+        let limits = Arc::new(Limits::new(&config));
+        let l = &config.limits;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(l.read_buffer_size)
+            .write_buffer_size(l.write_buffer_size)
+            .max_write_buffer_size(l.max_write_buffer_size)
+            .max_message_size(Some(l.max_message_size))
+            .max_frame_size(Some(l.max_frame_size));
+        tracing::info!(gateway = %id, tls = config.tls.enabled, "gateway started");
+        Ok(Arc::new(Self {
+            next_conn: AtomicU64::new(1),
+            config,
+            id,
+            bridge,
+            rooms,
+            auth,
+            limits,
+            metrics,
+            tls,
+            ws_config,
+            shutdown,
+            tracker,
+        }))
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// This instance's id, as NATS headers, lifecycle events and connection ids name it.
+    pub fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    /// The NATS connection.
+    pub fn bridge(&self) -> &Bridge {
+        &self.bridge
+    }
+
+    /// The room registry and fan-out.
+    pub fn rooms(&self) -> &Arc<Rooms> {
+        &self.rooms
+    }
+
+    /// Token verification.
+    pub fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// Connection caps, rate limits, origins and client addresses.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    /// Counters and gauges.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The TLS acceptor, when `tls.enabled`.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// WebSocket settings for every upgraded connection.
+    pub fn ws_config(&self) -> WebSocketConfig {
+        self.ws_config
+    }
+
+    /// The root shutdown token: cancelled on SIGINT/SIGTERM (or by the caller of `run`).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Spawns a task that shutdown waits for (bounded by `server.shutdown_grace`).
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Every task spawned through [`Gateway::spawn`] and by the rooms.
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// A new local connection number.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether the gateway should receive traffic: connected to NATS and not shutting down.
+    pub fn ready(&self) -> bool {
+        self.bridge.is_connected() && !self.shutdown.is_cancelled()
+    }
+}
