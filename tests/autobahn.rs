@@ -81,7 +81,7 @@ async fn autobahn_cases_1_to_10_match_expectations() {
     let addr = listener.local_addr().expect("local addr");
     let shutdown = CancellationToken::new();
     let gw = Gateway::start(config, shutdown.clone()).await.expect("gateway starts");
-    assert!(gw.tls.is_none(), "the conformance run is plain ws://");
+    assert!(gw.tls().is_none(), "the conformance run is plain ws://");
     let server = tokio::spawn(roomwire::run(listener, gw.clone()));
 
     let out_dir = std::env::var_os("AUTOBAHN_REPORT_DIR")
