@@ -62,16 +62,46 @@ pub enum BridgeError {
     Other(String),
 }
 
-impl BridgeError {
-    /// Short reason label for metrics.
-    pub fn label(&self) -> &'static str {
+/// What kind of NATS failure a client publish met (`roomwire_publish_failures_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Could not connect.
+    Connect,
+    /// NATS is away.
+    Disconnected,
+    /// NATS did not accept it in time.
+    Timeout,
+    /// Over the server's `max_payload` or the byte budget.
+    TooLarge,
+    /// The server refused it.
+    Refused,
+    /// Any other client error.
+    Error,
+}
+
+impl crate::metrics::Reason for Failure {
+    fn as_str(self) -> &'static str {
         match self {
-            BridgeError::Connect(_) => "connect",
-            BridgeError::Disconnected => "disconnected",
-            BridgeError::Timeout => "timeout",
-            BridgeError::TooLarge => "too_large",
-            BridgeError::Refused => "refused",
-            BridgeError::Other(_) => "error",
+            Failure::Connect => "connect",
+            Failure::Disconnected => "disconnected",
+            Failure::Timeout => "timeout",
+            Failure::TooLarge => "too_large",
+            Failure::Refused => "refused",
+            Failure::Error => "error",
+        }
+    }
+}
+
+impl BridgeError {
+    /// Its kind, for metrics.
+    pub fn kind(&self) -> Failure {
+        match self {
+            BridgeError::Connect(_) => Failure::Connect,
+            BridgeError::Disconnected => Failure::Disconnected,
+            BridgeError::Timeout => Failure::Timeout,
+            BridgeError::TooLarge => Failure::TooLarge,
+            BridgeError::Refused => Failure::Refused,
+            BridgeError::Other(_) => Failure::Error,
         }
     }
 }

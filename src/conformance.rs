@@ -59,7 +59,8 @@ where
             // is flushed and the stream ends.
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_))) => {}
             Some(Err(e)) => {
-                let (code, reason, _) = read_error_close(&e).unwrap_or((close::NORMAL, "", ""));
+                let (code, reason) =
+                    read_error_close(&e).map_or((close::NORMAL, ""), |(code, reason, _)| (code, reason));
                 tracing::debug!(error = %e, code, "echo: read error");
                 send_close(&mut ws, code, reason, write_timeout).await;
                 return;

@@ -47,7 +47,7 @@ use crate::{
     frames::Meter,
     gateway::Gateway,
     limits::ConnSlot,
-    metrics::Metrics,
+    metrics::{Closed, SlowConsumer},
     outbox::{CloseRequest, Item, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
     room_quota::{QuotaError, QuotaKey},
@@ -270,11 +270,11 @@ impl Conn {
                         heartbeat.as_mut().reset(due);
                         continue;
                     }
-                    Metrics::bump(&self.gw.metrics().closes, "heartbeat_timeout");
+                    self.gw.metrics().closes.inc(Closed::HeartbeatTimeout);
                     return close_req(close::GOING_AWAY, "heartbeat timeout", false);
                 }
                 _ = &mut expire, if expire_at.is_some() => {
-                    Metrics::bump(&self.gw.metrics().closes, "token_expired");
+                    self.gw.metrics().closes.inc(Closed::TokenExpired);
                     return close_req(close::TOKEN_EXPIRED, "token expired", true);
                 }
                 _ = &mut warn, if warn_at.is_some() => {
@@ -325,14 +325,14 @@ impl Conn {
     fn read_error(&self, e: tungstenite::Error) -> CloseRequest {
         let m = &self.gw.metrics();
         if self.meter.abusive() {
-            Metrics::bump(&m.closes, "rate_abuse");
+            m.closes.inc(Closed::RateAbuse);
             // Flushed: the client sees the `rate_limited` answers that led here (bounded by the queue).
             return close_req(close::POLICY, "rate limit exceeded repeatedly", true);
         }
         match read_error_close(&e) {
             Some((code, reason, label)) => {
                 tracing::info!(error = %e, code, "closing on a read error");
-                Metrics::bump(&m.closes, label);
+                m.closes.inc(label);
                 close_req(code, reason, false)
             }
             None => {
@@ -369,7 +369,7 @@ impl Conn {
     }
 
     async fn error(&self, id: Option<&str>, code: ErrorCode, message: &str) {
-        Metrics::bump(&self.gw.metrics().errors, code.as_str());
+        self.gw.metrics().errors.inc(code);
         self.send(protocol::error(id, code, message)).await;
     }
 
@@ -588,8 +588,8 @@ impl Conn {
             match published.confirm(deadline).await {
                 Ok(()) => id.map(|id| protocol::ack(&id)),
                 Err(e) => {
-                    Metrics::bump(&gw.metrics().publish_failures, e.label());
-                    Metrics::bump(&gw.metrics().errors, ErrorCode::Unavailable.as_str());
+                    gw.metrics().publish_failures.inc(e.kind());
+                    gw.metrics().errors.inc(ErrorCode::Unavailable);
                     let message = "messaging backend did not accept the message";
                     id.map(|id| protocol::error(Some(&id), ErrorCode::Unavailable, message))
                 }
@@ -598,7 +598,7 @@ impl Conn {
     }
 
     async fn publish_failed(&self, id: Option<&str>, e: BridgeError) {
-        Metrics::bump(&self.gw.metrics().publish_failures, e.label());
+        self.gw.metrics().publish_failures.inc(e.kind());
         match e {
             BridgeError::TooLarge => {
                 self.error(id, ErrorCode::TooLarge, "message over the backend's maximum payload")
@@ -657,13 +657,13 @@ impl Conn {
     }
 }
 
-/// The close a read error from tungstenite stands for, as (code, reason, metrics label); `None` when the client is
+/// The close a read error from tungstenite stands for, as (code, reason, metrics reason); `None` when the client is
 /// simply gone. Shared with the conformance echo, so Autobahn checks the codes real clients get.
-pub fn read_error_close(e: &tungstenite::Error) -> Option<(u16, &'static str, &'static str)> {
+pub fn read_error_close(e: &tungstenite::Error) -> Option<(u16, &'static str, Closed)> {
     match e {
-        tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "message too big", "too_big")),
-        tungstenite::Error::Protocol(_) => Some((close::PROTOCOL, "protocol error", "protocol_error")),
-        tungstenite::Error::Utf8(_) => Some((close::INVALID_DATA, "invalid UTF-8", "invalid_utf8")),
+        tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "message too big", Closed::TooBig)),
+        tungstenite::Error::Protocol(_) => Some((close::PROTOCOL, "protocol error", Closed::ProtocolError)),
+        tungstenite::Error::Utf8(_) => Some((close::INVALID_DATA, "invalid UTF-8", Closed::InvalidUtf8)),
         _ => None,
     }
 }
@@ -763,13 +763,13 @@ impl WriteFailed {
     fn close(self, gw: &Gateway) -> CloseRequest {
         match self {
             WriteFailed::Timeout => {
-                Metrics::bump(&gw.metrics().slow_consumers, "write_timeout");
+                gw.metrics().slow_consumers.inc(SlowConsumer::WriteTimeout);
                 tracing::info!("write timed out: slow consumer dropped");
                 close_req(close::SLOW_CONSUMER, "slow consumer", false)
             }
             WriteFailed::Error(tungstenite::Error::WriteBufferFull(_)) => {
                 // Config::validate makes this unreachable for frames the outbox admits; say so loudly if not.
-                Metrics::bump(&gw.metrics().closes, "write_buffer_full");
+                gw.metrics().closes.inc(Closed::WriteBufferFull);
                 tracing::warn!("outgoing frame over limits.max_write_buffer_size: connection closed");
                 close_req(close::INTERNAL, "internal error", false)
             }

@@ -47,7 +47,7 @@ use crate::{
     frames::Metered,
     gateway::Gateway,
     limits::{ConnSlot, ForwardedError, IpGuard, Rejection},
-    metrics::Metrics,
+    metrics::Rejected,
 };
 
 /// Sub-protocol name a client may request; echoed when offered.
@@ -97,17 +97,17 @@ impl Reject {
         }
     }
 
-    /// Metrics label.
-    fn label(&self) -> &'static str {
+    /// Metrics reason.
+    fn reason(&self) -> Rejected {
         match self {
-            Reject::NotFound => "not_found",
-            Reject::UpgradeRequired | Reject::BadUpgrade(_) => "bad_upgrade",
-            Reject::Origin => "origin",
-            Reject::Limited(Rejection::ConnectionRate) => "rate",
-            Reject::Limited(Rejection::TooManyPerIp) => "per_ip",
-            Reject::Forwarded(_) => "forwarded",
-            Reject::Capacity => "capacity",
-            Reject::Unauthorized(_) => "unauthorized",
+            Reject::NotFound => Rejected::NotFound,
+            Reject::UpgradeRequired | Reject::BadUpgrade(_) => Rejected::BadUpgrade,
+            Reject::Origin => Rejected::Origin,
+            Reject::Limited(Rejection::ConnectionRate) => Rejected::Rate,
+            Reject::Limited(Rejection::TooManyPerIp) => Rejected::PerIp,
+            Reject::Forwarded(_) => Rejected::Forwarded,
+            Reject::Capacity => Rejected::Capacity,
+            Reject::Unauthorized(_) => Rejected::Unauthorized,
         }
     }
 
@@ -158,11 +158,11 @@ pub async fn handshake(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadl
             match tokio::time::timeout_at(deadline, accept).await {
                 Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, slot).await,
                 Ok(Err(e)) => {
-                    Metrics::bump(&gw.metrics().rejections, "tls");
+                    gw.metrics().rejections.inc(Rejected::Tls);
                     tracing::debug!(error = %e, "TLS handshake failed");
                 }
                 Err(_) => {
-                    Metrics::bump(&gw.metrics().rejections, "handshake_timeout");
+                    gw.metrics().rejections.inc(Rejected::HandshakeTimeout);
                     tracing::debug!("TLS handshake timed out");
                 }
             }
@@ -185,7 +185,7 @@ where
         Ok(Some(upgrade)) => upgrade,
         Ok(None) => return,
         Err(_) => {
-            Metrics::bump(&gw.metrics().rejections, "handshake_timeout");
+            gw.metrics().rejections.inc(Rejected::HandshakeTimeout);
             tracing::debug!("not upgraded within the handshake deadline: closed");
             return;
         }
@@ -302,13 +302,13 @@ async fn route(
             resp
         }
         p if p == gw.config().server.ws_path && over_capacity => {
-            Metrics::bump(&gw.metrics().rejections, Reject::Capacity.label());
+            gw.metrics().rejections.inc(Reject::Capacity.reason());
             Reject::Capacity.response()
         }
         p if p == gw.config().server.ws_path => match upgrade(gw, req, peer, counted_at_accept, tx).await {
             Ok(resp) => resp,
             Err(reject) => {
-                Metrics::bump(&gw.metrics().rejections, reject.label());
+                gw.metrics().rejections.inc(reject.reason());
                 tracing::debug!(status = %reject.status(), reason = %reject, "upgrade refused");
                 reject.response()
             }

@@ -118,16 +118,6 @@ impl Rejection {
     }
 }
 
-impl Rejection {
-    /// Metrics label when a connection is shed at accept for this reason (closed without TLS work).
-    pub fn shed_label(&self) -> &'static str {
-        match self {
-            Rejection::ConnectionRate => "shed_rate",
-            Rejection::TooManyPerIp => "shed_per_ip",
-        }
-    }
-}
-
 /// Why a trusted proxy's forwarding header gave no client address (answered with HTTP 400). The texts are fixed:
 /// they never echo the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -196,11 +186,13 @@ pub enum Shed {
 }
 
 impl Shed {
-    /// Metrics label (`roomwire_rejections_total{reason}`).
-    pub fn label(&self) -> &'static str {
+    /// Metrics reason (`roomwire_rejections_total{reason}`).
+    pub fn reason(&self) -> crate::metrics::Rejected {
+        use crate::metrics::Rejected;
         match self {
-            Shed::Address(r) => r.shed_label(),
-            Shed::Capacity => "capacity",
+            Shed::Address(Rejection::TooManyPerIp) => Rejected::ShedPerIp,
+            Shed::Address(Rejection::ConnectionRate) => Rejected::ShedRate,
+            Shed::Capacity => Rejected::Capacity,
         }
     }
 }
@@ -905,8 +897,9 @@ mod tests {
         assert!(matches!(l.admit_peer(ip("10.1.2.3")), Ok(None)));
         drop(g);
         assert!(l.admit_peer(ip("1.2.3.4")).expect("freed").is_some());
-        assert_eq!(Rejection::TooManyPerIp.shed_label(), "shed_per_ip");
-        assert_eq!(Rejection::ConnectionRate.shed_label(), "shed_rate");
+        use crate::metrics::{Reason, Rejected};
+        assert_eq!(Shed::Address(Rejection::TooManyPerIp).reason(), Rejected::ShedPerIp);
+        assert_eq!(Shed::Address(Rejection::ConnectionRate).reason().as_str(), "shed_rate");
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! Counters and gauges kept by every part of the gateway, exported in the Prometheus text format at `GET /metrics`.
 //!
 //! Hot-path counters are bumped once per NATS message (by the number of deliveries), never once per recipient.
-//! Labelled families are used only for rare events (rejections, drops, errors), whose label values are static
-//! strings, so the number of series is bounded by the code, not by traffic.
+//! Labelled families are used only for rare events (rejections, drops, errors). Their one `reason` label takes its
+//! values from an enum per family ([`Reason`]), never from a string at a call site, so the number of series is bounded
+//! by the code, not by traffic; reading a counter ([`ByReason::get`]) never creates a series.
 
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::{
+    marker::PhantomData,
+    sync::atomic::{AtomicI64, AtomicU64, Ordering},
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -13,7 +17,164 @@ use prometheus_client::{
 };
 
 /// Label set with one `reason` label.
-pub type ReasonLabels = [(&'static str, &'static str); 1];
+type ReasonLabels = [(&'static str, &'static str); 1];
+
+/// A closed set of values for a family's `reason` label.
+pub trait Reason: Copy {
+    /// The label value (snake_case).
+    fn as_str(self) -> &'static str;
+}
+
+/// A counter family with one `reason` label whose values are the `R`s.
+#[derive(Debug)]
+pub struct ByReason<R> {
+    family: Family<ReasonLabels, Counter>,
+    _reason: PhantomData<fn(R)>,
+}
+
+impl<R> Default for ByReason<R> {
+    fn default() -> Self {
+        Self {
+            family: Family::default(),
+            _reason: PhantomData,
+        }
+    }
+}
+
+impl<R: Reason> ByReason<R> {
+    /// Counts one event.
+    pub fn inc(&self, reason: R) {
+        self.inc_by(reason, 1);
+    }
+
+    /// Counts `n` events.
+    pub fn inc_by(&self, reason: R, n: u64) {
+        self.family.get_or_create(&[("reason", reason.as_str())]).inc_by(n);
+    }
+
+    /// The count so far (0 for a reason never counted; reading creates no series).
+    pub fn get(&self, reason: R) -> u64 {
+        self.family.get(&[("reason", reason.as_str())]).map_or(0, |c| c.get())
+    }
+}
+
+/// Why a connection was refused before the upgrade, or shed at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// The TLS handshake failed.
+    Tls,
+    /// Not upgraded within `server.handshake_timeout` of accept.
+    HandshakeTimeout,
+    /// Shed at accept: the address holds `limits.max_connections_per_ip` connections.
+    ShedPerIp,
+    /// Shed at accept: the address opens connections too fast.
+    ShedRate,
+    /// Over `server.max_connections` (or the token checks are saturated).
+    Capacity,
+    /// Unknown path.
+    NotFound,
+    /// Not a valid WebSocket upgrade.
+    BadUpgrade,
+    /// `Origin` not allowed.
+    Origin,
+    /// Behind a trusted proxy: the forwarded address opens connections too fast.
+    Rate,
+    /// Behind a trusted proxy: the forwarded address holds too many connections.
+    PerIp,
+    /// A malformed forwarding header from a trusted proxy.
+    Forwarded,
+    /// Missing or invalid token.
+    Unauthorized,
+}
+
+impl Reason for Rejected {
+    fn as_str(self) -> &'static str {
+        match self {
+            Rejected::Tls => "tls",
+            Rejected::HandshakeTimeout => "handshake_timeout",
+            Rejected::ShedPerIp => "shed_per_ip",
+            Rejected::ShedRate => "shed_rate",
+            Rejected::Capacity => "capacity",
+            Rejected::NotFound => "not_found",
+            Rejected::BadUpgrade => "bad_upgrade",
+            Rejected::Origin => "origin",
+            Rejected::Rate => "rate",
+            Rejected::PerIp => "per_ip",
+            Rejected::Forwarded => "forwarded",
+            Rejected::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// Why the gateway closed a connection (besides slow consumers, counted apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Nothing heard within `limits.heartbeat_timeout` (1001).
+    HeartbeatTimeout,
+    /// The token (or the session) expired (4001).
+    TokenExpired,
+    /// `limits.max_rate_violations` refused frames in a row (1008).
+    RateAbuse,
+    /// A message or frame over the size limits (1009).
+    TooBig,
+    /// A WebSocket protocol violation (1002).
+    ProtocolError,
+    /// Invalid UTF-8 in a text message (1007).
+    InvalidUtf8,
+    /// An outgoing frame over `limits.max_write_buffer_size` (1011; `Config::validate` makes it unreachable).
+    WriteBufferFull,
+}
+
+impl Reason for Closed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Closed::HeartbeatTimeout => "heartbeat_timeout",
+            Closed::TokenExpired => "token_expired",
+            Closed::RateAbuse => "rate_abuse",
+            Closed::TooBig => "too_big",
+            Closed::ProtocolError => "protocol_error",
+            Closed::InvalidUtf8 => "invalid_utf8",
+            Closed::WriteBufferFull => "write_buffer_full",
+        }
+    }
+}
+
+/// Why a connection was closed as a slow consumer (4008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowConsumer {
+    /// Its queue overflowed under policy `disconnect`.
+    QueueFull,
+    /// A write did not finish within `limits.write_timeout`.
+    WriteTimeout,
+}
+
+impl Reason for SlowConsumer {
+    fn as_str(self) -> &'static str {
+        match self {
+            SlowConsumer::QueueFull => "queue_full",
+            SlowConsumer::WriteTimeout => "write_timeout",
+        }
+    }
+}
+
+/// Room messages are dropped by the room's overflow policy.
+impl Reason for crate::config::Overflow {
+    fn as_str(self) -> &'static str {
+        match self {
+            crate::config::Overflow::Disconnect => "disconnect",
+            crate::config::Overflow::DropOldest => "drop_oldest",
+            crate::config::Overflow::DropNewest => "drop_newest",
+            crate::config::Overflow::Latest => "latest",
+        }
+    }
+}
+
+/// Error frames are counted by their code.
+impl Reason for crate::protocol::ErrorCode {
+    fn as_str(self) -> &'static str {
+        crate::protocol::ErrorCode::as_str(self)
+    }
+}
 
 /// All metrics of one gateway process.
 #[derive(Debug)]
@@ -26,27 +187,27 @@ pub struct Metrics {
     /// Connections refused before the upgrade, by reason (`origin`, `unauthorized`, `per_ip`, `rate`, `capacity`,
     /// `handshake_timeout`, `bad_upgrade`, `forwarded`), and connections shed at accept without TLS work
     /// (`shed_per_ip`, `shed_rate`).
-    pub rejections: Family<ReasonLabels, Counter>,
+    pub rejections: ByReason<Rejected>,
     /// Client frames received.
     pub frames_in: Counter,
     /// Client publishes forwarded to NATS.
     pub publishes: Counter,
-    /// Client publishes answered `unavailable`, by reason (`disconnected`, `timeout`, `error`).
-    pub publish_failures: Family<ReasonLabels, Counter>,
+    /// Client publishes answered `unavailable` or `too_large`, by reason (`disconnected`, `timeout`, `error`, ...).
+    pub publish_failures: ByReason<crate::bridge::Failure>,
     /// NATS messages fanned out to local members.
     pub room_messages: Counter,
     /// Frames queued for clients by fan-out (one per recipient).
     pub deliveries: Counter,
-    /// Room messages not delivered, by policy (`drop_newest`, `drop_oldest`, `latest`, `closed`).
-    pub dropped: Family<ReasonLabels, Counter>,
+    /// Room messages not delivered, by policy (`drop_newest`, `drop_oldest`, `latest`).
+    pub dropped: ByReason<crate::config::Overflow>,
     /// Connections closed because they could not keep up (4008), by cause (`queue_full`, `write_timeout`).
-    pub slow_consumers: Family<ReasonLabels, Counter>,
+    pub slow_consumers: ByReason<SlowConsumer>,
     /// Highest outbound queue depth (messages) any connection reached.
     pub queue_high_water: Gauge<i64, AtomicI64>,
     /// Error frames sent, by code.
-    pub errors: Family<ReasonLabels, Counter>,
-    /// Connections closed by the gateway, by close code name.
-    pub closes: Family<ReasonLabels, Counter>,
+    pub errors: ByReason<crate::protocol::ErrorCode>,
+    /// Connections closed by the gateway, by reason.
+    pub closes: ByReason<Closed>,
     /// NATS subscriptions (rooms) held now.
     pub rooms: Gauge<i64, AtomicI64>,
     /// Slow-consumer events reported by the NATS client (a room's subscription buffer overflowed).
@@ -68,17 +229,17 @@ impl Metrics {
         let m = Metrics {
             connections: Counter::default(),
             connections_open: Gauge::default(),
-            rejections: Family::default(),
+            rejections: ByReason::default(),
             frames_in: Counter::default(),
             publishes: Counter::default(),
-            publish_failures: Family::default(),
+            publish_failures: ByReason::default(),
             room_messages: Counter::default(),
             deliveries: Counter::default(),
-            dropped: Family::default(),
-            slow_consumers: Family::default(),
+            dropped: ByReason::default(),
+            slow_consumers: ByReason::default(),
             queue_high_water: Gauge::default(),
-            errors: Family::default(),
-            closes: Family::default(),
+            errors: ByReason::default(),
+            closes: ByReason::default(),
             rooms: Gauge::default(),
             nats_slow_consumers: Counter::default(),
             nats_disconnects: Counter::default(),
@@ -97,14 +258,14 @@ impl Metrics {
         registry.register(
             "rejections",
             "Connections refused before the upgrade, by reason",
-            m.rejections.clone(),
+            m.rejections.family.clone(),
         );
         registry.register("frames_in", "Client frames received", m.frames_in.clone());
         registry.register("publishes", "Client publishes forwarded to NATS", m.publishes.clone());
         registry.register(
             "publish_failures",
             "Client publishes answered unavailable",
-            m.publish_failures.clone(),
+            m.publish_failures.family.clone(),
         );
         registry.register("room_messages", "NATS messages fanned out", m.room_messages.clone());
         registry.register(
@@ -112,22 +273,26 @@ impl Metrics {
             "Frames queued for clients by fan-out",
             m.deliveries.clone(),
         );
-        registry.register("dropped", "Room messages not delivered, by policy", m.dropped.clone());
+        registry.register(
+            "dropped",
+            "Room messages not delivered, by policy",
+            m.dropped.family.clone(),
+        );
         registry.register(
             "slow_consumers",
             "Connections closed as slow consumers",
-            m.slow_consumers.clone(),
+            m.slow_consumers.family.clone(),
         );
         registry.register(
             "queue_high_water",
             "Highest outbound queue depth seen",
             m.queue_high_water.clone(),
         );
-        registry.register("errors", "Error frames sent, by code", m.errors.clone());
+        registry.register("errors", "Error frames sent, by code", m.errors.family.clone());
         registry.register(
             "closes",
             "Connections closed by the gateway, by reason",
-            m.closes.clone(),
+            m.closes.family.clone(),
         );
         registry.register("rooms", "Rooms (NATS subscriptions) held", m.rooms.clone());
         registry.register(
@@ -139,22 +304,10 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts one event of a labelled family.
-    pub fn bump(family: &Family<ReasonLabels, Counter>, reason: &'static str) {
-        family.get_or_create(&[("reason", reason)]).inc();
-    }
-
-    /// Reads a labelled counter (tests and logs).
-    pub fn get(family: &Family<ReasonLabels, Counter>, reason: &'static str) -> u64 {
-        family.get_or_create(&[("reason", reason)]).get()
-    }
-
-    /// Raises the queue high-water gauge if `depth` is above it.
+    /// Raises the queue high-water gauge if `depth` is above it (one atomic `fetch_max`, no lost update).
     pub fn note_depth(&self, depth: usize) {
-        let depth = depth as i64;
-        if depth > self.queue_high_water.get() {
-            self.queue_high_water.set(depth);
-        }
+        let depth = i64::try_from(depth).unwrap_or(i64::MAX);
+        self.queue_high_water.inner().fetch_max(depth, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.

@@ -31,7 +31,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bridge::{Bridge, BridgeError, HDR_CONN, HDR_ECHO, HDR_GATEWAY},
     config::{Overflow, RoomsConfig},
-    metrics::Metrics,
+    metrics::{Metrics, SlowConsumer},
     outbox::{Outbox, Pushed},
     protocol,
     room_quota::{QuotaError, QuotaKey, RoomQuota},
@@ -348,18 +348,11 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
     metrics.room_messages.inc();
     metrics.deliveries.inc_by(delivered);
     if dropped > 0 {
-        let label = match room.policy {
-            Overflow::DropOldest => "drop_oldest",
-            Overflow::Latest => "latest",
-            _ => "drop_newest",
-        };
-        metrics.dropped.get_or_create(&[("reason", label)]).inc_by(dropped);
+        // Only the drop policies drop (`disconnect` closes instead), so the policy is the reason.
+        metrics.dropped.inc_by(room.policy, dropped);
     }
     if overflowed > 0 {
-        metrics
-            .slow_consumers
-            .get_or_create(&[("reason", "queue_full")])
-            .inc_by(overflowed);
+        metrics.slow_consumers.inc_by(SlowConsumer::QueueFull, overflowed);
         tracing::info!(room = %room.name, count = overflowed, "slow consumer(s) disconnected: outbound queue full");
     }
 }

@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::{gateway::Gateway, metrics::Metrics};
+use crate::gateway::Gateway;
 
 /// Serves `listener` with `gateway` until its shutdown token is cancelled, then closes every connection (bounded by
 /// `server.shutdown_grace`) and flushes NATS. Called by `main` and by the tests, after [`Gateway::start`].
@@ -60,8 +60,8 @@ fn spawn_connection(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
     let slot = match gateway.limits().admit_connection(peer.ip()) {
         Ok(slot) => slot,
         Err(shed) => {
-            Metrics::bump(&gateway.metrics().rejections, shed.label());
-            tracing::debug!(%peer, reason = shed.label(), "connection shed at accept");
+            gateway.metrics().rejections.inc(shed.reason());
+            tracing::debug!(%peer, reason = ?shed, "connection shed at accept");
             return; // dropping the stream closes it
         }
     };

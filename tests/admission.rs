@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::{NatsServer, TestGateway, WAIT};
-use roomwire::config::ForwardedHeader;
+use roomwire::{config::ForwardedHeader, metrics::Rejected};
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -92,8 +92,8 @@ fn upgrade_request(headers: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 /// `roomwire_rejections_total{reason=..}` as the gateway counts it.
-fn rejections(gw: &TestGateway, reason: &'static str) -> u64 {
-    gw.gw.metrics().rejections.get_or_create(&[("reason", reason)]).get()
+fn rejections(gw: &TestGateway, reason: Rejected) -> u64 {
+    gw.gw.metrics().rejections.get(reason)
 }
 
 /// Opens a WebSocket client from `from`, retrying while it is shed (a slot released by a connection that just
@@ -123,7 +123,7 @@ async fn holds_exactly(gw: &TestGateway, from: IpAddr, n: usize) -> Vec<TlsStrea
             }
         }
     }
-    let shed_before = rejections(gw, "shed_per_ip");
+    let shed_before = rejections(gw, Rejected::ShedPerIp);
     let started = Instant::now();
     assert!(
         gw.try_tls_over(gw.tcp_from(from).await).await.is_err(),
@@ -134,7 +134,7 @@ async fn holds_exactly(gw: &TestGateway, from: IpAddr, n: usize) -> Vec<TlsStrea
         started.elapsed() < gw.gw.config().server.handshake_timeout / 2,
         "shed at once, not at the handshake deadline"
     );
-    assert_eq!(rejections(gw, "shed_per_ip"), shed_before + 1);
+    assert_eq!(rejections(gw, Rejected::ShedPerIp), shed_before + 1);
     held
 }
 
@@ -174,7 +174,7 @@ async fn keep_alive_requests_are_cut_at_the_handshake_deadline() {
     const DEADLINE: Duration = Duration::from_secs(2);
     let nats = NatsServer::start().await;
     let gw = TestGateway::start(&nats, |c| c.server.handshake_timeout = DEADLINE).await;
-    let timeouts_before = rejections(&gw, "handshake_timeout");
+    let timeouts_before = rejections(&gw, Rejected::HandshakeTimeout);
     let accepted = Instant::now();
     let mut tls = gw.try_tls_over(gw.tcp_from(attacker()).await).await.expect("TLS");
     let answered = keep_alive_until_cut(&mut tls, accepted + DEADLINE * 3).await;
@@ -187,7 +187,7 @@ async fn keep_alive_requests_are_cut_at_the_handshake_deadline() {
         cut_at >= DEADLINE - Duration::from_millis(100) && cut_at < DEADLINE + Duration::from_millis(1500),
         "cut after {cut_at:?}, deadline {DEADLINE:?}"
     );
-    assert_eq!(rejections(&gw, "handshake_timeout"), timeouts_before + 1);
+    assert_eq!(rejections(&gw, Rejected::HandshakeTimeout), timeouts_before + 1);
 }
 
 #[tokio::test]
@@ -238,7 +238,7 @@ async fn one_address_is_shed_at_accept_and_cannot_hold_the_global_cap() {
             "raw connection {i} was not closed at once: {read:?}"
         );
     }
-    assert_eq!(rejections(&gw, "shed_per_ip"), 3);
+    assert_eq!(rejections(&gw, Rejected::ShedPerIp), 3);
     // An ordinary client from another address still gets in and works.
     let mut bystander = gw
         .try_client_from(ip("127.0.0.2"), WS, &[])
@@ -364,7 +364,7 @@ async fn connection_rate_is_charged_at_accept() {
     assert!(shed, "the new-connection rate was not enforced at accept");
     // One cell per second refills: a slow machine may fit one more in.
     assert!((5..=6).contains(&opened), "{opened} connections before the first shed");
-    assert_eq!(rejections(&gw, "shed_rate"), 1);
+    assert_eq!(rejections(&gw, Rejected::ShedRate), 1);
     assert!(
         gw.try_client_from(ip("127.0.0.5"), WS, &[]).await.is_ok(),
         "other addresses unaffected"
@@ -499,7 +499,7 @@ async fn malformed_forwarding_headers_are_400_not_the_proxy_address() {
             String::from_utf8_lossy(value)
         );
     }
-    assert_eq!(rejections(&gw, "forwarded"), cases.len() as u64);
+    assert_eq!(rejections(&gw, Rejected::Forwarded), cases.len() as u64);
     let gw = behind_proxy(&nats, ForwardedHeader::Forwarded).await;
     for (value, reason) in [
         ("for=_hidden", "forwarded address is unknown or obfuscated"),

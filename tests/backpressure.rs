@@ -16,7 +16,7 @@ use std::{
 use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use roomwire::metrics::Metrics;
+use roomwire::{bridge::Failure, config::Overflow, metrics::SlowConsumer};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
@@ -177,12 +177,12 @@ async fn drain_slow_consumer(mut c: WsClient) -> (u64, &'static str) {
     }
 }
 
-fn slow_consumers(gw: &TestGateway, reason: &'static str) -> u64 {
-    Metrics::get(&gw.gw.metrics().slow_consumers, reason)
+fn slow_consumers(gw: &TestGateway, reason: SlowConsumer) -> u64 {
+    gw.gw.metrics().slow_consumers.get(reason)
 }
 
-fn dropped(gw: &TestGateway, reason: &'static str) -> u64 {
-    Metrics::get(&gw.gw.metrics().dropped, reason)
+fn dropped(gw: &TestGateway, policy: Overflow) -> u64 {
+    gw.gw.metrics().dropped.get(policy)
 }
 
 /// Waits until the gateway has fanned out `n` NATS messages in all (so every one of them is queued or dropped).
@@ -257,7 +257,7 @@ async fn stalled_client_costs_the_others_nothing_and_memory_stays_bounded() {
             longest_wait = longest_wait.max(waiting.elapsed());
         }
         backend.publish("rooms.flood", payload(n, &pad)).await.unwrap();
-        if queue_full_at.is_none() && slow_consumers(&gw, "queue_full") > 0 {
+        if queue_full_at.is_none() && slow_consumers(&gw, SlowConsumer::QueueFull) > 0 {
             queue_full_at = Some(n);
         }
     }
@@ -382,7 +382,7 @@ async fn stalled_in(
 /// Policy `drop_oldest` / `drop_newest`: the stalled client keeps its connection; after it resumes reading it gets
 /// messages in order, each hole announced by a `gap` notice with its exact size just before the next message, and
 /// the messages it lost plus those it got add up to all that was published.
-async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
+async fn drop_policy(policy: Overflow) {
     let _serial = serial().await;
     let nats = NatsServer::start().await;
     let room = "feed-1";
@@ -396,7 +396,7 @@ async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
     let pad = "x".repeat(4 * KIB - 20);
     let mut last = (0, 0);
     let published = flood_until(&backend, room, &pad, Some(&gw), || {
-        stalled_and_dropped(dropped(&gw, reason), &mut last, 256)
+        stalled_and_dropped(dropped(&gw, policy), &mut last, 256)
     })
     .await;
     // Everything published is now queued or dropped; a ping's pong comes after all that is queued.
@@ -416,7 +416,7 @@ async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
     };
     let (numbers, gap_total) = check_order_and_gaps(&seen, true);
     println!(
-        "{reason}: published {published} (+1), received {}, gap notices {:?}",
+        "{policy:?}: published {published} (+1), received {}, gap notices {:?}",
         numbers.len(),
         seen.iter()
             .filter_map(|s| if let Seen::Gap(n) = s { Some(*n) } else { None })
@@ -429,11 +429,15 @@ async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
     );
     assert_eq!(
         gap_total,
-        dropped(&gw, reason),
+        dropped(&gw, policy),
         "gap notices disagree with the dropped counter"
     );
     assert!(gap_total >= 256);
-    assert_eq!(slow_consumers(&gw, "queue_full"), 0, "the connection must be kept");
+    assert_eq!(
+        slow_consumers(&gw, SlowConsumer::QueueFull),
+        0,
+        "the connection must be kept"
+    );
     match policy {
         // The newest were kept: the last message of the flood arrived, and nothing was owed after it.
         roomwire::config::Overflow::DropOldest => {
@@ -454,12 +458,12 @@ async fn drop_policy(policy: roomwire::config::Overflow, reason: &'static str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_drop_oldest_reports_gaps_and_keeps_the_newest() {
-    drop_policy(roomwire::config::Overflow::DropOldest, "drop_oldest").await;
+    drop_policy(Overflow::DropOldest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_drop_newest_reports_gaps_and_keeps_the_oldest() {
-    drop_policy(roomwire::config::Overflow::DropNewest, "drop_newest").await;
+    drop_policy(Overflow::DropNewest).await;
 }
 
 /// Policy `disconnect` (the default): the stalled client gets, in order, what had been written to its socket before
@@ -470,7 +474,10 @@ async fn policy_disconnect_closes_with_4008() {
     let nats = NatsServer::start().await;
     let (gw, client, backend) = stalled_in(&nats, "chat", |_| {}).await;
     let pad = "x".repeat(4 * KIB - 20);
-    let published = flood_until(&backend, "chat", &pad, None, || slow_consumers(&gw, "queue_full") >= 1).await;
+    let published = flood_until(&backend, "chat", &pad, None, || {
+        slow_consumers(&gw, SlowConsumer::QueueFull) >= 1
+    })
+    .await;
     let (prefix, ended) = drain_slow_consumer(client).await;
     println!("disconnect: published {published}, client got 0..{prefix}, then {ended}");
     assert_eq!(
@@ -478,8 +485,8 @@ async fn policy_disconnect_closes_with_4008() {
         "write_timeout is 20 s: the close frame must get through"
     );
     assert!(prefix < published);
-    assert_eq!(slow_consumers(&gw, "queue_full"), 1);
-    assert_eq!(slow_consumers(&gw, "write_timeout"), 0);
+    assert_eq!(slow_consumers(&gw, SlowConsumer::QueueFull), 1);
+    assert_eq!(slow_consumers(&gw, SlowConsumer::WriteTimeout), 0);
 }
 
 /// Policy `latest` for `ticker-*`: after a stall the client gets the newest value, and far fewer messages than were
@@ -502,7 +509,7 @@ async fn policy_latest_delivers_only_the_newest_after_a_stall() {
     // (up to about a thousand such messages) is then well under half of what was published.
     let mut last = (0, 0);
     let published = flood_until(&backend, room, &pad, Some(&gw), || {
-        stalled_and_dropped(dropped(&gw, "latest"), &mut last, 2000)
+        stalled_and_dropped(dropped(&gw, Overflow::Latest), &mut last, 2000)
     })
     .await;
     client.send(json!({"op":"ping","id":78})).await;
@@ -515,8 +522,12 @@ async fn policy_latest_delivers_only_the_newest_after_a_stall() {
         "{} of {published} arrived: not conflated",
         numbers.len()
     );
-    assert_eq!(numbers.len() as u64 + dropped(&gw, "latest"), published);
-    assert_eq!(slow_consumers(&gw, "queue_full"), 0, "latest never disconnects");
+    assert_eq!(numbers.len() as u64 + dropped(&gw, Overflow::Latest), published);
+    assert_eq!(
+        slow_consumers(&gw, SlowConsumer::QueueFull),
+        0,
+        "latest never disconnects"
+    );
 }
 
 /// A client that never reads again is handled by the write deadline even when its policy never disconnects
@@ -543,8 +554,8 @@ async fn never_reading_client_is_dropped_after_write_timeout() {
     let elapsed = started.elapsed();
     println!("never reading: dropped {elapsed:?} after the flood began (write_timeout {write_timeout:?})");
     assert!(elapsed < write_timeout * 4, "dropped only after {elapsed:?}");
-    assert_eq!(slow_consumers(&gw, "write_timeout"), 1);
-    assert_eq!(slow_consumers(&gw, "queue_full"), 0);
+    assert_eq!(slow_consumers(&gw, SlowConsumer::WriteTimeout), 1);
+    assert_eq!(slow_consumers(&gw, SlowConsumer::QueueFull), 0);
     // What was written before the stall is still in order with exact gap notices, then the connection ends.
     let mut seen = Vec::new();
     loop {
@@ -724,12 +735,12 @@ async fn nats_outage(outage: Outage) {
                 sent < FLOOD * SIZE as u64 / 4,
                 "the gateway kept reading {sent} bytes while NATS was paused"
             );
-            assert!(Metrics::get(&gw.gw.metrics().publish_failures, "timeout") >= want);
+            assert!(gw.gw.metrics().publish_failures.get(Failure::Timeout) >= want);
         }
         Outage::Stopped => {
             // Refused at once, not after the timeout.
             assert!(max_silence < publish_timeout / 2, "no reply for {max_silence:?}");
-            assert_eq!(Metrics::get(&gw.gw.metrics().publish_failures, "disconnected"), FLOOD);
+            assert_eq!(gw.gw.metrics().publish_failures.get(Failure::Disconnected), FLOOD);
         }
     }
     flood.abort();

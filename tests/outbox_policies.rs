@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use roomwire::{
-    config::{Overflow, RoomPolicy},
-    metrics::Metrics,
-};
+use roomwire::config::{Overflow, RoomPolicy};
 use serde_json::{Value, json};
 
 /// Receive buffer of the stalled client (the kernel doubles it).
@@ -25,8 +22,8 @@ fn payload(n: u64, pad: &str) -> Bytes {
     Bytes::from(format!(r#"{{"n":{n},"p":"{pad}"}}"#))
 }
 
-fn dropped(gw: &TestGateway, reason: &'static str) -> u64 {
-    Metrics::get(&gw.gw.metrics().dropped, reason)
+fn dropped(gw: &TestGateway, policy: Overflow) -> u64 {
+    gw.gw.metrics().dropped.get(policy)
 }
 
 /// Waits until the gateway has fanned out `n` NATS messages in all (so each is queued, parked or dropped).
@@ -133,12 +130,12 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
         );
         let pause = if stuck_probes == 0 { 2 } else { 100 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        let before = dropped(&gw, "latest");
+        let before = dropped(&gw, Overflow::Latest);
         publish(&backend, "ticker-a", ticker_a, 1, &big).await;
         ticker_a += 1;
         fanned += 1;
         wait_fanned_out(&gw, fanned).await;
-        stuck_probes = if dropped(&gw, "latest") > before {
+        stuck_probes = if dropped(&gw, Overflow::Latest) > before {
             stuck_probes + 1
         } else {
             0
@@ -165,7 +162,10 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
     fanned += 3 + TICKER_B;
     wait_fanned_out(&gw, fanned).await;
     assert_eq!(
-        Metrics::get(&gw.gw.metrics().slow_consumers, "queue_full"),
+        gw.gw
+            .metrics()
+            .slow_consumers
+            .get(roomwire::metrics::SlowConsumer::QueueFull),
         0,
         "nobody overflowed a disconnect room"
     );
@@ -233,7 +233,7 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
     assert!(feed_gaps > 0, "the feed never overflowed");
     assert_eq!(
         feed_gaps,
-        dropped(&gw, "drop_oldest"),
+        dropped(&gw, Overflow::DropOldest),
         "gap notices disagree with the dropped counter"
     );
 
@@ -251,9 +251,9 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
         "ticker-b ended on a stale value"
     );
     assert_eq!(
-        log("ticker-a").numbers.len() as u64 + log("ticker-b").numbers.len() as u64 + dropped(&gw, "latest"),
+        log("ticker-a").numbers.len() as u64 + log("ticker-b").numbers.len() as u64 + dropped(&gw, Overflow::Latest),
         ticker_a + TICKER_B,
         "latest: received + superseded != published"
     );
-    assert_eq!(dropped(&gw, "drop_newest"), 0);
+    assert_eq!(dropped(&gw, Overflow::DropNewest), 0);
 }

@@ -1170,7 +1170,7 @@ async fn flooding_client_does_not_delay_an_ordinary_client_in_the_same_room() {
     // The flood was real as the gateway saw it (not as the flooder's own loop counted it): it read the frames and
     // refused them.
     let frames_in = gw.gw.metrics().frames_in.get();
-    let refused = roomwire::metrics::Metrics::get(&gw.gw.metrics().errors, "rate_limited");
+    let refused = gw.gw.metrics().errors.get(roomwire::protocol::ErrorCode::RateLimited);
     assert!(
         frames_in > 1000 && refused >= 50 && limited >= 50,
         "the flood was real: {sent} sent, {frames_in} read, {refused} refused, {limited} refusals received"
