@@ -3,8 +3,8 @@
 //! once at startup from `[auth]` (HMAC secrets, PEM public keys, a JWKS file), shared via `Arc`, and is read-only
 //! afterwards. A token is accepted only if its header `alg` equals the configured algorithm of a key (so `alg: none`
 //! and RS/HS confusion are refused), its signature verifies, `exp` is in the future and `nbf` in the past (both
-//! with `auth.leeway_secs`), and `iss`/`aud` match when configured. [`redact_uri`] is what logs print instead of
-//! a request URI, so tokens never reach the logs.
+//! with `auth.leeway_secs`), and `iss`/`aud` match when configured. Reading the token from the request is
+//! [`crate::token`]'s job.
 
 use std::{
     num::NonZeroU32,
@@ -17,7 +17,6 @@ use std::{
 };
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use hyper::http::{HeaderMap, Uri, header};
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
     errors::ErrorKind,
@@ -29,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthConfig, Config, Permissions};
 use crate::protocol::{self, glob_match};
+// Kept here so `auth::extract_token` / `auth::redact_uri` (used by `http`) still resolve; new code uses `token::`.
+pub use crate::token::{extract_token, redact_uri};
 
 /// Longest token accepted, in bytes; longer ones are `Malformed` before any parsing or crypto.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -715,93 +716,6 @@ impl Identity {
     pub fn may_publish(&self, room: &str) -> bool {
         self.personal.as_deref() == Some(room) || self.publish.iter().any(|p| glob_match(p, room))
     }
-}
-
-/// The token presented with an upgrade request, from (in this order) `Authorization: Bearer <t>`, the `token`
-/// query parameter (percent-decoded) or the cookie named `cookie`. Empty values count as absent.
-pub fn extract_token(headers: &HeaderMap, uri: &Uri, cookie: Option<&str>) -> Option<String> {
-    for v in headers.get_all(header::AUTHORIZATION) {
-        let Ok(v) = v.to_str() else { continue };
-        let v = v.trim();
-        if let Some((scheme, t)) = v.split_once(' ')
-            && scheme.eq_ignore_ascii_case("bearer")
-            && !t.trim().is_empty()
-        {
-            return Some(t.trim().to_owned());
-        }
-    }
-    if let Some(query) = uri.query() {
-        for pair in query.split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if percent_decode(k).as_deref() == Some("token")
-                && let Some(t) = percent_decode(v)
-                && !t.is_empty()
-            {
-                return Some(t);
-            }
-        }
-    }
-    let name = cookie?;
-    for v in headers.get_all(header::COOKIE) {
-        let Ok(v) = v.to_str() else { continue };
-        for c in v.split(';') {
-            if let Some((k, val)) = c.trim().split_once('=')
-                && k.trim() == name
-            {
-                let val = val.trim().trim_matches('"');
-                if !val.is_empty() {
-                    return Some(val.to_owned());
-                }
-            }
-        }
-    }
-    None
-}
-
-/// Decodes `%XX` escapes (and `+` as a space, as in form encoding). `None` if the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' => match (b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Path and query of `uri` with the value of every `token` query parameter replaced by `REDACTED`: what logs print
-/// instead of the URI.
-pub fn redact_uri(uri: &Uri) -> String {
-    let mut out = uri.path().to_owned();
-    if let Some(query) = uri.query() {
-        out.push('?');
-        for (i, pair) in query.split('&').enumerate() {
-            if i > 0 {
-                out.push('&');
-            }
-            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            if percent_decode(key).as_deref() == Some("token") {
-                out.push_str(key);
-                out.push_str("=REDACTED");
-            } else {
-                out.push_str(pair);
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -1537,41 +1451,6 @@ uQIDAQAB\n\
         assert!(
             left > Duration::from_secs(30) && left <= Duration::from_secs(40),
             "exp + 30 s leeway: {left:?}"
-        );
-    }
-
-    #[test]
-    fn extract_token_from_each_source_in_order() {
-        let uri: Uri = "/ws?room=a&token=abc%2Edef".parse().expect("uri");
-        let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, "x=1; rw_token=fromcookie".parse().expect("header"));
-        assert_eq!(extract_token(&h, &uri, Some("rw_token")).as_deref(), Some("abc.def"));
-        let plain: Uri = "/ws?room=a".parse().expect("uri");
-        assert_eq!(
-            extract_token(&h, &plain, Some("rw_token")).as_deref(),
-            Some("fromcookie")
-        );
-        assert_eq!(extract_token(&h, &plain, None), None);
-        h.insert(header::AUTHORIZATION, "Bearer fromheader".parse().expect("header"));
-        assert_eq!(extract_token(&h, &uri, Some("rw_token")).as_deref(), Some("fromheader"));
-        h.insert(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().expect("header"));
-        assert_eq!(extract_token(&h, &uri, None).as_deref(), Some("abc.def"));
-        assert_eq!(
-            extract_token(&HeaderMap::new(), &"/ws?token=".parse().expect("uri"), None),
-            None
-        );
-    }
-
-    #[test]
-    fn redact_uri_hides_the_token() {
-        let uri: Uri = "/ws?room=a&token=eyJhbGciOi.secret.sig&x=1".parse().expect("uri");
-        let r = redact_uri(&uri);
-        assert_eq!(r, "/ws?room=a&token=REDACTED&x=1");
-        assert!(!r.contains("secret"));
-        assert_eq!(redact_uri(&"/ws".parse().expect("uri")), "/ws");
-        assert_eq!(
-            redact_uri(&"/ws?%74oken=s3".parse().expect("uri")),
-            "/ws?%74oken=REDACTED"
         );
     }
 }

@@ -24,6 +24,7 @@ pub mod rooms;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
+pub mod token;
 
 pub use config::Config;
 pub use server::run;
