@@ -3,8 +3,8 @@
 //! once at startup from `[auth]` (HMAC secrets, PEM public keys, a JWKS file), shared via `Arc`, and is read-only
 //! afterwards. A token is accepted only if its header `alg` equals the configured algorithm of a key (so `alg: none`
 //! and RS/HS confusion are refused), its signature verifies, `exp` is in the future and `nbf` in the past (both
-//! with `auth.leeway_secs`), and `iss`/`aud` match when configured. [`redact_uri`] is what logs print instead of
-//! a request URI, so tokens never reach the logs.
+//! with `auth.leeway_secs`), and `iss`/`aud` match when configured. Reading the token from the request is
+//! [`crate::token`]'s job.
 
 use std::{
     num::NonZeroU32,
@@ -17,18 +17,20 @@ use std::{
 };
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use hyper::http::{HeaderMap, Uri, header};
 use jsonwebtoken::{
-    Algorithm, DecodingKey, Validation,
+    Algorithm, AlgorithmFamily, DecodingKey, Validation,
     errors::ErrorKind,
-    jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, KeyOperations, PublicKeyUse},
+    jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyOperations, PublicKeyUse},
 };
 use serde_json::Value;
 use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, Config, Permissions};
-use crate::protocol::{self, glob_match};
+use crate::config::{AuthConfig, Config, ConfigError, KeyMaterial, Permissions, SUPPORTED_ALGORITHMS};
+use crate::protocol;
+use crate::room_pattern::RoomPattern;
+// Kept here so `auth::extract_token` / `auth::redact_uri` (used by `http`) still resolve; new code uses `token::`.
+pub use crate::token::{extract_token, redact_uri};
 
 /// Longest token accepted, in bytes; longer ones are `Malformed` before any parsing or crypto.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -194,18 +196,6 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-fn parse_alg(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "HS256" => Algorithm::HS256,
-        "HS384" => Algorithm::HS384,
-        "HS512" => Algorithm::HS512,
-        "RS256" => Algorithm::RS256,
-        "ES256" => Algorithm::ES256,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
-}
-
 impl Authenticator {
     /// Loads every key named by `cfg`: HMAC secrets through [`crate::config::SecretSource::load`], PEM public
     /// keys (RS256, ES256, EdDSA) and the JWKS file (every key needs a `kid`; RSA `n`/`e`, EC P-256 `x`/`y`, OKP
@@ -214,17 +204,14 @@ impl Authenticator {
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, AuthError> {
         let mut keys = Vec::new();
         for k in &cfg.keys {
-            let alg = parse_alg(&k.algorithm).ok_or_else(|| {
-                AuthError::config(
-                    "auth.keys.algorithm",
-                    format!("unsupported algorithm {:?}", k.algorithm),
-                )
+            // A supported algorithm with the secret or public key file it needs: the rule validation applies.
+            let material = k.material().map_err(|e| match e {
+                ConfigError::Invalid { key, message } => AuthError::config(key, message),
+                other => AuthError::config("auth.keys", other.to_string()),
             })?;
-            let key = match alg {
-                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-                    let src = k.secret.as_ref().ok_or_else(|| {
-                        AuthError::config("auth.keys.secret", format!("{} needs `secret`", k.algorithm))
-                    })?;
+            let alg = k.algorithm;
+            let key = match material {
+                KeyMaterial::Secret(src) => {
                     let secret = src
                         .load("auth.keys.secret")
                         .map_err(|e| AuthError::config("auth.keys.secret", e.to_string()))?;
@@ -233,15 +220,7 @@ impl Authenticator {
                     }
                     DecodingKey::from_secret(secret.expose().as_bytes())
                 }
-                _ => {
-                    let path = k.public_key_file.as_deref().ok_or_else(|| {
-                        AuthError::config(
-                            "auth.keys.public_key_file",
-                            format!("{} needs `public_key_file`", k.algorithm),
-                        )
-                    })?;
-                    load_pem(alg, path)?
-                }
+                KeyMaterial::PublicKeyFile(path) => load_pem(alg, path)?,
             };
             keys.push(Key {
                 kid: k.kid.clone(),
@@ -463,8 +442,8 @@ impl Verifier {
             Some(v) => v.as_u64().or_else(|| v.as_f64().map(|f| f.round() as u64)),
             None => None,
         };
-        let join = string_list(claims.get(&self.rooms_claim))?.unwrap_or_default();
-        let publish = string_list(claims.get(&self.publish_claim))?.unwrap_or_else(|| join.clone());
+        let join = pattern_list(claims.get(&self.rooms_claim))?.unwrap_or_default();
+        let publish = pattern_list(claims.get(&self.publish_claim))?.unwrap_or_else(|| join.clone());
         let identity = Identity {
             user: Some(sub),
             expires_at,
@@ -562,13 +541,14 @@ fn far_instant(now: Instant) -> Instant {
     now.checked_add(Duration::from_secs(365 * 86_400)).unwrap_or(now)
 }
 
-/// A claim that must be an array of strings: `None` if absent, `Malformed` if of another type.
-fn string_list(v: Option<&Value>) -> Result<Option<Vec<String>>, AuthError> {
+/// A claim that must be an array of room patterns (strings), compiled here once for the connection's life: `None`
+/// if absent, `Malformed` if of another type.
+fn pattern_list(v: Option<&Value>) -> Result<Option<Vec<RoomPattern>>, AuthError> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|i| i.as_str().map(str::to_owned).ok_or(AuthError::Malformed))
+            .map(|i| i.as_str().map(RoomPattern::new).ok_or(AuthError::Malformed))
             .collect::<Result<Vec<_>, _>>()
             .map(Some),
         Some(_) => Err(AuthError::Malformed),
@@ -633,27 +613,32 @@ fn load_jwks(cfg: &AuthConfig, path: &Path) -> Result<Vec<Key>, AuthError> {
         {
             return Err(bad(format!("key {kid:?}: `key_ops` lacks \"verify\"")));
         }
-        let alg = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => Algorithm::RS256,
-            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
-            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => Algorithm::EdDSA,
+        // The key type fixes the algorithm family (and the curve, the one its supported algorithm uses).
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => AlgorithmFamily::Rsa,
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => AlgorithmFamily::Ec,
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => AlgorithmFamily::Ed,
             _ => {
                 return Err(bad(format!(
                     "key {kid:?}: only RSA, EC P-256 and OKP Ed25519 keys are supported"
                 )));
             }
         };
-        // A declared `alg` must agree with the key type (an RSA key declared RS512 is refused, not reinterpreted).
-        let declared_ok = match jwk.common.key_algorithm {
-            None => true,
-            Some(KeyAlgorithm::RS256) => alg == Algorithm::RS256,
-            Some(KeyAlgorithm::ES256) => alg == Algorithm::ES256,
-            Some(KeyAlgorithm::EdDSA) => alg == Algorithm::EdDSA,
-            Some(_) => false,
-        };
-        if !declared_ok {
-            return Err(bad(format!("key {kid:?}: unsupported or inconsistent `alg`")));
+        let of_family: Vec<Algorithm> = SUPPORTED_ALGORITHMS
+            .iter()
+            .copied()
+            .filter(|a| a.family() == family)
+            .collect();
+        // A declared `alg` must be a supported one of the key's family (an RSA key declared RS512 is refused, not
+        // reinterpreted); without one, the family's only supported algorithm.
+        let alg = match jwk.common.key_algorithm {
+            Some(declared) => Algorithm::try_from(declared).ok().filter(|a| of_family.contains(a)),
+            None => match of_family.as_slice() {
+                [only] => Some(*only),
+                _ => None,
+            },
         }
+        .ok_or_else(|| bad(format!("key {kid:?}: unsupported or inconsistent `alg`")))?;
         let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(format!("key {kid:?}: {e}")))?;
         keys.push(Key {
             kid: Some(kid),
@@ -675,9 +660,9 @@ pub struct Identity {
     /// `auth.leeway_secs`: the identity is valid until `exp` plus this ([`Identity::expires_in`]).
     grace: Duration,
     /// `*` glob patterns of rooms that may be joined.
-    join: Vec<String>,
+    join: Vec<RoomPattern>,
     /// `*` glob patterns of rooms that may be published to.
-    publish: Vec<String>,
+    publish: Vec<RoomPattern>,
     /// The personal room (`auth.personal_room` with `{sub}` replaced), matched exactly, never as a glob: a `sub`
     /// containing `*` must not widen the grant.
     personal: Option<String>,
@@ -708,100 +693,13 @@ impl Identity {
 
     /// Whether `room` may be joined.
     pub fn may_join(&self, room: &str) -> bool {
-        self.personal.as_deref() == Some(room) || self.join.iter().any(|p| glob_match(p, room))
+        self.personal.as_deref() == Some(room) || self.join.iter().any(|p| p.matches(room))
     }
 
     /// Whether messages may be published to `room`.
     pub fn may_publish(&self, room: &str) -> bool {
-        self.personal.as_deref() == Some(room) || self.publish.iter().any(|p| glob_match(p, room))
+        self.personal.as_deref() == Some(room) || self.publish.iter().any(|p| p.matches(room))
     }
-}
-
-/// The token presented with an upgrade request, from (in this order) `Authorization: Bearer <t>`, the `token`
-/// query parameter (percent-decoded) or the cookie named `cookie`. Empty values count as absent.
-pub fn extract_token(headers: &HeaderMap, uri: &Uri, cookie: Option<&str>) -> Option<String> {
-    for v in headers.get_all(header::AUTHORIZATION) {
-        let Ok(v) = v.to_str() else { continue };
-        let v = v.trim();
-        if let Some((scheme, t)) = v.split_once(' ')
-            && scheme.eq_ignore_ascii_case("bearer")
-            && !t.trim().is_empty()
-        {
-            return Some(t.trim().to_owned());
-        }
-    }
-    if let Some(query) = uri.query() {
-        for pair in query.split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if percent_decode(k).as_deref() == Some("token")
-                && let Some(t) = percent_decode(v)
-                && !t.is_empty()
-            {
-                return Some(t);
-            }
-        }
-    }
-    let name = cookie?;
-    for v in headers.get_all(header::COOKIE) {
-        let Ok(v) = v.to_str() else { continue };
-        for c in v.split(';') {
-            if let Some((k, val)) = c.trim().split_once('=')
-                && k.trim() == name
-            {
-                let val = val.trim().trim_matches('"');
-                if !val.is_empty() {
-                    return Some(val.to_owned());
-                }
-            }
-        }
-    }
-    None
-}
-
-/// Decodes `%XX` escapes (and `+` as a space, as in form encoding). `None` if the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' => match (b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Path and query of `uri` with the value of every `token` query parameter replaced by `REDACTED`: what logs print
-/// instead of the URI.
-pub fn redact_uri(uri: &Uri) -> String {
-    let mut out = uri.path().to_owned();
-    if let Some(query) = uri.query() {
-        out.push('?');
-        for (i, pair) in query.split('&').enumerate() {
-            if i > 0 {
-                out.push('&');
-            }
-            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            if percent_decode(key).as_deref() == Some("token") {
-                out.push_str(key);
-                out.push_str("=REDACTED");
-            } else {
-                out.push_str(pair);
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -899,11 +797,8 @@ uQIDAQAB\n\
             let path = self.file(&format!("secret-{alg}-{kid:?}-{secret}"), &format!("{secret}\n"));
             self.cfg.keys.push(JwtKey {
                 kid: kid.map(str::to_owned),
-                algorithm: alg.into(),
-                secret: Some(SecretSource {
-                    file: Some(path),
-                    env: None,
-                }),
+                algorithm: alg.parse().expect("algorithm"),
+                secret: Some(SecretSource::File(path)),
                 public_key_file: None,
             });
         }
@@ -911,7 +806,7 @@ uQIDAQAB\n\
             let path = self.file(&format!("pub-{alg}-{kid:?}.pem"), pem);
             self.cfg.keys.push(JwtKey {
                 kid: kid.map(str::to_owned),
-                algorithm: alg.into(),
+                algorithm: alg.parse().expect("algorithm"),
                 secret: None,
                 public_key_file: Some(path),
             });
@@ -1145,11 +1040,8 @@ uQIDAQAB\n\
         let mut f = Fixture::new();
         f.cfg.keys.push(JwtKey {
             kid: None,
-            algorithm: "HS256".into(),
-            secret: Some(SecretSource {
-                file: None,
-                env: Some("ROOMWIRE_TEST_UNSET_VAR".into()),
-            }),
+            algorithm: Algorithm::HS256,
+            secret: Some(SecretSource::Env("ROOMWIRE_TEST_UNSET_VAR".into())),
             public_key_file: None,
         });
         let err = Authenticator::from_config(&f.cfg).unwrap_err().to_string();
@@ -1537,41 +1429,6 @@ uQIDAQAB\n\
         assert!(
             left > Duration::from_secs(30) && left <= Duration::from_secs(40),
             "exp + 30 s leeway: {left:?}"
-        );
-    }
-
-    #[test]
-    fn extract_token_from_each_source_in_order() {
-        let uri: Uri = "/ws?room=a&token=abc%2Edef".parse().expect("uri");
-        let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, "x=1; rw_token=fromcookie".parse().expect("header"));
-        assert_eq!(extract_token(&h, &uri, Some("rw_token")).as_deref(), Some("abc.def"));
-        let plain: Uri = "/ws?room=a".parse().expect("uri");
-        assert_eq!(
-            extract_token(&h, &plain, Some("rw_token")).as_deref(),
-            Some("fromcookie")
-        );
-        assert_eq!(extract_token(&h, &plain, None), None);
-        h.insert(header::AUTHORIZATION, "Bearer fromheader".parse().expect("header"));
-        assert_eq!(extract_token(&h, &uri, Some("rw_token")).as_deref(), Some("fromheader"));
-        h.insert(header::AUTHORIZATION, "Basic dXNlcjpwYXNz".parse().expect("header"));
-        assert_eq!(extract_token(&h, &uri, None).as_deref(), Some("abc.def"));
-        assert_eq!(
-            extract_token(&HeaderMap::new(), &"/ws?token=".parse().expect("uri"), None),
-            None
-        );
-    }
-
-    #[test]
-    fn redact_uri_hides_the_token() {
-        let uri: Uri = "/ws?room=a&token=eyJhbGciOi.secret.sig&x=1".parse().expect("uri");
-        let r = redact_uri(&uri);
-        assert_eq!(r, "/ws?room=a&token=REDACTED&x=1");
-        assert!(!r.contains("secret"));
-        assert_eq!(redact_uri(&"/ws".parse().expect("uri")), "/ws");
-        assert_eq!(
-            redact_uri(&"/ws?%74oken=s3".parse().expect("uri")),
-            "/ws?%74oken=REDACTED"
         );
     }
 }

@@ -20,11 +20,13 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod room_pattern;
 pub mod room_quota;
 pub mod rooms;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
+pub mod token;
 
 pub use config::Config;
 pub use gateway::Gateway;

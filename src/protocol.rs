@@ -351,30 +351,6 @@ pub fn room_subject(prefix: &str, room: &str) -> String {
     s
 }
 
-/// Glob match where `*` matches any run of characters (including none). Used for room policies and permissions.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    let (mut pi, mut ti) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && p[pi] != b'*' && p[pi] == t[ti] {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&b| b == b'*')
-}
-
 // ---- outgoing frames -------------------------------------------------------------------------------------------
 
 fn push_json_str(buf: &mut Vec<u8>, s: &str) {
@@ -665,16 +641,6 @@ mod tests {
         ] {
             assert!(!valid_room(bad), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn globbing() {
-        assert!(glob_match("*", "anything"));
-        assert!(glob_match("ticker-*", "ticker-btc"));
-        assert!(!glob_match("ticker-*", "tick"));
-        assert!(glob_match("team-*-chat", "team-42-chat"));
-        assert!(glob_match("lobby", "lobby"));
-        assert!(!glob_match("lobby", "lobby2"));
     }
 
     #[test]

@@ -41,11 +41,8 @@ impl Keys {
         c.auth.allow_anonymous = false;
         c.auth.keys = vec![JwtKey {
             kid: None,
-            algorithm: "HS256".into(),
-            secret: Some(SecretSource {
-                file: Some(self.dir.path().join("hs.secret")),
-                env: None,
-            }),
+            algorithm: Algorithm::HS256,
+            secret: Some(SecretSource::File(self.dir.path().join("hs.secret"))),
             public_key_file: None,
         }];
     }
@@ -348,7 +345,7 @@ async fn bogus_refresh_flood_costs_bounded_checks_and_a_bystander_stays_fast() {
         c.auth.allow_anonymous = true;
         c.auth.keys = vec![JwtKey {
             kid: None,
-            algorithm: "ES256".into(),
+            algorithm: Algorithm::ES256,
             secret: None,
             public_key_file: Some(pem),
         }];

@@ -51,11 +51,8 @@ impl Keys {
         c.auth.leeway_secs = 0;
         c.auth.keys = vec![JwtKey {
             kid: None,
-            algorithm: "HS256".into(),
-            secret: Some(SecretSource {
-                file: Some(self.dir.path().join("hs.secret")),
-                env: None,
-            }),
+            algorithm: Algorithm::HS256,
+            secret: Some(SecretSource::File(self.dir.path().join("hs.secret"))),
             public_key_file: None,
         }];
     }
@@ -286,10 +283,10 @@ async fn asymmetric_es256_and_eddsa_tokens() {
     let ed_pub = keys.write("ed.pem", &ed.public_key_pem());
     let gw = TestGateway::start(&nats, |c| {
         keys.apply(c);
-        for (alg, path) in [("ES256", ec_pub), ("EdDSA", ed_pub)] {
+        for (alg, path) in [(Algorithm::ES256, ec_pub), (Algorithm::EdDSA, ed_pub)] {
             c.auth.keys.push(JwtKey {
                 kid: None,
-                algorithm: alg.into(),
+                algorithm: alg,
                 secret: None,
                 public_key_file: Some(path),
             });

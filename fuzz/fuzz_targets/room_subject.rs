@@ -6,22 +6,24 @@
 //! control character, async-nats accepts it, and stripping the prefix gives the room back. The mapping is one-to-one:
 //! two different (prefix, room) pairs never give the same subject.
 //!
-//! The prefix text doubles as a permission pattern: `glob_match` (which decides joins and publishes) agrees with a
-//! plain dynamic-programming matcher on every accepted room.
+//! The prefix text doubles as a permission pattern: `RoomPattern` (which decides joins, publishes and room policies)
+//! agrees with a plain dynamic-programming matcher on every accepted room.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use roomwire::protocol::{MAX_ROOM_LEN, glob_match, room_subject, valid_room, valid_subject_prefix};
+use roomwire::protocol::{MAX_ROOM_LEN, room_subject, valid_room, valid_subject_prefix};
+use roomwire::room_pattern::RoomPattern;
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(3, |&b| b == 0);
     let mut next = || String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
     let (prefix, a, b) = (next(), next(), next());
 
+    let pattern = RoomPattern::new(&prefix);
     for room in [a.as_str(), b.as_str()] {
         if valid_room(room) && prefix.len() <= 256 {
             assert_eq!(
-                glob_match(&prefix, room),
+                pattern.matches(room),
                 glob_model(&prefix, room),
                 "pattern {prefix:?}, room {room:?}"
             );

@@ -1,5 +1,5 @@
-//! Fuzz target: the token presented with an upgrade request (`auth::extract_token`) and the URI logs print instead of
-//! the real one (`auth::redact_uri`).
+//! Fuzz target: the token presented with an upgrade request (`token::extract_token`) and the URI logs print instead of
+//! the real one (`token::redact_uri`).
 //!
 //! Input: `uri \0 cookie_name \0 header \0 header ...`, where each header's first byte picks its name (`A`
 //! Authorization, `C` Cookie, anything else an unrelated header) and the rest is its value. Never panics. A token is
@@ -11,7 +11,7 @@
 use hyper::http::header::{AUTHORIZATION, COOKIE, HeaderName, HeaderValue};
 use hyper::http::{HeaderMap, Uri};
 use libfuzzer_sys::fuzz_target;
-use roomwire::auth::{extract_token, redact_uri};
+use roomwire::token::{extract_token, redact_uri};
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.split(|&b| b == 0);
