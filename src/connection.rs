@@ -497,8 +497,15 @@ impl Conn {
         };
         match self.gw.rooms().join(room, member).await {
             Ok(entry) => {
-                self.rooms.insert(entry.name().clone(), entry);
                 self.ack(id).await;
+                // The server may refuse a new subscription just after the round trip that confirmed it; the room
+                // then tells its members `left`, possibly before the ack above. Repeat it after the ack so the last
+                // word the client hears about the room is the true one.
+                if !entry.is_live() {
+                    self.send(protocol::left(room, crate::rooms::ENDED_REASON)).await;
+                    return;
+                }
+                self.rooms.insert(entry.name().clone(), entry);
                 self.event("join", Some(room)).await;
             }
             Err(JoinError::Capacity) => {

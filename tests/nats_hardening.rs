@@ -228,6 +228,23 @@ impl Drop for ConfNats {
 /// refusal arrives just after the ack, a `left` right behind it). Other rooms are untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_removed_by_the_server_is_not_kept() {
+    /// Joins `secret` and returns the reply. The server's refusal may reach the room before the ack is queued, so a
+    /// `left` may come first; whatever the order, the last word about the room says whether it is joined.
+    async fn join_secret(c: &mut common::WsClient, id: u64) -> serde_json::Value {
+        c.send(json!({"op":"join","room":"secret","id":id})).await;
+        loop {
+            let f = c.recv().await;
+            if f["id"] == json!(id) {
+                return f;
+            }
+            assert_eq!(
+                (f["op"].as_str(), f["room"].as_str()),
+                (Some("left"), Some("secret")),
+                "{f}"
+            );
+        }
+    }
+
     let nats = ConfNats::start(&[]).await;
     let ca = std::sync::Arc::new(common::TestCa::new());
     let gw = TestGateway::start_with_ca(&nats.url(), ca, |_| {}).await;
@@ -245,7 +262,7 @@ async fn room_removed_by_the_server_is_not_kept() {
     // Joining again: the server refuses the new subscription, so no ack may stand.
     let mut b = gw.client().await;
     for c in [&mut a, &mut b] {
-        let r = c.request(json!({"op":"join","room":"secret"}), 7).await;
+        let r = join_secret(c, 7).await;
         match r["op"].as_str() {
             Some("error") => assert_eq!(r["code"], "unavailable", "{r}"),
             Some("ack") => {
@@ -270,7 +287,7 @@ async fn room_removed_by_the_server_is_not_kept() {
     let deadline = Instant::now() + WAIT;
     loop {
         assert!(Instant::now() < deadline, "secret never joinable again");
-        let r = b.request(json!({"op":"join","room":"secret"}), 8).await;
+        let r = join_secret(&mut b, 8).await;
         if r["op"] != "ack" {
             assert_eq!(r["code"], "unavailable", "{r}");
             tokio::time::sleep(Duration::from_millis(50)).await;
