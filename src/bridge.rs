@@ -457,7 +457,7 @@ impl Bridge {
     }
 
     /// Subscribes to a room's subject and waits until the server has the subscription (a round trip, see
-    /// [`Bridge::round_trip`]), so a message published by anyone right after the client's join ack is delivered.
+    /// `Bridge::round_trip`), so a message published by anyone right after the client's join ack is delivered.
     pub async fn subscribe(&self, subject: String, room: &Arc<str>) -> Result<RoomSub, BridgeError> {
         if !self.is_connected() {
             return Err(BridgeError::Disconnected);

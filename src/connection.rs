@@ -14,7 +14,7 @@
 //! - publishes awaiting NATS confirmation are futures owned by the reader's loop, not spawned tasks: at
 //!   most `limits.max_inflight_publishes` of them (past that the reader stops reading, so TCP pushes back on the
 //!   client), each bounded by its deadline, and they are dropped with the connection;
-//! - [`Conn`]'s `Drop` leaves every room, closes the outbox, cancels the writer and releases the global and per-IP
+//! - `Conn`'s `Drop` leaves every room, closes the outbox, cancels the writer and releases the global and per-IP
 //!   slots, so even a panic in the reader gives everything back.
 //!
 //! Every way a connection ends maps to one close code (see `protocol::close` and `docs/protocol.md`); whatever ends

@@ -1,10 +1,14 @@
 //! Roomwire: a WebSocket gateway that bridges browser connections (wss) to NATS subjects.
 //!
-//! `main.rs` parses flags and calls [`server::run`]; the integration tests call the same function. One module per
-//! concern: [`config`] (schema + validation), [`tls`], [`server`] (accept loop), [`http`] (TLS, routes, upgrade), [`connection`]
-//! (reader and writer task per WebSocket), [`outbox`] (the bounded per-connection queue and overflow policies),
-//! [`rooms`] (room registry and fan-out), [`bridge`] (NATS), [`protocol`] (wire format), [`auth`], [`limits`],
-//! [`metrics`] and [`shutdown`].
+//! `main.rs` parses flags, starts a [`Gateway`] and calls [`run`]; the integration tests do the same. A connection's
+//! life reads in one direction, one module per step: [`server`] (the accept loop) → [`http`] (TLS, HTTP routes and the
+//! upgrade) → [`connection`] (the session: a reader and a writer task). They share [`gateway`] (the state every
+//! connection needs) and depend on the concerns below, none of which depends back on them:
+//! [`config`] (schema and validation), [`tls`], [`limits`] (connection slots, rates, origins, client addresses),
+//! [`frames`] (every incoming frame charged to the rate limits), [`auth`] (JWT verification) and [`token`] (where the
+//! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
+//! fan-out) with [`room_quota`] and [`room_pattern`], [`bridge`] (NATS), [`protocol`] (wire format), [`metrics`] and
+//! [`shutdown`].
 #![warn(missing_docs)]
 
 pub mod auth;

@@ -128,8 +128,6 @@ struct State {
     /// Dropped counts of rooms that have no message queued yet to carry them.
     gaps: HashMap<Arc<str>, u64>,
     close: Option<CloseRequest>,
-    /// Highest queue depth seen (messages), for metrics.
-    high_water: usize,
 }
 
 impl State {
@@ -208,7 +206,6 @@ impl Outbox {
             _ => {}
         }
         s.queue.push_back(item);
-        s.high_water = s.high_water.max(s.queue.len());
     }
 
     /// Queues a new room message, carrying the drops owed to its room.
@@ -435,7 +432,8 @@ impl Outbox {
         }
     }
 
-    /// Queues a control frame only if it fits now (used for notices from other tasks). Returns whether it was queued.
+    /// Queues a control frame only if it fits now, never waiting: for the welcome, and for notices a room task sends
+    /// to its members (`left`), which must not wait on one slow client. Returns whether it was queued.
     pub fn try_push_control(&self, frame: Utf8Bytes) -> bool {
         let mut s = self.state.lock();
         if s.close.is_some() || !self.fits(&s, frame.len()) {
@@ -506,11 +504,6 @@ impl Outbox {
     pub fn depth(&self) -> (usize, usize) {
         let s = self.state.lock();
         (s.queue.len(), s.bytes)
-    }
-
-    /// Highest depth seen, in messages.
-    pub fn high_water(&self) -> usize {
-        self.state.lock().high_water
     }
 
     /// Forgets a room the connection left: its pending gap count and its parked value (never delivered after the

@@ -1,7 +1,7 @@
 //! Where a client's token comes from: [`extract_token`] reads it from an upgrade request (`Authorization: Bearer`,
 //! the `token` query parameter, or the cookie named by `auth.cookie`), and [`redact_uri`] is what logs print instead
 //! of a request URI, so a token passed in the query never reaches the logs. Both decide "is this the `token`
-//! parameter" the same way ([`is_token_key`]), so whatever the extraction reads, the redaction hides. Verifying the
+//! parameter" the same way (`is_token_key`), so whatever the extraction reads, the redaction hides. Verifying the
 //! token is `auth`'s job.
 
 use hyper::http::{HeaderMap, Uri, header};

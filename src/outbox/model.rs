@@ -48,7 +48,6 @@ pub struct Model {
     parked: Vec<Entry>,
     owed: [u64; ROOMS],
     close: Option<CloseRequest>,
-    high_water: usize,
 }
 
 impl Model {
@@ -61,7 +60,6 @@ impl Model {
             parked: Vec::new(),
             owed: [0; ROOMS],
             close: None,
-            high_water: 0,
         }
     }
 
@@ -75,7 +73,6 @@ impl Model {
 
     fn append(&mut self, e: Entry) {
         self.queue.push(e);
-        self.high_water = self.high_water.max(self.queue.len());
     }
 
     fn append_new(&mut self, room: usize, frame: String) {
@@ -540,7 +537,6 @@ impl Harness {
             "owed count of an unknown room"
         );
         assert_eq!(s.close, self.model.close, "close request");
-        assert_eq!(s.high_water, self.model.high_water, "high water");
         // Counters kept beside the queue.
         let bytes: usize = s.queue.iter().map(Item::len).sum();
         assert_eq!(s.bytes, bytes, "byte count");
