@@ -223,22 +223,13 @@ pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<
 /// included) not counted. Meant to run before a parser; on text that is not JSON the answer is only a bound, and the
 /// parser then refuses the text anyway.
 pub fn json_depth_exceeds(json: &[u8], max: usize) -> bool {
+    let mut text = JsonText::default();
     let mut depth = 0usize;
-    let mut in_str = false;
-    let mut esc = false;
     for &b in json {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if b == b'\\' {
-                esc = true;
-            } else if b == b'"' {
-                in_str = false;
-            }
+        if !text.structural(b) {
             continue;
         }
         match b {
-            b'"' => in_str = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
@@ -250,6 +241,34 @@ pub fn json_depth_exceeds(json: &[u8], max: usize) -> bool {
         }
     }
     false
+}
+
+/// Where a single-pass scanner is in JSON text: inside a string (escapes included) or not.
+#[derive(Debug, Default)]
+struct JsonText {
+    in_str: bool,
+    esc: bool,
+}
+
+impl JsonText {
+    /// Feeds the next byte; true if it is structural: outside every string, and not a quote.
+    fn structural(&mut self, b: u8) -> bool {
+        if self.in_str {
+            if self.esc {
+                self.esc = false;
+            } else if b == b'\\' {
+                self.esc = true;
+            } else if b == b'"' {
+                self.in_str = false;
+            }
+            false
+        } else if b == b'"' {
+            self.in_str = true;
+            false
+        } else {
+            true
+        }
+    }
 }
 
 /// serde's text for a refused frame, shortened: it quotes the offending value whole ("invalid type: string \"...\""),
@@ -274,51 +293,15 @@ fn json_error(e: &serde_json::Error) -> String {
 
 /// Removes insignificant whitespace from valid JSON text. Borrows when there is none (the common case).
 pub fn compact_json(raw: &str) -> Cow<'_, str> {
-    let needs = {
-        let mut in_str = false;
-        let mut esc = false;
-        raw.bytes().any(|b| {
-            if in_str {
-                if esc {
-                    esc = false;
-                } else if b == b'\\' {
-                    esc = true;
-                } else if b == b'"' {
-                    in_str = false;
-                }
-                false
-            } else if b == b'"' {
-                in_str = true;
-                false
-            } else {
-                matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-            }
-        })
-    };
-    if !needs {
+    let blank = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let mut text = JsonText::default();
+    if !raw.bytes().any(|b| text.structural(b) && blank(b)) {
         return Cow::Borrowed(raw);
     }
-    let mut out = String::with_capacity(raw.len());
-    let mut in_str = false;
-    let mut esc = false;
-    for c in raw.chars() {
-        if in_str {
-            out.push(c);
-            if esc {
-                esc = false;
-            } else if c == '\\' {
-                esc = true;
-            } else if c == '"' {
-                in_str = false;
-            }
-        } else if c == '"' {
-            in_str = true;
-            out.push(c);
-        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    let mut text = JsonText::default();
+    let out: Vec<u8> = raw.bytes().filter(|&b| !(text.structural(b) && blank(b))).collect();
+    // Only ASCII whitespace was removed, so the bytes are still UTF-8.
+    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| raw.to_owned()))
 }
 
 /// Whether a room name is in the safe set: 1 to 128 bytes of `A-Z a-z 0-9 _ - : @ = +`.
