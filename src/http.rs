@@ -326,6 +326,9 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The upgrade checks, in the order of the module doc (headers, Origin, client address and its count, token), then
+/// the 101. One function on purpose: each check is a few lines and their order is the security property, which reads
+/// best top to bottom.
 async fn upgrade(
     gw: &Gateway,
     mut req: Request<Incoming>,

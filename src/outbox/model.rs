@@ -85,6 +85,8 @@ impl Model {
         });
     }
 
+    /// The documented semantics of every policy, written out plainly in one place: the model is meant to be read
+    /// against docs/backpressure.md line by line, so it is not split the way the real outbox is.
     fn push_room(&mut self, room: usize, frame: String) -> Pushed {
         if self.close.is_some() {
             return Pushed::Closed;
@@ -606,7 +608,8 @@ impl Harness {
         );
     }
 
-    /// One membership of one room. Adds its drops as the pushes reported them (`reported`) and as the gap notices and
+    /// One membership of one room (long on purpose: one assertion per documented invariant, in the order the docs
+    /// state them). Adds its drops as the pushes reported them (`reported`) and as the gap notices and
     /// owed counts show them, plus superseded values (`accounted`), by policy.
     fn check_room(&self, room: usize, term: u32, reported: &mut [u64; 4], accounted: &mut [u64; 4]) {
         let policy = self.model.policy[room];
