@@ -29,6 +29,8 @@ pub mod room_quota;
 pub mod rooms;
 pub mod server;
 pub mod shutdown;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod token;
 

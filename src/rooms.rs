@@ -64,7 +64,9 @@ enum Readiness {
 pub struct Room {
     name: Arc<str>,
     policy: Overflow,
-    members: RwLock<Vec<Member>>,
+    /// The room's own lock: fan-out reads it for a whole message, joins and leaves write it. It is never taken while
+    /// holding the registry's map lock (nor the reverse), so a big room's fan-out never stalls other rooms' joins.
+    members: RwLock<Members>,
     ready: watch::Sender<Readiness>,
     cancel: CancellationToken,
 }
@@ -94,6 +96,14 @@ pub enum JoinError {
     /// Over the user's (or address's) `rooms.max_rooms_per_user` or room-creation rate.
     #[error(transparent)]
     Quota(#[from] QuotaError),
+}
+
+/// A room's members, and whether it is closing (it emptied or its subscription ended): a closing room takes no new
+/// member, and a join that finds it still in the map retries until the closer has removed it.
+#[derive(Debug, Default)]
+struct Members {
+    list: Vec<Member>,
+    closing: bool,
 }
 
 /// The registry of rooms with local members.
@@ -138,36 +148,56 @@ impl Rooms {
     /// and a room creation when this join makes the room (`rooms.room_creations_per_second`).
     pub async fn join(self: &Arc<Self>, room: &str, member: Member) -> Result<Arc<Room>, JoinError> {
         let id = member.id;
-        let (entry, created) = {
-            let mut map = self.map.lock();
-            match map.get(room) {
-                Some(r) => {
-                    self.quota.claim(&member.key, &r.name)?;
-                    r.members.write().push(member);
-                    (r.clone(), false)
-                }
-                None => {
-                    if map.len() >= self.config.max_rooms {
-                        return Err(JoinError::Capacity);
+        let mut member = Some(member);
+        let (entry, created) = loop {
+            // The map lock and a room's lock are never held together (see `Room::members`).
+            let existing = self.map.lock().get(room).cloned();
+            if let Some(r) = existing {
+                let added = {
+                    let mut members = r.members.write();
+                    if members.closing {
+                        false
+                    } else {
+                        let m = member.take().expect("member is added once");
+                        self.quota.claim(&m.key, &r.name)?;
+                        members.list.push(m);
+                        true
                     }
-                    let name: Arc<str> = room.into();
-                    self.quota.claim(&member.key, &name)?;
-                    if let Err(e) = self.quota.charge_creation(&member.key) {
-                        self.quota.release(&member.key, &name);
-                        return Err(e.into());
-                    }
-                    let r = Arc::new(Room {
-                        policy: self.config.overflow_for(room),
-                        name: name.clone(),
-                        members: RwLock::new(vec![member]),
-                        ready: watch::Sender::new(Readiness::Pending),
-                        cancel: self.shutdown.child_token(),
-                    });
-                    map.insert(name, r.clone());
-                    self.metrics.rooms.set(map.len() as i64);
-                    (r, true)
+                };
+                if added {
+                    break (r, false);
                 }
+                // Closing: its closer removes it from the map right after; then this join makes a new one.
+                tokio::task::yield_now().await;
+                continue;
             }
+            let mut map = self.map.lock();
+            if map.contains_key(room) {
+                continue; // another join made it meanwhile
+            }
+            if map.len() >= self.config.max_rooms {
+                return Err(JoinError::Capacity);
+            }
+            let m = member.take().expect("member is added once");
+            let name: Arc<str> = room.into();
+            self.quota.claim(&m.key, &name)?;
+            if let Err(e) = self.quota.charge_creation(&m.key) {
+                self.quota.release(&m.key, &name);
+                return Err(e.into());
+            }
+            let r = Arc::new(Room {
+                policy: self.config.overflow_for(room),
+                name: name.clone(),
+                members: RwLock::new(Members {
+                    list: vec![m],
+                    closing: false,
+                }),
+                ready: watch::Sender::new(Readiness::Pending),
+                cancel: self.shutdown.child_token(),
+            });
+            map.insert(name, r.clone());
+            self.metrics.rooms.set(map.len() as i64);
+            break (r, true);
         };
         if created {
             let rooms = self.clone();
@@ -209,21 +239,30 @@ impl Rooms {
 
     /// Removes member `id` from this exact room instance; drops the room (and its subscription) when it empties.
     fn detach(&self, room: &Arc<Room>, id: u64) -> bool {
-        let mut map = self.map.lock();
-        let mut members = room.members.write();
-        let Some(pos) = members.iter().position(|m| m.id == id) else {
-            return false;
+        let emptied = {
+            let mut members = room.members.write();
+            let Some(pos) = members.list.iter().position(|m| m.id == id) else {
+                return false;
+            };
+            let member = members.list.swap_remove(pos);
+            self.quota.release(&member.key, &room.name);
+            members.closing |= members.list.is_empty();
+            members.list.is_empty()
         };
-        let member = members.swap_remove(pos);
-        self.quota.release(&member.key, &room.name);
-        if members.is_empty() {
-            if map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
-                map.remove(&room.name);
-                self.metrics.rooms.set(map.len() as i64);
-            }
+        if emptied {
+            self.unregister(room);
             room.cancel.cancel();
         }
         true
+    }
+
+    /// Removes `room` from the map if the map still holds this instance (a newer room of the same name stays).
+    fn unregister(&self, room: &Arc<Room>) {
+        let mut map = self.map.lock();
+        if map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
+            map.remove(&room.name);
+            self.metrics.rooms.set(map.len() as i64);
+        }
     }
 
     /// Number of rooms held.
@@ -244,13 +283,9 @@ impl Rooms {
             Ok(sub) => sub,
             Err(e) => {
                 tracing::warn!(room = %room.name, error = %e, "room subscription failed");
-                {
-                    let mut map = self.map.lock();
-                    if map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, &room)) {
-                        map.remove(&room.name);
-                        self.metrics.rooms.set(map.len() as i64);
-                    }
-                }
+                // Waiting joins see `Failed` and detach themselves; no new member may join meanwhile.
+                room.members.write().closing = true;
+                self.unregister(&room);
                 room.ready.send_replace(Readiness::Failed);
                 return;
             }
@@ -282,18 +317,15 @@ impl Rooms {
     /// task): a member whose queue is full misses it; its next join of the room makes a new subscription anyway.
     fn end_room(&self, room: &Arc<Room>) {
         let members = {
-            let mut map = self.map.lock();
-            if map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
-                map.remove(&room.name);
-                self.metrics.rooms.set(map.len() as i64);
-            }
-            room.ready.send_replace(Readiness::Failed);
-            let members = std::mem::take(&mut *room.members.write());
-            for m in &members {
-                self.quota.release(&m.key, &room.name);
-            }
-            members
+            let mut members = room.members.write();
+            members.closing = true;
+            std::mem::take(&mut members.list)
         };
+        for m in &members {
+            self.quota.release(&m.key, &room.name);
+        }
+        room.ready.send_replace(Readiness::Failed);
+        self.unregister(room);
         let frame = Utf8Bytes::from(protocol::left(&room.name, ENDED_REASON));
         for m in members {
             m.outbox.forget_room(&room.name);
@@ -322,7 +354,7 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
     let (mut delivered, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
     {
         let members = room.members.read();
-        for m in members.iter() {
+        for m in members.list.iter() {
             if Some(m.id) == skip {
                 continue;
             }
@@ -354,5 +386,79 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
     if overflowed > 0 {
         metrics.slow_consumers.inc_by(SlowConsumer::QueueFull, overflowed);
         tracing::info!(room = %room.name, count = overflowed, "slow consumer(s) disconnected: outbound queue full");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn member(id: u64) -> Member {
+        Member {
+            id,
+            outbox: Arc::new(Outbox::new(16, 1 << 20)),
+            key: QuotaKey::User(format!("user-{id}").into()),
+        }
+    }
+
+    /// A fan-out in progress holds its room's member lock. A join of that room waits for it (it must), but it must
+    /// not hold up joins and leaves of other rooms: it used to wait for the room lock while holding the map lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_busy_room_does_not_stall_other_rooms() {
+        let (_nats, gw) = crate::test_support::gateway(|_| {}).await;
+        let rooms = gw.rooms().clone();
+        let big = rooms.join("big", member(1)).await.expect("join big");
+        rooms.join("small", member(2)).await.expect("join small");
+
+        let fanning_out = big.members.read();
+        let blocked = {
+            let rooms = rooms.clone();
+            tokio::spawn(async move { rooms.join("big", member(3)).await.map(|_| ()) })
+        };
+        // Give the blocked join time to take whatever it takes before waiting for the room lock.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let others = {
+            let rooms = rooms.clone();
+            tokio::spawn(async move {
+                let left = rooms.leave("small", 2);
+                rooms.join("other", member(4)).await.map(|_| left)
+            })
+        };
+        let done = tokio::time::timeout(Duration::from_secs(3), others).await;
+        drop(fanning_out);
+        assert!(
+            matches!(done, Ok(Ok(Ok(true)))),
+            "another room's leave and join finished while a fan-out held its room: {done:?}"
+        );
+        blocked
+            .await
+            .expect("task")
+            .expect("the join of the busy room completes once it is free");
+        assert_eq!(rooms.len(), 2, "big and other");
+    }
+
+    /// The map and the rooms agree under concurrent joins and leaves of a few rooms: every room in the map has
+    /// members, and every member is in exactly the room it joined last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_joins_and_leaves_keep_the_registry_consistent() {
+        let (_nats, gw) = crate::test_support::gateway(|_| {}).await;
+        let rooms = gw.rooms().clone();
+        let mut tasks = Vec::new();
+        for id in 0..8u64 {
+            let rooms = rooms.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..30u64 {
+                    let name = format!("r{}", (id + i) % 3);
+                    rooms.join(&name, member(id)).await.expect("join");
+                    assert!(rooms.leave(&name, id), "left {name}");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert!(rooms.is_empty(), "{} rooms left with no member", rooms.len());
     }
 }
