@@ -16,7 +16,10 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -136,6 +139,9 @@ pub struct Bridge {
     /// permissions violation reported by the server) ends the room. One entry per live room ([`RoomSub`] removes
     /// its own entry on drop; the generation keeps a dying instance from removing its successor's).
     subjects: Subjects,
+    /// The server's `max_payload`, read once per connection (0 = not read yet; reset on every (re)connect, since the
+    /// new server may differ): `server_info()` clones the whole INFO, too much to do on every publish.
+    max_payload: Arc<AtomicUsize>,
 }
 
 type Subjects = Arc<Mutex<HashMap<String, SubEntry>>>;
@@ -305,11 +311,14 @@ impl Bridge {
             opts = opts.token(token.expose().to_string());
         }
         let subjects: Subjects = Arc::default();
+        let max_payload: Arc<AtomicUsize> = Arc::default();
+        let cb_max_payload = max_payload.clone();
         let cb_sids = sids.clone();
         let cb_subjects = subjects.clone();
         opts = opts.event_callback(move |event| {
             let metrics = metrics.clone();
             let sids = cb_sids.clone();
+            let max_payload = cb_max_payload.clone();
             let subjects = cb_subjects.clone();
             async move {
                 match event {
@@ -345,7 +354,10 @@ impl Bridge {
                         metrics.nats_disconnects.inc();
                         tracing::warn!("NATS disconnected");
                     }
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Connected => {
+                        max_payload.store(0, Ordering::Relaxed);
+                        tracing::info!("NATS connected");
+                    }
                     other => tracing::info!(event = %other, "NATS event"),
                 }
             }
@@ -377,6 +389,7 @@ impl Bridge {
             pending: Arc::new(Semaphore::new(cfg.max_pending_bytes)),
             max_pending: cfg.max_pending_bytes,
             subjects,
+            max_payload,
         })
     }
 
@@ -392,7 +405,14 @@ impl Bridge {
 
     /// The NATS server's max payload (bytes).
     pub fn max_payload(&self) -> usize {
-        self.client.server_info().max_payload
+        match self.max_payload.load(Ordering::Relaxed) {
+            0 => {
+                let max = self.client.server_info().max_payload;
+                self.max_payload.store(max, Ordering::Relaxed);
+                max
+            }
+            max => max,
+        }
     }
 
     /// Bytes of the byte budget in use right now (handed to NATS, not yet confirmed or dropped).

@@ -87,9 +87,11 @@ where
     let wanted = rust_log
         .and_then(|spec| EnvFilter::try_new(spec).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    // async-nats logs every connection event at INFO itself; `bridge` logs each once, with the gateway's context.
     let caps = Targets::new()
         .with_default(LevelFilter::TRACE)
-        .with_targets(WIRE_CRATES.map(|c| (c, WIRE_CRATES_MAX)));
+        .with_targets(WIRE_CRATES.map(|c| (c, WIRE_CRATES_MAX)))
+        .with_target("async_nats", LevelFilter::WARN);
     wanted.and(caps)
 }
 
