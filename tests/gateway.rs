@@ -54,28 +54,6 @@ async fn assert_alive(c: &mut WsClient) {
     assert_eq!(recv_raw(c).await, r#"{"op":"pong"}"#);
 }
 
-/// Waits until the NATS server has processed everything `nc` sent so far. (`flush` only writes to the socket.) A
-/// message to a fresh inbox comes back only after the server handled the commands before it on this connection.
-async fn nats_barrier(nc: &async_nats::Client) -> String {
-    let inbox = nc.new_inbox();
-    let mut probe = nc.subscribe(inbox.clone()).await.unwrap();
-    nc.publish(inbox.clone(), Bytes::new()).await.unwrap();
-    nc.flush().await.unwrap();
-    next_msg(&mut probe).await;
-    inbox
-}
-
-/// A subscriber on a plain NATS connection, live on the server when this returns. A wildcard subscription that also
-/// matches the barrier's inbox has that message drained.
-async fn nats_sub(nc: &async_nats::Client, subject: &str) -> async_nats::Subscriber {
-    let mut sub = nc.subscribe(subject.to_string()).await.unwrap();
-    let inbox = nats_barrier(nc).await;
-    if subject == ">" {
-        assert_eq!(next_msg(&mut sub).await.subject.as_str(), inbox);
-    }
-    sub
-}
-
 /// Next message that is not request/reply plumbing (`_INBOX.*`, e.g. the gateway's subscription round trips).
 async fn next_non_inbox(sub: &mut async_nats::Subscriber) -> async_nats::Message {
     loop {

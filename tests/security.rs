@@ -130,18 +130,6 @@ async fn connect_retrying(gw: &TestGateway, headers: &[(&str, &str)], retry_on: 
     }
 }
 
-/// Subscribes and waits until the server has the subscription (a flush only empties the client's buffer): a probe
-/// published on `probe_subject` (which the subscription must match) comes back on it.
-async fn subscribed(nc: &async_nats::Client, subject: &str, probe_subject: &str) -> async_nats::Subscriber {
-    let mut sub = nc.subscribe(subject.to_string()).await.unwrap();
-    nc.publish(probe_subject.to_string(), "{\"probe\":true}".into())
-        .await
-        .unwrap();
-    let m = next_msg(&mut sub).await;
-    assert_eq!(m.payload.as_ref(), b"{\"probe\":true}");
-    sub
-}
-
 /// Sends a text frame without waiting for anything.
 async fn feed(c: &mut WsClient, v: Value) {
     c.ws.feed(Message::Text(v.to_string().into())).await.unwrap();
@@ -323,8 +311,8 @@ async fn sub_is_in_publish_headers_and_lifecycle_events() {
     let gw = TestGateway::start(&nats, |c| keys.apply(c)).await;
     let nc = nats.client().await;
     // The connect event follows the upgrade at once: the subscription must be in place before.
-    let mut events = subscribed(&nc, "roomwire.events.>", "roomwire.events.probe").await;
-    let mut room = subscribed(&nc, "rooms.lobby", "rooms.lobby").await;
+    let mut events = nats_sub(&nc, "roomwire.events.>").await;
+    let mut room = nats_sub(&nc, "rooms.lobby").await;
 
     let t = token("alice", json!({"rooms": ["lobby"]}));
     let mut c = gw.client_with(WS, &[("authorization", &bearer(&t))]).await.unwrap();
@@ -373,7 +361,7 @@ async fn anonymous_has_its_own_permissions_and_no_user() {
     })
     .await;
     let nc = nats.client().await;
-    let mut sub = subscribed(&nc, "rooms.public-chat", "rooms.public-chat").await;
+    let mut sub = nats_sub(&nc, "rooms.public-chat").await;
     let mut anon = gw.client().await;
     anon.join("public-news").await;
     let r = anon.request(json!({"op": "join", "room": "private"}), 1).await;
@@ -467,7 +455,7 @@ async fn refresh_with_narrower_token_leaves_revoked_rooms() {
     let keys = Keys::new();
     let gw = TestGateway::start(&nats, |c| keys.apply(c)).await;
     let nc = nats.client().await;
-    let mut events = subscribed(&nc, "roomwire.events.leave", "roomwire.events.leave").await;
+    let mut events = nats_sub(&nc, "roomwire.events.leave").await;
     let wide = token("ann", json!({"rooms": ["chat-*", "ops"]}));
     let mut c = gw.client_with(WS, &[("authorization", &bearer(&wide))]).await.unwrap();
     c.join("chat-1").await;
@@ -858,7 +846,7 @@ async fn message_rate_gives_rate_limited_and_nothing_is_published() {
     })
     .await;
     let nc = nats.client().await;
-    let mut sub = subscribed(&nc, "rooms.r", "rooms.r").await;
+    let mut sub = nats_sub(&nc, "rooms.r").await;
     let mut c = gw.client().await;
     c.join("r").await; // 1 of the 5
     for i in 1..=6 {
