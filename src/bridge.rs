@@ -118,6 +118,81 @@ pub struct Origin<'a> {
     pub user: Option<&'a str>,
 }
 
+/// `nats.creds_file`, `nats.user`/`nats.password` and `nats.token`, as configured.
+async fn with_credentials(
+    mut opts: async_nats::ConnectOptions,
+    cfg: &NatsConfig,
+) -> Result<async_nats::ConnectOptions, BridgeError> {
+    if let Some(path) = &cfg.creds_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|e| BridgeError::Connect(format!("nats.creds_file {}: {e}", path.display())))?;
+    }
+    if let (Some(user), Some(pass)) = (&cfg.user, &cfg.password) {
+        let pass = pass
+            .load("nats.password")
+            .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        opts = opts.user_and_password(user.clone(), pass.expose().to_string());
+    }
+    if let Some(token) = &cfg.token {
+        let token = token
+            .load("nats.token")
+            .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        opts = opts.token(token.expose().to_string());
+    }
+    Ok(opts)
+}
+
+/// What the NATS client's events change in the gateway: counters, the rooms a server refused, the cached
+/// `max_payload`; and one log line per event.
+struct EventLog {
+    metrics: Arc<Metrics>,
+    sids: Arc<Mutex<HashMap<u64, Arc<str>>>>,
+    subjects: Subjects,
+    max_payload: Arc<AtomicUsize>,
+}
+
+impl EventLog {
+    fn on_event(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                // The server dropped (or refused) a subscription: end the room so that it is not kept registered
+                // with nothing behind it (async-nats itself keeps the `Subscriber` open).
+                match denied_subscription(&text) {
+                    Some((subject, sid)) => {
+                        tracing::warn!(subject, sid, "NATS refused a room subscription (permissions violation)");
+                        if let Some(e) = self.subjects.lock().get(subject)
+                            && (sid.is_none() || e.sid.is_none() || e.sid == sid)
+                        {
+                            e.token.cancel();
+                        }
+                    }
+                    None => tracing::warn!(error = %text, "NATS server error"),
+                }
+            }
+            async_nats::Event::SlowConsumer(sid) => {
+                self.metrics.nats_slow_consumers.inc();
+                let room = self.sids.lock().get(&sid).cloned();
+                tracing::warn!(
+                    sid,
+                    room = room.as_deref(),
+                    "NATS slow consumer: room fan-out fell behind, messages dropped"
+                );
+            }
+            async_nats::Event::Disconnected => {
+                self.metrics.nats_disconnects.inc();
+                tracing::warn!("NATS disconnected");
+            }
+            async_nats::Event::Connected => {
+                self.max_payload.store(0, Ordering::Relaxed);
+                tracing::info!("NATS connected");
+            }
+            other => tracing::info!(event = %other, "NATS event"),
+        }
+    }
+}
+
 /// Cloneable handle to the gateway's NATS connection.
 #[derive(Clone, Debug)]
 pub struct Bridge {
@@ -292,75 +367,18 @@ impl Bridge {
                 // 0, 100 ms, 200 ms, ... capped at 2 s: fast recovery after a NATS restart, no busy loop.
                 Duration::from_millis((attempts as u64 * 100).min(2000))
             });
-        if let Some(path) = &cfg.creds_file {
-            opts = opts
-                .credentials_file(path)
-                .await
-                .map_err(|e| BridgeError::Connect(format!("nats.creds_file {}: {e}", path.display())))?;
-        }
-        if let (Some(user), Some(pass)) = (&cfg.user, &cfg.password) {
-            let pass = pass
-                .load("nats.password")
-                .map_err(|e| BridgeError::Connect(e.to_string()))?;
-            opts = opts.user_and_password(user.clone(), pass.expose().to_string());
-        }
-        if let Some(token) = &cfg.token {
-            let token = token
-                .load("nats.token")
-                .map_err(|e| BridgeError::Connect(e.to_string()))?;
-            opts = opts.token(token.expose().to_string());
-        }
+        opts = with_credentials(opts, cfg).await?;
         let subjects: Subjects = Arc::default();
         let max_payload: Arc<AtomicUsize> = Arc::default();
-        let cb_max_payload = max_payload.clone();
-        let cb_sids = sids.clone();
-        let cb_subjects = subjects.clone();
+        let events = Arc::new(EventLog {
+            metrics,
+            sids: sids.clone(),
+            subjects: subjects.clone(),
+            max_payload: max_payload.clone(),
+        });
         opts = opts.event_callback(move |event| {
-            let metrics = metrics.clone();
-            let sids = cb_sids.clone();
-            let max_payload = cb_max_payload.clone();
-            let subjects = cb_subjects.clone();
-            async move {
-                match event {
-                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
-                        // The server dropped (or refused) a subscription: end the room so that it is not kept
-                        // registered with nothing behind it (async-nats itself keeps the `Subscriber` open).
-                        match denied_subscription(&text) {
-                            Some((subject, sid)) => {
-                                tracing::warn!(
-                                    subject,
-                                    sid,
-                                    "NATS refused a room subscription (permissions violation)"
-                                );
-                                if let Some(e) = subjects.lock().get(subject)
-                                    && (sid.is_none() || e.sid.is_none() || e.sid == sid)
-                                {
-                                    e.token.cancel();
-                                }
-                            }
-                            None => tracing::warn!(error = %text, "NATS server error"),
-                        }
-                    }
-                    async_nats::Event::SlowConsumer(sid) => {
-                        metrics.nats_slow_consumers.inc();
-                        let room = sids.lock().get(&sid).cloned();
-                        tracing::warn!(
-                            sid,
-                            room = room.as_deref(),
-                            "NATS slow consumer: room fan-out fell behind, messages dropped"
-                        );
-                    }
-                    async_nats::Event::Disconnected => {
-                        metrics.nats_disconnects.inc();
-                        tracing::warn!("NATS disconnected");
-                    }
-                    async_nats::Event::Connected => {
-                        max_payload.store(0, Ordering::Relaxed);
-                        tracing::info!("NATS connected");
-                    }
-                    other => tracing::info!(event = %other, "NATS event"),
-                }
-            }
+            let events = events.clone();
+            async move { events.on_event(event) }
         });
         let urls: Vec<async_nats::ServerAddr> = cfg
             .url
@@ -375,6 +393,7 @@ impl Bridge {
             .connect(urls)
             .await
             .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        // Unbounded in type only: every entry holds at least 160 of the `nats.max_pending_bytes` byte permits.
         let (releaser, queue) = tokio::sync::mpsc::unbounded_channel();
         // Not on the gateway's tracker: it holds nothing a shutdown must wait for, and ends with the client.
         tokio::spawn(release_when_written(client.clone(), queue));
