@@ -500,7 +500,7 @@ impl Conn {
                 self.ack(id).await;
                 // The server may refuse a new subscription just after the round trip that confirmed it; the room
                 // then tells its members `left`, possibly before the ack above. Repeat it after the ack so the last
-                // word the client hears about the room is the true one.
+                // word the client hears about the room is the true one (a client may so hear `left` twice).
                 if !entry.is_live() {
                     self.send(protocol::left(room, crate::rooms::ENDED_REASON)).await;
                     return;
