@@ -16,10 +16,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -144,13 +141,12 @@ async fn with_credentials(
     Ok(opts)
 }
 
-/// What the NATS client's events change in the gateway: counters, the rooms a server refused, the cached
-/// `max_payload`; and one log line per event.
+/// What the NATS client's events change in the gateway (counters, the rooms a server refused), and one log line
+/// per event.
 struct EventLog {
     metrics: Arc<Metrics>,
     sids: Arc<Mutex<HashMap<u64, Arc<str>>>>,
     subjects: Subjects,
-    max_payload: Arc<AtomicUsize>,
 }
 
 impl EventLog {
@@ -184,10 +180,7 @@ impl EventLog {
                 self.metrics.nats_disconnects.inc();
                 tracing::warn!("NATS disconnected");
             }
-            async_nats::Event::Connected => {
-                self.max_payload.store(0, Ordering::Relaxed);
-                tracing::info!("NATS connected");
-            }
+            async_nats::Event::Connected => tracing::info!("NATS connected"),
             other => tracing::info!(event = %other, "NATS event"),
         }
     }
@@ -214,9 +207,6 @@ pub struct Bridge {
     /// permissions violation reported by the server) ends the room. One entry per live room ([`RoomSub`] removes
     /// its own entry on drop; the generation keeps a dying instance from removing its successor's).
     subjects: Subjects,
-    /// The server's `max_payload`, read once per connection (0 = not read yet; reset on every (re)connect, since the
-    /// new server may differ): `server_info()` clones the whole INFO, too much to do on every publish.
-    max_payload: Arc<AtomicUsize>,
 }
 
 type Subjects = Arc<Mutex<HashMap<String, SubEntry>>>;
@@ -369,12 +359,10 @@ impl Bridge {
             });
         opts = with_credentials(opts, cfg).await?;
         let subjects: Subjects = Arc::default();
-        let max_payload: Arc<AtomicUsize> = Arc::default();
         let events = Arc::new(EventLog {
             metrics,
             sids: sids.clone(),
             subjects: subjects.clone(),
-            max_payload: max_payload.clone(),
         });
         opts = opts.event_callback(move |event| {
             let events = events.clone();
@@ -408,7 +396,6 @@ impl Bridge {
             pending: Arc::new(Semaphore::new(cfg.max_pending_bytes)),
             max_pending: cfg.max_pending_bytes,
             subjects,
-            max_payload,
         })
     }
 
@@ -424,14 +411,8 @@ impl Bridge {
 
     /// The NATS server's max payload (bytes).
     pub fn max_payload(&self) -> usize {
-        match self.max_payload.load(Ordering::Relaxed) {
-            0 => {
-                let max = self.client.server_info().max_payload;
-                self.max_payload.store(max, Ordering::Relaxed);
-                max
-            }
-            max => max,
-        }
+        // An atomic async-nats updates on every (re)connect; `server_info()` would clone the whole INFO per publish.
+        self.client.max_payload()
     }
 
     /// Bytes of the byte budget in use right now (handed to NATS, not yet confirmed or dropped).

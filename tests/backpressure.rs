@@ -181,23 +181,6 @@ fn slow_consumers(gw: &TestGateway, reason: SlowConsumer) -> u64 {
     gw.gw.metrics().slow_consumers.get(reason)
 }
 
-fn dropped(gw: &TestGateway, policy: Overflow) -> u64 {
-    gw.gw.metrics().dropped.get(policy)
-}
-
-/// Waits until the gateway has fanned out `n` NATS messages in all (so every one of them is queued or dropped).
-async fn wait_fanned_out(gw: &TestGateway, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    while gw.gw.metrics().room_messages.get() < n {
-        assert!(
-            Instant::now() < deadline,
-            "gateway fanned out {} of {n}",
-            gw.gw.metrics().room_messages.get()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Issue 3, tests 1 and 4: N ordinary clients and one that never reads, a backend publishing as fast as the ordinary
 /// clients take it. They get every message in order and in time; the stalled one is closed as a slow consumer; and
 /// the gateway's peak memory growth stays far below the flood's size.
@@ -340,7 +323,7 @@ async fn flood_until(
         }
         backend.flush().await.unwrap();
         if let Some(gw) = fanned_out {
-            wait_fanned_out(gw, base + n).await;
+            gw.wait_fanned_out(base + n).await;
         }
         if enough() {
             return n;
@@ -396,7 +379,7 @@ async fn drop_policy(policy: Overflow) {
     let pad = "x".repeat(4 * KIB - 20);
     let mut last = (0, 0);
     let published = flood_until(&backend, room, &pad, Some(&gw), || {
-        stalled_and_dropped(dropped(&gw, policy), &mut last, 256)
+        stalled_and_dropped(gw.dropped(policy), &mut last, 256)
     })
     .await;
     // Everything published is now queued or dropped; a ping's pong comes after all that is queued.
@@ -429,7 +412,7 @@ async fn drop_policy(policy: Overflow) {
     );
     assert_eq!(
         gap_total,
-        dropped(&gw, policy),
+        gw.dropped(policy),
         "gap notices disagree with the dropped counter"
     );
     assert!(gap_total >= 256);
@@ -509,7 +492,7 @@ async fn policy_latest_delivers_only_the_newest_after_a_stall() {
     // (up to about a thousand such messages) is then well under half of what was published.
     let mut last = (0, 0);
     let published = flood_until(&backend, room, &pad, Some(&gw), || {
-        stalled_and_dropped(dropped(&gw, Overflow::Latest), &mut last, 2000)
+        stalled_and_dropped(gw.dropped(Overflow::Latest), &mut last, 2000)
     })
     .await;
     client.send(json!({"op":"ping","id":78})).await;
@@ -522,7 +505,7 @@ async fn policy_latest_delivers_only_the_newest_after_a_stall() {
         "{} of {published} arrived: not conflated",
         numbers.len()
     );
-    assert_eq!(numbers.len() as u64 + dropped(&gw, Overflow::Latest), published);
+    assert_eq!(numbers.len() as u64 + gw.dropped(Overflow::Latest), published);
     assert_eq!(
         slow_consumers(&gw, SlowConsumer::QueueFull),
         0,

@@ -22,23 +22,6 @@ fn payload(n: u64, pad: &str) -> Bytes {
     Bytes::from(format!(r#"{{"n":{n},"p":"{pad}"}}"#))
 }
 
-fn dropped(gw: &TestGateway, policy: Overflow) -> u64 {
-    gw.gw.metrics().dropped.get(policy)
-}
-
-/// Waits until the gateway has fanned out `n` NATS messages in all (so each is queued, parked or dropped).
-async fn wait_fanned_out(gw: &TestGateway, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    while gw.gw.metrics().room_messages.get() < n {
-        assert!(
-            Instant::now() < deadline,
-            "gateway fanned out {} of {n}",
-            gw.gw.metrics().room_messages.get()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// What the client saw of one room: messages by number, gap notices by count.
 #[derive(Debug, Default)]
 struct RoomLog {
@@ -130,12 +113,12 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
         );
         let pause = if stuck_probes == 0 { 2 } else { 100 };
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        let before = dropped(&gw, Overflow::Latest);
+        let before = gw.dropped(Overflow::Latest);
         publish(&backend, "ticker-a", ticker_a, 1, &big).await;
         ticker_a += 1;
         fanned += 1;
-        wait_fanned_out(&gw, fanned).await;
-        stuck_probes = if dropped(&gw, Overflow::Latest) > before {
+        gw.wait_fanned_out(fanned).await;
+        stuck_probes = if gw.dropped(Overflow::Latest) > before {
             stuck_probes + 1
         } else {
             0
@@ -146,13 +129,13 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
     const CHAT: u64 = 4;
     publish(&backend, "chat", 0, CHAT, "c").await;
     fanned += CHAT;
-    wait_fanned_out(&gw, fanned).await;
+    gw.wait_fanned_out(fanned).await;
 
     // 3. A feed flood (drop_oldest) four times the queue: it may evict only its own messages.
     const FEED: u64 = 4 * QUEUE as u64;
     publish(&backend, "feed-1", 0, FEED, &"f".repeat(500)).await;
     fanned += FEED;
-    wait_fanned_out(&gw, fanned).await;
+    gw.wait_fanned_out(fanned).await;
 
     // 4. Both tickers publish into the full queue: ticker-a replaces its queued value, ticker-b has none queued.
     const TICKER_B: u64 = 5;
@@ -160,7 +143,7 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
     ticker_a += 3;
     publish(&backend, "ticker-b", 0, TICKER_B, "b").await;
     fanned += 3 + TICKER_B;
-    wait_fanned_out(&gw, fanned).await;
+    gw.wait_fanned_out(fanned).await;
     assert_eq!(
         gw.gw
             .metrics()
@@ -233,7 +216,7 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
     assert!(feed_gaps > 0, "the feed never overflowed");
     assert_eq!(
         feed_gaps,
-        dropped(&gw, Overflow::DropOldest),
+        gw.dropped(Overflow::DropOldest),
         "gap notices disagree with the dropped counter"
     );
 
@@ -251,9 +234,9 @@ async fn policies_on_one_connection_act_only_on_their_own_rooms() {
         "ticker-b ended on a stale value"
     );
     assert_eq!(
-        log("ticker-a").numbers.len() as u64 + log("ticker-b").numbers.len() as u64 + dropped(&gw, Overflow::Latest),
+        log("ticker-a").numbers.len() as u64 + log("ticker-b").numbers.len() as u64 + gw.dropped(Overflow::Latest),
         ticker_a + TICKER_B,
         "latest: received + superseded != published"
     );
-    assert_eq!(dropped(&gw, Overflow::DropNewest), 0);
+    assert_eq!(gw.dropped(Overflow::DropNewest), 0);
 }

@@ -733,3 +733,23 @@ pub async fn nats_sub(nc: &async_nats::Client, subject: &str) -> async_nats::Sub
     }
     sub
 }
+
+impl TestGateway {
+    /// Room messages the gateway dropped under `policy` so far.
+    pub fn dropped(&self, policy: roomwire::config::Overflow) -> u64 {
+        self.gw.metrics().dropped.get(policy)
+    }
+
+    /// Waits until the gateway has fanned out `n` NATS messages in all (so each is queued, parked or dropped).
+    pub async fn wait_fanned_out(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.gw.metrics().room_messages.get() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway fanned out {} of {n}",
+                self.gw.metrics().room_messages.get()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
