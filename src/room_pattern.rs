@@ -114,14 +114,12 @@ impl<'de> Deserialize<'de> for RoomPattern {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    /// The plain model: `m[i][j]` = pattern[..i] matches text[..j].
-    fn glob_model(pattern: &str, text: &str) -> bool {
+/// The plain model `RoomPattern` is checked against, by the property test below and by the `room_subject` fuzz
+/// target.
+#[cfg(any(test, fuzzing))]
+pub mod model {
+    /// `*` matches any run of bytes, everything else itself: `m[i][j]` = pattern[..i] matches text[..j].
+    pub fn glob(pattern: &str, text: &str) -> bool {
         let (p, t) = (pattern.as_bytes(), text.as_bytes());
         let mut m = vec![vec![false; t.len() + 1]; p.len() + 1];
         m[0][0] = true;
@@ -136,6 +134,15 @@ mod tests {
         }
         m[p.len()][t.len()]
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    use model::glob as glob_model;
 
     #[test]
     fn examples() {

@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         if valid_room(room) && prefix.len() <= 256 {
             assert_eq!(
                 pattern.matches(room),
-                glob_model(&prefix, room),
+                roomwire::room_pattern::model::glob(&prefix, room),
                 "pattern {prefix:?}, room {room:?}"
             );
         }
@@ -85,21 +85,4 @@ fn check_one(prefix: &str, room: &str) -> String {
         "async-nats refuses {subject:?}"
     );
     subject
-}
-
-/// `*` matches any run of bytes, everything else itself: `m[i][j]` = pattern[..i] matches text[..j].
-fn glob_model(pattern: &str, text: &str) -> bool {
-    let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    let mut m = vec![vec![false; t.len() + 1]; p.len() + 1];
-    m[0][0] = true;
-    for i in 1..=p.len() {
-        for j in 0..=t.len() {
-            m[i][j] = if p[i - 1] == b'*' {
-                m[i - 1][j] || (j > 0 && m[i][j - 1])
-            } else {
-                j > 0 && p[i - 1] == t[j - 1] && m[i - 1][j - 1]
-            };
-        }
-    }
-    m[p.len()][t.len()]
 }

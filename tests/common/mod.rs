@@ -396,20 +396,7 @@ impl TestGateway {
                 v.parse().unwrap(),
             );
         }
-        let tls = self.tls().await;
-        match tokio_tungstenite::client_async(req, tls).await {
-            Ok((ws, _)) => {
-                let mut c = WsClient {
-                    ws,
-                    conn: String::new(),
-                };
-                let welcome = c.recv_op("welcome").await;
-                c.conn = welcome["conn"].as_str().unwrap().to_string();
-                Ok(c)
-            }
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-            Err(e) => panic!("unexpected handshake error: {e}"),
-        }
+        upgrade_over(req, self.tls().await).await
     }
 
     /// Cancels the shutdown token and waits for `serve` to return.
@@ -540,16 +527,9 @@ impl TestGateway {
             self.addr.port(),
             self.gw.config().server.ws_path
         );
-        let (ws, _) = tokio_tungstenite::client_async(url, tls)
+        upgrade_over(url.into_client_request().unwrap(), tls)
             .await
-            .expect("upgrade accepted");
-        let mut c = WsClient {
-            ws,
-            conn: String::new(),
-        };
-        let welcome = c.recv_op("welcome").await;
-        c.conn = welcome["conn"].as_str().unwrap().to_string();
-        c
+            .expect("upgrade accepted")
     }
 }
 
@@ -696,19 +676,7 @@ impl TestGateway {
                 v.parse().unwrap(),
             );
         }
-        match tokio_tungstenite::client_async(req, tls).await {
-            Ok((ws, _)) => {
-                let mut c = WsClient {
-                    ws,
-                    conn: String::new(),
-                };
-                let welcome = c.recv_op("welcome").await;
-                c.conn = welcome["conn"].as_str().unwrap().to_string();
-                Ok(c)
-            }
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(Some(resp.status().as_u16())),
-            Err(e) => panic!("unexpected handshake error: {e}"),
-        }
+        upgrade_over(req, tls).await.map_err(Some)
     }
 }
 
@@ -751,5 +719,25 @@ impl TestGateway {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+}
+
+/// The WebSocket handshake of `req` over `tls`, then the welcome. `Err` carries the HTTP status of a refusal.
+async fn upgrade_over(
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    tls: TlsStream<TcpStream>,
+) -> Result<WsClient, u16> {
+    match tokio_tungstenite::client_async(req, tls).await {
+        Ok((ws, _)) => {
+            let mut c = WsClient {
+                ws,
+                conn: String::new(),
+            };
+            let welcome = c.recv_op("welcome").await;
+            c.conn = welcome["conn"].as_str().unwrap().to_string();
+            Ok(c)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("unexpected handshake error: {e}"),
     }
 }
