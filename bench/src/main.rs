@@ -50,7 +50,8 @@ struct Args {
     /// Which server speaks at --url.
     #[arg(long, value_enum)]
     target: Target,
-    /// Subscriber endpoint, ws:// or wss:// (wss certificates are not verified), e.g. ws://127.0.0.1:9443/ws.
+    /// Subscriber endpoint, ws:// or wss:// (wss certificates are not verified), e.g. ws://127.0.0.1:9443/ws. A
+    /// comma-separated list spreads the subscribers over several gateways: connection i uses URL `i % n` (scale-out).
     #[arg(long)]
     url: String,
     /// Publisher endpoint: nats://host:port for roomwire and nats-ws (default nats://127.0.0.1:4222); a ws:// URL for
@@ -90,6 +91,9 @@ struct Args {
     /// Server process ids: RSS is read from the first, CPU time summed over all (e.g. roomwire,nats-server).
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
+    /// Processes whose RSS is reported one by one (e.g. every gateway of a scale-out run).
+    #[arg(long, value_delimiter = ',')]
+    rss_pid: Vec<u32>,
     /// Seconds of publishing at the first rate before the first measured step.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
@@ -566,7 +570,10 @@ async fn read_loop(mut ws: Ws, target: Target, stats: &Stats) {
 /// Opens connections `offset..offset+count` (global indices, so rooms, sources and stalled clients are the same
 /// whatever the process split) and returns once each has joined or failed.
 async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<Stats>) -> anyhow::Result<Ready> {
-    let endpoint = Endpoint::parse(&args.url).await?;
+    let mut endpoints = Vec::new();
+    for url in args.url.split(',') {
+        endpoints.push(Endpoint::parse(url).await?);
+    }
     let stalled_every = if args.stalled > 0.0 {
         (1.0 / args.stalled).round().max(1.0) as usize
     } else {
@@ -576,7 +583,8 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<bool, String>>();
     for i in offset..offset + count {
         let permit = limit.clone().acquire_owned().await?;
-        let (endpoint, stats, done_tx) = (endpoint.clone(), stats.clone(), done_tx.clone());
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        let (stats, done_tx) = (stats.clone(), done_tx.clone());
         let source = (args.sources.len() > 1 || args.sources[0] != IpAddr::from([127, 0, 0, 1]))
             .then(|| args.sources[i % args.sources.len()]);
         let room = format!("r{}", i % args.rooms.max(1));
@@ -790,7 +798,7 @@ async fn run_publisher(
             }
         }
         Target::Socketio | Target::Uws => {
-            let url = args.pub_url.clone().unwrap_or_else(|| args.url.clone());
+            let url = args.pub_url.clone().unwrap_or_else(|| args.url.split(',').next().unwrap_or_default().to_string());
             let mut ws = Endpoint::parse(&url).await?.connect(None).await?;
             if args.target == Target::Socketio {
                 wait_text(&mut ws, |t| t.starts_with('0')).await?;
@@ -938,6 +946,8 @@ struct Report {
     rss_before_kib: Option<u64>,
     rss_after_kib: Option<u64>,
     rss_kib_per_conn: Option<f64>,
+    /// `--rss-pid` processes: RSS before and after connecting, KiB, in the order given.
+    rss_each_kib: Vec<(Option<u64>, Option<u64>)>,
     /// Kernel slab growth per connection, both loopback ends together (system-wide, so roughly 2 sockets' worth).
     kernel_slab_kib_per_conn: Option<f64>,
     steps: Vec<Step>,
@@ -953,6 +963,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
     };
     let pid = args.server_pid.first().copied();
     let rss_before = pid.and_then(rss_kib);
+    let rss_each_before: Vec<Option<u64>> = args.rss_pid.iter().map(|&p| rss_kib(p)).collect();
     let slab_before = slab_kib();
     let started = Instant::now();
 
@@ -980,6 +991,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     let rss_after = pid.and_then(rss_kib);
+    let rss_each_kib = rss_each_before.into_iter().zip(args.rss_pid.iter().map(|&p| rss_kib(p))).collect();
     let slab_after = slab_kib();
     let per_conn = |before: Option<u64>, after: Option<u64>| {
         Some((after? as f64 - before? as f64) / (ready.connected.max(1) as f64))
@@ -1107,6 +1119,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
         rss_kib_per_conn: per_conn(rss_before, rss_after),
+        rss_each_kib,
         kernel_slab_kib_per_conn: per_conn(slab_before, slab_after),
         steps,
         best,
