@@ -24,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod replay;
 pub mod room_pattern;
 pub mod room_quota;
 pub mod rooms;
