@@ -295,11 +295,14 @@ impl Inner {
             let flight = self.flight_for(subject, after, up_to, deadline);
             let seg = match flight {
                 Ok(seg) => seg,
-                Err(fut) => match tokio::time::timeout_at(deadline, fut).await {
+                Err((fut, wider)) => match tokio::time::timeout_at(deadline, fut).await {
                     Err(_) => return Err(ReplayError::Timeout),
                     Ok(Err(ReplayError::Timeout)) if Instant::now() < deadline => continue,
-                    // A shared read of a wider range can overflow `max_read` while ours would not: read ours.
-                    Ok(Err(ReplayError::TooMany)) => self.read_uncoalesced(subject, after, up_to, deadline).await?,
+                    // A shared read of a wider range can overflow `max_read` while ours would not: read ours (callers
+                    // of the same range share the TooMany instead).
+                    Ok(Err(ReplayError::TooMany)) if wider => {
+                        self.read_uncoalesced(subject, after, up_to, deadline).await?
+                    }
                     Ok(r) => r?,
                 },
             };
@@ -363,7 +366,7 @@ impl Inner {
         after: u64,
         up_to: u64,
         deadline: Instant,
-    ) -> Result<Arc<Segment>, FlightFuture> {
+    ) -> Result<Arc<Segment>, (FlightFuture, bool)> {
         let mut st = self.state.lock();
         let now = Instant::now();
         let base = match st.cache.get(subject, now) {
@@ -377,7 +380,8 @@ impl Inner {
             && up_to <= f.hi
             && let Some(fut) = f.fut.upgrade()
         {
-            return Err(fut);
+            let wider = (f.lo, f.hi) != (after, up_to);
+            return Err((fut, wider));
         }
         if !st.inflight.contains_key(subject) && st.inflight.len() >= self.cfg.max_inflight {
             st.inflight.retain(|_, f| f.fut.upgrade().is_some());
@@ -394,7 +398,7 @@ impl Inner {
             st.inflight
                 .insert(subject.to_string(), Flight { id, lo, hi, fut: weak });
         }
-        Err(fut)
+        Err((fut, false))
     }
 
     /// The read behind a flight: reads `(witness, up_to]` (extending `base` when given), caches the segment, and
