@@ -8,7 +8,7 @@
 //! [`frames`] (every incoming frame charged to the rate limits), [`auth`] (JWT verification) and [`token`] (where the
 //! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
 //! fan-out) with [`room_quota`] and [`room_pattern`], [`bridge`] (NATS), [`protocol`] (wire format), [`metrics`] and
-//! [`shutdown`].
+//! [`shutdown`]. [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
 #![warn(missing_docs)]
 
 pub mod auth;
@@ -24,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod replay;
 pub mod room_pattern;
 pub mod room_quota;
 pub mod rooms;

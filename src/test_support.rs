@@ -17,12 +17,27 @@ pub(crate) struct Nats {
 
 impl Nats {
     pub(crate) async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// With JetStream enabled (`-js`, its store in the server's temp dir).
+    pub(crate) async fn start_js() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(js: bool) -> Self {
         let bin = std::env::var("NATS_SERVER")
             .unwrap_or_else(|_| format!("{}/.tools/nats/bin/nats-server", env!("CARGO_MANIFEST_DIR")));
         let dir = tempfile::tempdir().expect("tempdir");
-        let child = std::process::Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-            .arg(dir.path())
+        let ports = dir.path().join("ports");
+        std::fs::create_dir_all(&ports).expect("ports dir");
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .arg(&ports);
+        if js {
+            cmd.args(["-js", "-sd"]).arg(dir.path().join("js"));
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -35,7 +50,7 @@ impl Nats {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let ports = std::fs::read_dir(nats._dir.path())
+            let ports = std::fs::read_dir(nats._dir.path().join("ports"))
                 .expect("ports dir")
                 .flatten()
                 .find_map(|f| std::fs::read_to_string(f.path()).ok())
@@ -47,6 +62,31 @@ impl Nats {
             assert!(Instant::now() < deadline, "nats-server did not write its ports file");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl Nats {
+    /// The client URL.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub(crate) fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Unfreezes it (SIGCONT).
+    pub(crate) fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} nats-server");
     }
 }
 
