@@ -32,6 +32,9 @@ const FATAL_CLOSE = new Map([
   [4001, "token expired"],
 ]);
 
+/** Join refusals worth retrying after a reconnect: the gateway may still be connecting to NATS. */
+const TRANSIENT = new Set(["unavailable", "rate_limited", "timeout"]);
+
 /**
  * Delay before reconnect attempt `attempt` (0-based): "full jitter", uniform in [0, min(max, base * 2^attempt)).
  * Jitter spreads a crowd of clients that lost the same gateway instead of bringing them back all at once.
@@ -184,7 +187,7 @@ export class Roomwire {
       this.rooms.set(room, entry);
     }
     const p = new Promise((resolve, reject) => entry.waiters.push({ resolve, reject }));
-    if (this.ws && this.conn !== undefined && entry.waiters.length === 1) this._sendJoin(room, entry);
+    if (this._isOpen() && entry.waiters.length === 1) this._sendJoin(room, entry).catch(() => {});
     return p;
   }
 
@@ -408,9 +411,9 @@ export class Roomwire {
     this._setState("open", { conn: f.conn });
     this._schedulePing();
     // Rejoin every room, then send what waited: a publish must not reach the gateway before its room's join.
-    const joins = [];
-    for (const [room, entry] of this.rooms) joins.push(this._sendJoin(room, entry).catch(() => {}));
     const ws = this.ws;
+    const joins = [];
+    for (const [room, entry] of this.rooms) joins.push(this._rejoin(room, entry, ws));
     Promise.all(joins).then(() => {
       if (this.ws !== ws || !this._isOpen()) return;
       this.ready = true;
@@ -418,7 +421,20 @@ export class Roomwire {
     });
   }
 
-  _sendJoin(room, entry) {
+  /** A rejoin after a reconnect: transient refusals (a gateway still connecting to NATS) are retried. Never rejects. */
+  async _rejoin(room, entry, ws) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this._sendJoin(room, entry, true);
+      } catch (err) {
+        if (!TRANSIENT.has(err.code) || attempt >= 8 || this.ws !== ws) return undefined;
+        await new Promise((r) => this._timer(r, backoffDelay(attempt + 1, this.opts.backoffBase, this.opts.backoffMax)));
+        if (this.ws !== ws || this.rooms.get(room) !== entry) return undefined;
+      }
+    }
+  }
+
+  _sendJoin(room, entry, retrying = false) {
     const frame = { op: "join", room };
     const since = entry.cursor.since();
     if (since) frame.since = since;
@@ -432,8 +448,9 @@ export class Roomwire {
         return ack;
       },
       (err) => {
-        if (err.code === "disconnected" || err.code === "timeout") throw err;
-        // Refused (forbidden, invalid_room, ...): stop trying this room.
+        if (err.code === "disconnected") throw err; // redone after the reconnect
+        if (retrying && TRANSIENT.has(err.code)) throw err; // _rejoin tries again
+        // Refused (forbidden, invalid_room, ...) or, for a first join, any failure: the application decides.
         if (this.rooms.get(room) === entry) this.rooms.delete(room);
         for (const w of entry.waiters.splice(0)) w.reject(err);
         throw err;
