@@ -67,7 +67,7 @@ fn answer(data: &Value, rooms: &BTreeSet<String>) -> Option<String> {
     let (cmd, rest) = text.split_once(' ').unwrap_or((text, ""));
     match cmd {
         "!help" => Some("I answer !time, !echo <text> and !rooms, and announce who joins and leaves.".into()),
-        "!time" => Some(format!("{who}, it is {} ms since the Unix epoch (UTC).", now_ms())),
+        "!time" => Some(format!("{who}, it is {} UTC here.", utc(now_ms() / 1000))),
         // Truncated: a command must not make the bot publish more than it was sent.
         "!echo" => Some(rest.chars().take(500).collect()),
         "!rooms" => Some(format!(
@@ -103,6 +103,21 @@ async fn say(nc: &async_nats::Client, room: &str, data: Value) {
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS` of a Unix time (civil-from-days, H. Hinnant), to keep the example free of a date crate.
+fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -122,6 +137,13 @@ mod tests {
         assert!(answer(&json!({"text": "!help", "bot": true}), &rooms).is_none());
         assert!(answer(&json!({"text": "hello"}), &rooms).is_none());
         assert!(answer(&json!("!help"), &rooms).is_none());
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20");
     }
 
     #[test]

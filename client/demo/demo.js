@@ -46,7 +46,7 @@ rw.on("state", (state, info) => {
   status(state, info);
   if (state === "open" && wasOpen) {
     reconnectedAt = Date.now();
-    for (const room of rooms.keys()) notice(room, "reconnected: messages sent meanwhile are marked ⟲");
+    for (const room of rooms.keys()) notice(room, "reconnected: messages sent meanwhile are marked “recovered”");
   }
   if (state === "open") wasOpen = true;
   if (state === "closed") for (const room of rooms.keys()) notice(room, `disconnected: ${info.reason}`);
@@ -84,6 +84,7 @@ function notice(room, text) {
 }
 
 function who(conn, user) {
+  if (rw.isOwn(conn)) return `${name} (you)`;
   return names.get(conn) || user || `guest ${conn ? conn.split("-").pop() : "?"}`;
 }
 
@@ -98,7 +99,7 @@ function render(room, { data, from, seq }, recovered) {
     const conn = data.conn;
     const verb = data.event === "join" ? "joined" : "left";
     const li = el("li", "event", `→ ${who(conn, data.user)} ${verb}`);
-    if (data.event === "join" && !names.has(conn)) joinLines.set(conn, li);
+    if (data.event === "join" && !names.has(conn) && !rw.isOwn(conn)) joinLines.set(conn, li);
     return append(room, li);
   }
   if (data && typeof data === "object" && data.type === "hello") {
@@ -123,7 +124,10 @@ function render(room, { data, from, seq }, recovered) {
     li.classList.add("recovered");
     li.title = "recovered after a reconnect";
   }
-  li.append(el("span", "who", (wasRecovered ? "⟲ " : "") + (bot ? `🤖 ${sender}` : sender)), el("span", "", text));
+  const head = el("span", "who", sender);
+  if (bot) head.append(el("em", "tag", "bot"));
+  if (wasRecovered) head.append(el("em", "tag", "recovered"));
+  li.append(head, el("span", "", text));
   append(room, li);
 }
 
