@@ -21,7 +21,9 @@ const MAX_ROOMS: usize = 1000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::args().nth(1).unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
     let nc = async_nats::ConnectOptions::new()
         .name("roomwire-chat-bot")
         .retry_on_initial_connect()
@@ -115,7 +117,12 @@ fn utc(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn now_ms() -> u64 {
@@ -133,7 +140,10 @@ mod tests {
     fn answers_commands_not_itself() {
         let rooms = BTreeSet::from(["lobby".to_string()]);
         assert!(answer(&json!({"text": "!help"}), &rooms).is_some());
-        assert_eq!(answer(&json!({"text": "!echo hi there"}), &rooms).as_deref(), Some("hi there"));
+        assert_eq!(
+            answer(&json!({"text": "!echo hi there"}), &rooms).as_deref(),
+            Some("hi there")
+        );
         assert!(answer(&json!({"text": "!help", "bot": true}), &rooms).is_none());
         assert!(answer(&json!({"text": "hello"}), &rooms).is_none());
         assert!(answer(&json!("!help"), &rooms).is_none());

@@ -74,17 +74,46 @@ const CLIENT_CACHE: &str = "public, max-age=300";
 const DEMO_CACHE: &str = "no-cache";
 
 static ASSETS: [Asset; 5] = [
-    asset!("/client/roomwire.js", "../client/roomwire.js", "text/javascript; charset=utf-8", CLIENT_CACHE, false),
-    asset!("/client/roomwire.d.ts", "../client/roomwire.d.ts", "application/typescript", CLIENT_CACHE, false),
-    asset!("/", "../client/demo/index.html", "text/html; charset=utf-8", DEMO_CACHE, true),
-    asset!("/demo/demo.js", "../client/demo/demo.js", "text/javascript; charset=utf-8", DEMO_CACHE, true),
-    asset!("/demo/demo.css", "../client/demo/demo.css", "text/css; charset=utf-8", DEMO_CACHE, true),
+    asset!(
+        "/client/roomwire.js",
+        "../client/roomwire.js",
+        "text/javascript; charset=utf-8",
+        CLIENT_CACHE,
+        false
+    ),
+    asset!(
+        "/client/roomwire.d.ts",
+        "../client/roomwire.d.ts",
+        "application/typescript",
+        CLIENT_CACHE,
+        false
+    ),
+    asset!(
+        "/",
+        "../client/demo/index.html",
+        "text/html; charset=utf-8",
+        DEMO_CACHE,
+        true
+    ),
+    asset!(
+        "/demo/demo.js",
+        "../client/demo/demo.js",
+        "text/javascript; charset=utf-8",
+        DEMO_CACHE,
+        true
+    ),
+    asset!(
+        "/demo/demo.css",
+        "../client/demo/demo.css",
+        "text/css; charset=utf-8",
+        DEMO_CACHE,
+        true
+    ),
 ];
 
 /// The demo page's Content-Security-Policy: its own script and style only, so a chat message can never run as code
 /// even if a future change rendered it as HTML; WebSockets to the same host (`'self'` covers `wss:` there).
-const DEMO_CSP: &str =
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
+const DEMO_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
 /// The response for `path` if it names an embedded file (`None` otherwise: the caller answers 404). GET and HEAD
@@ -94,7 +123,8 @@ pub fn serve(path: &str, method: &Method, headers: &HeaderMap, demo: bool) -> Op
     let mut resp = Response::new(Full::new(Bytes::new()));
     if method != Method::GET && method != Method::HEAD {
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Some(resp);
     }
     let h = resp.headers_mut();
