@@ -356,10 +356,14 @@ export class Roomwire {
   }
 
   _timer(fn, ms) {
-    const t = setTimeout(() => {
-      this.timers.delete(t);
-      fn();
-    }, ms);
+    // setTimeout fires at once for delays over 2^31 - 1 ms: clamp, so a huge option means "rarely", not "always".
+    const t = setTimeout(
+      () => {
+        this.timers.delete(t);
+        fn();
+      },
+      Math.min(ms, 2 ** 31 - 1),
+    );
     this.timers.add(t);
     return t;
   }
@@ -485,11 +489,14 @@ export class Roomwire {
   _send(item) {
     const id = this.nextId++;
     const req = { ...item, frame: { ...item.frame, id }, order: id };
-    req.timer = setTimeout(() => {
-      if (this.pending.get(id) !== req) return;
-      this.pending.delete(id);
-      req.reject(new RoomwireError("timeout", `no answer to ${req.frame.op} within ${this.opts.requestTimeout} ms`));
-    }, this.opts.requestTimeout);
+    req.timer = setTimeout(
+      () => {
+        if (this.pending.get(id) !== req) return;
+        this.pending.delete(id);
+        req.reject(new RoomwireError("timeout", `no answer to ${req.frame.op} within ${this.opts.requestTimeout} ms`));
+      },
+      Math.min(this.opts.requestTimeout, 2 ** 31 - 1),
+    );
     this.pending.set(id, req);
     try {
       this.ws.send(JSON.stringify(req.frame));

@@ -84,9 +84,10 @@ class FakeSocket {
 const tick = () => new Promise((r) => setTimeout(r, 0));
 const opts = { WebSocket: FakeSocket, backoffBase: 1, backoffMax: 1, checkUrl: false, pingInterval: 1e9 };
 
-test("client: offline publishes and unacked ones go out after the rejoin with their original msg_id", async () => {
+test("client: offline publishes and unacked ones go out after the rejoin with their original msg_id", async (t) => {
   FakeSocket.all = [];
   const rw = connect("wss://gw.test/ws", { ...opts, queueLimit: 3 });
+  t.after(() => rw.close()); // a failed assertion must not leave its timers running
   const seen = [];
   rw.on("message", (m) => seen.push(m.seq));
   const joined = rw.join("lobby");
@@ -128,9 +129,10 @@ test("client: offline publishes and unacked ones go out after the rejoin with th
   assert.equal(rw.state, "closed");
 });
 
-test("client: recovered:false emits resync; 1008 stops with a reason", async () => {
+test("client: recovered:false emits resync; 1008 stops with a reason", async (t) => {
   FakeSocket.all = [];
   const rw = connect("wss://gw.test/ws", opts);
+  t.after(() => rw.close());
   const resyncs = [];
   const states = [];
   rw.on("resync", (room) => resyncs.push(room));
