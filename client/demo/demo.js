@@ -94,6 +94,7 @@ function render(room, { data, from, seq }, recovered) {
   if (seq !== undefined) {
     if (r.seen.has(seq)) return; // the history preload and a live message may overlap
     r.seen.add(seq);
+    if (r.seen.size > 1000) r.seen.delete(r.seen.values().next().value); // bounded, like the log
   }
   if (data && typeof data === "object" && data.bot && data.type === "event") {
     const conn = data.conn;
