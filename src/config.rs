@@ -230,6 +230,9 @@ pub struct ServerConfig {
     /// `"x-forwarded-for"`, `"forwarded"` (RFC 7239 `for=`) or `"x-real-ip"`. Any other forwarding header is
     /// ignored. Default `"x-forwarded-for"`.
     pub forwarded_header: ForwardedHeader,
+    /// Serve the demo chat at `/` (and its script and style under `/demo/`). The browser client library is served
+    /// at `/client/roomwire.js` either way. Default false.
+    pub demo: bool,
 }
 
 /// Which header a trusted proxy uses to pass on the client's address (`server.forwarded_header`).
@@ -271,6 +274,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::XForwardedFor,
+            demo: false,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! One TCP connection's life before it becomes a WebSocket: TLS handshake, HTTP/1.1 (hyper), the routes
-//! (`/healthz`, `/readyz`, `/metrics`, the WebSocket path), and the upgrade checks in order: upgrade headers, Origin,
+//! (`/healthz`, `/readyz`, `/metrics`, the WebSocket path, `/client/check`, the embedded files of [`crate::assets`]),
+//! and the upgrade checks in order: upgrade headers, Origin,
 //! client address (forwarding header from trusted proxies) and its per-IP limits, token. Every refusal is an HTTP
 //! status with a short text body ([`Reject::response`]), never a 101.
 //!
@@ -313,8 +314,41 @@ async fn route(
                 reject.response()
             }
         },
-        _ => Reject::NotFound.response(),
+        "/client/check" => token_check(gw, &req).await,
+        _ => crate::assets::serve(path, req.method(), req.headers(), gw.config().server.demo)
+            .unwrap_or_else(|| Reject::NotFound.response()),
     }
+}
+
+/// `/client/check`: the upgrade's Origin and token checks without the upgrade (200, or the status the upgrade would
+/// answer). Browsers never see the status of a refused WebSocket upgrade, only a close 1006, so the client library asks
+/// here after a connection failed before opening, to tell a refused token (stop retrying, show why) from a network
+/// failure (retry). It costs what a refused upgrade costs (one signature check, bounded by
+/// `auth.max_concurrent_verifications`), which a client can already repeat on a keep-alive connection.
+async fn token_check(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let origin_ok = gw.limits().origin_allowed(req.headers());
+    let verdict = if origin_ok {
+        let token = auth::extract_token(req.headers(), req.uri(), gw.config().auth.cookie.as_deref());
+        match gw.auth().authenticate_bounded(token.as_deref(), gw.shutdown()).await {
+            Ok(_) => Ok(()),
+            Err(AuthError::Busy | AuthError::Cancelled) => Err(Reject::Capacity),
+            Err(e) => Err(Reject::Unauthorized(e)),
+        }
+    } else {
+        Err(Reject::Origin)
+    };
+    let mut resp = match verdict {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(reject) => reject.response(),
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // A page on an allowed origin may read the answer (the token is its own; the answer reveals nothing else).
+    if let (true, Some(origin)) = (origin_ok, req.headers().get(header::ORIGIN)) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    resp
 }
 
 fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {

@@ -9,8 +9,10 @@
 //! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
 //! fan-out) with [`room_quota`] and [`room_pattern`], [`bridge`] (NATS), [`protocol`] (wire format), [`metrics`] and
 //! [`shutdown`]. [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
+//! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod auth;
 pub mod bridge;
 pub mod config;

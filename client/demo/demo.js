@@ -1,0 +1,189 @@
+// Roomwire demo chat: plain DOM on top of /client/roomwire.js. Served at / when `[server] demo = true`.
+// Query parameters: name=<display name>, room=<first room>, token=<JWT>, ws=<WebSocket path, default /ws>.
+// Every text from the network goes through textContent, never innerHTML (and the page's CSP forbids inline code).
+import { connect } from "/client/roomwire.js";
+
+const params = new URLSearchParams(location.search);
+const $ = (id) => document.getElementById(id);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+
+let name = params.get("name") || localStorage.getItem("roomwire-name") || `guest-${Math.floor(Math.random() * 9000 + 1000)}`;
+$("name").value = name;
+$("name-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  name = $("name").value.trim().slice(0, 32) || name;
+  localStorage.setItem("roomwire-name", name);
+});
+$("name").addEventListener("change", () => $("name-form").requestSubmit());
+
+const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${params.get("ws") || "/ws"}`;
+const rw = connect(wsUrl, params.get("token") ? { token: params.get("token") } : {});
+window.roomwireDemo = { rw }; // for the browser tests and the curious
+
+/** room -> { log: <li>[], seen: Set<seq>, unread, item: <li> in the room list } */
+const rooms = new Map();
+const names = new Map(); // conn id -> display name, learned from messages (`from`)
+const joinLines = new Map(); // conn id -> the "joined" line, renamed once the name is known
+let active = null;
+let reconnectedAt = 0;
+
+function status(state, info) {
+  const s = $("status");
+  s.className = `status ${state}`;
+  s.dataset.state = state;
+  let text = state;
+  if (state === "reconnecting" && info.delay !== undefined) text = `reconnecting in ${(info.delay / 1000).toFixed(1)} s`;
+  if (state === "closed") text = `disconnected: ${info.reason || "closed"}`;
+  $("status-text").textContent = text;
+}
+let wasOpen = false;
+rw.on("state", (state, info) => {
+  status(state, info);
+  if (state === "open" && wasOpen) {
+    reconnectedAt = Date.now();
+    for (const room of rooms.keys()) notice(room, "reconnected: messages sent meanwhile are marked “recovered”");
+  }
+  if (state === "open") wasOpen = true;
+  if (state === "closed") for (const room of rooms.keys()) notice(room, `disconnected: ${info.reason}`);
+});
+
+function show(room) {
+  active = room;
+  const r = rooms.get(room);
+  r.unread = 0;
+  for (const [n, x] of rooms) {
+    x.item.classList.toggle("active", n === room);
+    x.item.querySelector(".badge").textContent = x.unread ? String(x.unread) : "";
+  }
+  $("log").replaceChildren(...r.log);
+  $("log").scrollTop = $("log").scrollHeight;
+  $("text").placeholder = `Message #${room}`;
+}
+
+function append(room, li) {
+  const r = rooms.get(room);
+  if (!r) return;
+  r.log.push(li);
+  if (r.log.length > 500) r.log.shift().remove();
+  if (room === active) {
+    $("log").append(li);
+    $("log").scrollTop = $("log").scrollHeight;
+  } else {
+    r.unread++;
+    r.item.querySelector(".badge").textContent = String(r.unread);
+  }
+}
+
+function notice(room, text) {
+  append(room, el("li", "notice", text));
+}
+
+function who(conn, user) {
+  if (rw.isOwn(conn)) return `${name} (you)`;
+  return names.get(conn) || user || `guest ${conn ? conn.split("-").pop() : "?"}`;
+}
+
+function render(room, { data, from, seq }, recovered) {
+  const r = rooms.get(room);
+  if (!r) return;
+  if (seq !== undefined) {
+    if (r.seen.has(seq)) return; // the history preload and a live message may overlap
+    r.seen.add(seq);
+    if (r.seen.size > 1000) r.seen.delete(r.seen.values().next().value); // bounded, like the log
+  }
+  if (data && typeof data === "object" && data.bot && data.type === "event") {
+    const conn = data.conn;
+    const verb = data.event === "join" ? "joined" : "left";
+    const li = el("li", "event", `→ ${who(conn, data.user)} ${verb}`);
+    if (data.event === "join" && !names.has(conn) && !rw.isOwn(conn)) joinLines.set(conn, li);
+    return append(room, li);
+  }
+  if (data && typeof data === "object" && data.type === "hello") {
+    if (from) names.set(from, String(data.name));
+    const line = joinLines.get(from);
+    if (line) {
+      line.textContent = `→ ${data.name} joined`;
+      joinLines.delete(from);
+    }
+    return undefined;
+  }
+  const text = data && typeof data === "object" ? (data.text ?? JSON.stringify(data)) : String(data);
+  const sender = data && typeof data === "object" && data.name ? String(data.name) : from ? who(from) : "backend";
+  if (from && data && data.name) names.set(from, String(data.name));
+  const mine = rw.isOwn(from);
+  const bot = !!(data && data.bot);
+  const li = el("li", `${mine ? "mine" : ""} ${bot ? "bot" : ""}`);
+  li.dataset.text = text;
+  if (seq !== undefined) li.dataset.seq = String(seq);
+  const wasRecovered = recovered || (reconnectedAt && data && data.ts && data.ts < reconnectedAt);
+  if (wasRecovered) {
+    li.classList.add("recovered");
+    li.title = "recovered after a reconnect";
+  }
+  const head = el("span", "who", sender);
+  if (bot) head.append(el("em", "tag", "bot"));
+  if (wasRecovered) head.append(el("em", "tag", "recovered"));
+  li.append(head, el("span", "", text));
+  append(room, li);
+}
+
+rw.on("message", (m) => render(m.room, m, false));
+rw.on("gap", ({ room, dropped }) => notice(room, `${dropped} messages lost (this tab read too slowly)`));
+rw.on("resync", async (room) => {
+  notice(room, "could not recover everything missed: showing the latest");
+  loadHistory(room);
+});
+rw.on("left", ({ room, reason }) => notice(room, `removed from #${room}: ${reason}`));
+rw.on("error", (e) => active && notice(active, `error: ${e.code} ${e.message}`));
+
+async function loadHistory(room) {
+  try {
+    const h = await rw.history(room, 30);
+    for (const m of h.messages) render(room, m, false);
+  } catch {
+    // rooms without history answer an error: nothing to show
+  }
+}
+
+async function join(room) {
+  if (!rooms.has(room)) {
+    const item = el("li", "", `#${room}`);
+    item.append(el("span", "badge"));
+    item.addEventListener("click", () => show(room));
+    $("rooms").append(item);
+    rooms.set(room, { log: [], seen: new Set(), unread: 0, item });
+  }
+  show(room);
+  try {
+    const ack = await rw.join(room);
+    if (ack.epoch !== undefined) await loadHistory(room);
+    rw.publish(room, { type: "hello", name, ts: Date.now() }).catch(() => {});
+  } catch (e) {
+    notice(room, `could not join: ${e.code || ""} ${e.message}`);
+  }
+}
+
+$("room-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const room = $("room").value.trim();
+  if (room) join(room);
+  $("room").value = "";
+});
+
+$("send-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("text").value.trim();
+  if (!text || !active) return;
+  $("text").value = "";
+  const room = active;
+  rw.publish(room, { name, text, ts: Date.now() }, { echo: true }).catch((err) =>
+    notice(room, `not sent: ${err.code} ${err.message}`),
+  );
+});
+
+join(params.get("room") || "lobby");

@@ -1,0 +1,127 @@
+// Types of the Roomwire browser client (/client/roomwire.js). Protocol: docs/protocol.md; guide: docs/client.md.
+
+export interface ConnectOptions {
+  /** A fixed token, sent as `?token=` (browsers cannot set headers on a WebSocket). */
+  token?: string;
+  /** Called before every (re)connect and on `token_expiring` (then sent with `refresh`). Wins over `token`. */
+  getToken?: () => Promise<string> | string;
+  /** First retry waits up to this many ms (full jitter). Default 500. */
+  backoffBase?: number;
+  /** No retry waits longer than this many ms. Default 30000. */
+  backoffMax?: number;
+  /** A connection open this long (ms) resets the backoff. Default 10000. */
+  stableAfter?: number;
+  /** An ack not received within this many ms rejects the promise with code `timeout`. Default 10000. */
+  requestTimeout?: number;
+  /** Milliseconds between app-level pings while open. Default 15000. */
+  pingInterval?: number;
+  /** No pong within this many ms: the link is dead, reconnect. Default 10000. */
+  pingTimeout?: number;
+  /** Publishes kept while offline; beyond, `publish` rejects with code `queue_full`. Default 256. */
+  queueLimit?: number;
+  /** Where to ask why a connection failed before opening (default `/client/check` on the gateway); false: never. */
+  checkUrl?: string | false;
+  /** WebSocket constructor (default `globalThis.WebSocket`). */
+  WebSocket?: typeof WebSocket;
+}
+
+export type State = "connecting" | "open" | "reconnecting" | "closed";
+
+export interface StateInfo {
+  /** Why: the close that caused a reconnect, or why the client stopped. */
+  reason?: string;
+  /** Close code or HTTP status (401/403) that stopped it. */
+  code?: number;
+  /** Milliseconds until the next attempt (state `reconnecting`). */
+  delay?: number;
+  /** Connection id (state `open`). */
+  conn?: string;
+}
+
+export interface Message<T = unknown> {
+  room: string;
+  /** The payload (absent when the backend's bytes were not UTF-8: see `dataB64`). */
+  data: T;
+  /** Base64 of a backend's non-UTF-8 payload. */
+  dataB64?: string;
+  /** Publishing connection's id; absent when a backend published. */
+  from?: string;
+  /** Stream sequence in history rooms. */
+  seq?: number;
+}
+
+export interface Ack {
+  op: "ack";
+  id: number;
+  /** Stream sequence: of the stored message (publish), or the room's last (join) in history rooms. */
+  seq?: number;
+  /** History rooms: opaque stream epoch. */
+  epoch?: string;
+  /** Recovering join: whether every missed message follows. */
+  recovered?: boolean;
+}
+
+export interface HistoryAnswer {
+  op: "history";
+  id: number;
+  room: string;
+  epoch: string;
+  messages: { seq: number; data: unknown; from?: string }[];
+}
+
+/** Settled into a promise: `code` is the gateway's error code, or `timeout`, `disconnected`, `queue_full`, `closed`. */
+export declare class RoomwireError extends Error {
+  code: string;
+}
+
+export interface Events {
+  message: (msg: Message) => void;
+  state: (state: State, info: StateInfo) => void;
+  gap: (gap: { room: string; dropped: number }) => void;
+  /** A rejoin could not recover what was missed (`recovered:false`): reload the room's state. */
+  resync: (room: string) => void;
+  left: (left: { room: string; reason: string }) => void;
+  error: (err: RoomwireError) => void;
+}
+
+export declare class Roomwire {
+  readonly state: State;
+  readonly closeReason?: string;
+  /** This connection's id (from `welcome`), undefined while not open. */
+  readonly conn?: string;
+  on<E extends keyof Events>(event: E, fn: Events[E]): this;
+  off<E extends keyof Events>(event: E, fn?: Events[E]): this;
+  /** Joins, and rejoins after every reconnect until `leave`. */
+  join(room: string): Promise<Ack>;
+  leave(room: string): Promise<Ack>;
+  /** Waits in the offline queue while not connected. */
+  publish(room: string, data: unknown, options?: { echo?: boolean }): Promise<Ack>;
+  history(room: string, limit?: number): Promise<HistoryAnswer>;
+  /** True when `from` is one of this client's connections (now or before a reconnect). */
+  isOwn(from: string | undefined): boolean;
+  close(): void;
+}
+
+export declare function connect(url: string, options?: ConnectOptions): Roomwire;
+
+/** Full-jitter delay (ms) before reconnect attempt `attempt` (0-based). */
+export declare function backoffDelay(attempt: number, base?: number, max?: number, random?: () => number): number;
+
+export declare class OfflineQueue<T = unknown> {
+  constructor(limit?: number);
+  readonly length: number;
+  push(item: T): boolean;
+  requeue(items: T[]): void;
+  drain(): T[];
+}
+
+export declare class RoomCursor {
+  epoch?: string;
+  seq: number;
+  readonly recoverable: boolean;
+  accept(seq: number | undefined): boolean;
+  onJoinAck(ack: Ack): "plain" | "joined" | "recovered" | "resync";
+  since(): { seq: number; epoch: string } | undefined;
+}
+
+export declare const DEFAULTS: Readonly<Required<Omit<ConnectOptions, "token" | "getToken" | "WebSocket">>>;

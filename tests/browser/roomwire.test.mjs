@@ -1,0 +1,164 @@
+// Roomwire in a real browser: Debian's chromium (playwright-core), the gateway binary over wss with a test
+// certificate, a real nats-server with JetStream, a NATS backend in node. Run by scripts/browser-tests.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { Stack, Nats, launchBrowser, until, WAIT } from "./harness.mjs";
+
+let stack;
+let browser;
+let nats;
+
+before(async () => {
+  stack = await Stack.start();
+  browser = await launchBrowser(stack);
+  nats = await Nats.connect(stack.natsPort);
+});
+
+after(async () => {
+  nats?.close();
+  await browser?.close();
+  await stack?.stop();
+});
+
+/** A demo page (`/`) as `name` in `room`, once its join is acked. */
+async function demoPage(name, room, extra = "") {
+  const page = await browser.newPage();
+  page.on("pageerror", (e) => console.error(`[${name}] page error:`, e));
+  await page.goto(`${stack.origin}/?name=${name}&room=${room}${extra}`);
+  if (!extra.includes("token=")) {
+    await page.waitForFunction((r) => window.roomwireDemo?.rw.rooms.get(r)?.joined, room, { timeout: WAIT });
+  }
+  return page;
+}
+
+/** A page running the client library directly (on the demo page's origin), with fast retries for the tests. */
+async function clientPage(room) {
+  const page = await browser.newPage();
+  page.on("pageerror", (e) => console.error("page error:", e));
+  await page.goto(`${stack.origin}/healthz`);
+  const ack = await page.evaluate(
+    async ({ url, room }) => {
+      const { connect } = await import("/client/roomwire.js");
+      const rw = connect(url, { backoffBase: 100, backoffMax: 500 });
+      window.rw = rw;
+      window.got = [];
+      window.states = [];
+      rw.on("message", (m) => window.got.push(m));
+      rw.on("state", (s) => window.states.push(s));
+      return rw.join(room);
+    },
+    { url: stack.wsUrl, room },
+  );
+  return { page, ack };
+}
+
+const texts = (page) => page.$$eval("#log li[data-text]", (lis) => lis.map((li) => li.dataset.text));
+
+test("the gateway serves the client with its content type and caching headers", async () => {
+  const page = await browser.newPage();
+  await page.goto(`${stack.origin}/healthz`);
+  const get = (path, etag) =>
+    page.evaluate(
+      async ({ path, etag }) => {
+        const r = await fetch(path, { cache: "no-store", headers: etag ? { "If-None-Match": etag } : {} });
+        return { status: r.status, type: r.headers.get("content-type"), etag: r.headers.get("etag"), cache: r.headers.get("cache-control") };
+      },
+      { path, etag },
+    );
+  const js = await get("/client/roomwire.js");
+  assert.equal(js.status, 200);
+  assert.equal(js.type, "text/javascript; charset=utf-8");
+  assert.match(js.etag, /^"[0-9a-f]{16}"$/);
+  assert.match(js.cache, /max-age/);
+  assert.equal((await get("/client/roomwire.js", js.etag)).status, 304);
+  const dts = await get("/client/roomwire.d.ts");
+  assert.equal(dts.type, "application/typescript");
+  await page.close();
+});
+
+test("two pages chat in a room over wss", async () => {
+  const alice = await demoPage("alice", "chat");
+  const bob = await demoPage("bob", "chat");
+  await alice.fill("#text", "hello bob");
+  await alice.press("#text", "Enter");
+  await until(async () => (await texts(bob)).includes("hello bob"), "bob sees alice's message");
+  await bob.fill("#text", "hi alice");
+  await bob.press("#text", "Enter");
+  await until(async () => (await texts(alice)).includes("hi alice"), "alice sees bob's message");
+  // Each tells its own messages apart.
+  assert.equal(await alice.$eval('#log li[data-text="hello bob"]', (li) => li.classList.contains("mine")), true);
+  assert.equal(await bob.$eval('#log li[data-text="hello bob"]', (li) => li.classList.contains("mine")), false);
+  assert.equal(await alice.$eval("#status", (s) => s.dataset.state), "open");
+  await alice.close();
+  await bob.close();
+});
+
+test("a message published by a NATS backend appears in a page", async () => {
+  const page = await demoPage("carol", "news");
+  nats.pub("rooms.news", { name: "backend", text: "breaking: from NATS" });
+  await until(async () => (await texts(page)).includes("breaking: from NATS"), "backend message in the page");
+  await page.close();
+});
+
+test("a refused token stops reconnection with a visible reason", async () => {
+  const page = await browser.newPage();
+  let sockets = 0;
+  page.on("websocket", () => sockets++);
+  await page.goto(`${stack.origin}/?name=mallory&token=not-a-jwt`);
+  await page.waitForFunction(() => document.querySelector("#status").dataset.state === "closed", null, {
+    timeout: WAIT,
+  });
+  const shown = await page.textContent("#status");
+  assert.match(shown, /disconnected: 401/, shown);
+  const before = sockets;
+  await page.waitForTimeout(1500); // retries would come within the backoff (500 ms first)
+  assert.equal(sockets, before, "no reconnection after the refusal");
+  await page.close();
+});
+
+test("the offline queue delivers after the reconnect", async () => {
+  const { page } = await clientPage("q");
+  const seen = await nats.sub("rooms.q");
+  await stack.stopGateway();
+  await page.waitForFunction(() => window.rw.state !== "open", null, { timeout: WAIT });
+  const sent = page.evaluate(() =>
+    Promise.all(["q1", "q2", "q3"].map((t) => window.rw.publish("q", { t }).then((a) => a.op))),
+  );
+  await stack.startGateway();
+  assert.deepEqual(await sent, ["ack", "ack", "ack"]);
+  await nats.flush();
+  assert.deepEqual(
+    seen.map((m) => m.t),
+    ["q1", "q2", "q3"],
+  );
+  await page.close();
+});
+
+test("after a gateway restart the page shows the messages sent meanwhile once, in order", async (t) => {
+  const room = "h-recover";
+  const { page, ack } = await clientPage(room);
+  if (ack.epoch === undefined) {
+    // History (issue 11) is not in this build: the join ack has no epoch, so nothing can be recovered.
+    console.log("SKIPPED: history recovery test (the gateway's join ack has no `epoch`: history not enabled)");
+    t.skip("history not in this gateway build");
+    await page.close();
+    return;
+  }
+  nats.pub(`rooms.${room}`, { n: 1 });
+  await page.waitForFunction(() => window.got.length === 1, null, { timeout: WAIT });
+  await stack.stopGateway();
+  for (let n = 2; n <= 6; n++) nats.pub(`rooms.${room}`, { n });
+  await nats.flush();
+  await stack.startGateway();
+  await page.waitForFunction(() => window.got.length >= 6, null, { timeout: WAIT });
+  nats.pub(`rooms.${room}`, { n: 7 });
+  await page.waitForFunction(() => window.got.some((m) => m.data.n === 7), null, { timeout: WAIT });
+  const got = await page.evaluate(() => window.got.map((m) => ({ n: m.data.n, seq: m.seq })));
+  assert.deepEqual(
+    got.map((m) => m.n),
+    [1, 2, 3, 4, 5, 6, 7],
+  );
+  assert.ok(got.every((m, i) => i === 0 || m.seq > got[i - 1].seq), "increasing seq");
+  assert.ok((await page.evaluate(() => window.states)).includes("reconnecting"));
+  await page.close();
+});

@@ -1,0 +1,159 @@
+// Unit tests of the browser client's pure logic (backoff, offline queue, dedup) and of its reconnect bookkeeping
+// over an in-memory socket. Run: node --test tests/client/ (scripts/browser-tests runs them too).
+// The real gateway, NATS and browser are exercised by tests/browser/.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { backoffDelay, OfflineQueue, RoomCursor, connect } from "../../client/roomwire.js";
+
+test("backoff: full jitter below a cap that doubles up to the max", () => {
+  assert.equal(backoffDelay(0, 500, 30000, () => 0), 0);
+  assert.equal(backoffDelay(0, 500, 30000, () => 0.999999), 499);
+  assert.equal(backoffDelay(3, 500, 30000, () => 0.5), 2000); // cap 4000
+  assert.equal(backoffDelay(10, 500, 30000, () => 0.5), 15000); // cap clamped to 30000
+  assert.equal(backoffDelay(1e9, 500, 30000, () => 0.999999), 29999); // no overflow to Infinity/NaN
+  assert.equal(backoffDelay(-4, 500, 30000, () => 0.5), 250);
+  for (let attempt = 0; attempt < 40; attempt++) {
+    const d = backoffDelay(attempt, 500, 30000);
+    assert.ok(Number.isInteger(d) && d >= 0 && d < Math.min(30000, 500 * 2 ** attempt), `${attempt}: ${d}`);
+  }
+});
+
+test("offline queue: bounded, refuses when full, requeue keeps order", () => {
+  const q = new OfflineQueue(3);
+  assert.ok(q.push("c"));
+  assert.ok(q.push("d"));
+  assert.ok(q.push("e"));
+  assert.equal(q.push("f"), false, "full: refused, not dropped silently");
+  q.requeue(["a", "b"]); // unacked publishes of the lost connection come first
+  assert.deepEqual(q.drain(), ["a", "b", "c", "d", "e"]);
+  assert.equal(q.length, 0);
+  assert.ok(q.push("g"));
+});
+
+test("dedup: a cursor delivers each seq once, in increasing order", () => {
+  const c = new RoomCursor();
+  assert.equal(c.recoverable, false);
+  assert.equal(c.since(), undefined);
+  assert.ok(c.accept(undefined), "rooms without history: no seq, always delivered");
+  assert.equal(c.onJoinAck({ op: "ack", id: 1, epoch: "e1", seq: 10 }), "joined");
+  assert.deepEqual(c.since(), { seq: 10, epoch: "e1" });
+  const delivered = [5, 10, 11, 13, 12, 13, 20, 11].filter((s) => c.accept(s));
+  assert.deepEqual(delivered, [11, 13, 20]);
+  // A recovering rejoin replays from the cursor; the seam may repeat what live traffic already brought.
+  assert.equal(c.onJoinAck({ op: "ack", id: 2, recovered: true, epoch: "e1", seq: 25 }), "recovered");
+  assert.equal(c.seq, 20, "a recovering ack does not move the cursor: the replay does");
+  assert.deepEqual([20, 21, 22, 25, 22, 26].filter((s) => c.accept(s)), [21, 22, 25, 26]);
+});
+
+test("dedup: recovered:false or a new epoch resyncs from the room's present", () => {
+  const c = new RoomCursor();
+  c.onJoinAck({ op: "ack", epoch: "e1", seq: 3 });
+  c.accept(7);
+  assert.equal(c.onJoinAck({ op: "ack", recovered: false, epoch: "e1", seq: 90 }), "resync");
+  assert.deepEqual(c.since(), { seq: 90, epoch: "e1" });
+  assert.equal(c.accept(90), false);
+  assert.ok(c.accept(91));
+  assert.equal(c.onJoinAck({ op: "ack", recovered: true, epoch: "e2", seq: 4 }), "resync", "stream recreated");
+  assert.ok(c.accept(5));
+});
+
+/** An in-memory WebSocket: the test plays the gateway. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.sent = [];
+    FakeSocket.all.push(this);
+  }
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+  close() {}
+  open(conn) {
+    this.onopen?.();
+    this.deliver({ op: "welcome", conn, gateway: "gw" });
+  }
+  deliver(frame) {
+    this.onmessage?.({ data: JSON.stringify(frame) });
+  }
+  drop(code = 1006) {
+    this.onclose?.({ code, reason: "" });
+  }
+}
+
+const tick = () => new Promise((r) => setTimeout(r, 0));
+const opts = { WebSocket: FakeSocket, backoffBase: 1, backoffMax: 1, checkUrl: false, pingInterval: 1e9 };
+
+test("client: offline publishes and unacked ones go out after the rejoin with their original msg_id", async (t) => {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", { ...opts, queueLimit: 3 });
+  t.after(() => rw.close()); // a failed assertion must not leave its timers running
+  const seen = [];
+  rw.on("message", (m) => seen.push(m.seq));
+  const joined = rw.join("lobby");
+  await tick();
+  const s1 = FakeSocket.all[0];
+  s1.open("gw-1");
+  const join1 = s1.sent.find((f) => f.op === "join");
+  assert.equal(join1.since, undefined);
+  s1.deliver({ op: "ack", id: join1.id, epoch: "E", seq: 4 });
+  await joined;
+  await tick();
+  const p1 = rw.publish("lobby", "one");
+  const pub1 = s1.sent.find((f) => f.op === "publish");
+  assert.match(pub1.msg_id, /^[A-Za-z0-9_\-:.]{1,64}$/);
+  s1.deliver({ op: "message", room: "lobby", data: "x", seq: 5 });
+  s1.drop(); // before the ack of "one"
+  const p2 = rw.publish("lobby", "two"); // offline
+  const p3 = rw.publish("lobby", "three");
+  const p4 = rw.publish("lobby", "four"); // queue: one (requeued), two, three -> full
+  await assert.rejects(p4, { code: "queue_full" });
+  await new Promise((r) => setTimeout(r, 10));
+  const s2 = FakeSocket.all[1];
+  assert.ok(s2, "reconnected");
+  s2.open("gw-2");
+  const join2 = s2.sent.find((f) => f.op === "join");
+  assert.deepEqual(join2.since, { seq: 5, epoch: "E" }, "recovering join from the last delivered seq");
+  assert.equal(s2.sent.filter((f) => f.op === "publish").length, 0, "no publish before the room is rejoined");
+  s2.deliver({ op: "ack", id: join2.id, recovered: true, epoch: "E", seq: 7 });
+  for (const seq of [5, 6, 7]) s2.deliver({ op: "message", room: "lobby", data: "y", seq });
+  await tick();
+  const pubs = s2.sent.filter((f) => f.op === "publish");
+  assert.deepEqual(pubs.map((f) => f.data), ["one", "two", "three"]);
+  assert.equal(pubs[0].msg_id, pub1.msg_id, "re-sent with the same msg_id");
+  assert.equal(new Set(pubs.map((f) => f.msg_id)).size, 3);
+  for (const f of pubs) s2.deliver({ op: "ack", id: f.id, seq: 100 + f.id });
+  await Promise.all([p1, p2, p3]);
+  assert.deepEqual(seen, [5, 6, 7], "each seq once, in order");
+  rw.close();
+  assert.equal(rw.state, "closed");
+});
+
+test("client: recovered:false emits resync; 1008 stops with a reason", async (t) => {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", opts);
+  t.after(() => rw.close());
+  const resyncs = [];
+  const states = [];
+  rw.on("resync", (room) => resyncs.push(room));
+  rw.on("state", (s, info) => states.push([s, info.reason]));
+  rw.join("r");
+  await tick();
+  FakeSocket.all[0].open("gw-1");
+  const j = FakeSocket.all[0].sent.find((f) => f.op === "join");
+  FakeSocket.all[0].deliver({ op: "ack", id: j.id, epoch: "E", seq: 1 });
+  await tick();
+  FakeSocket.all[0].drop();
+  await new Promise((r) => setTimeout(r, 10));
+  FakeSocket.all[1].open("gw-2");
+  const j2 = FakeSocket.all[1].sent.find((f) => f.op === "join");
+  FakeSocket.all[1].deliver({ op: "ack", id: j2.id, recovered: false, epoch: "E", seq: 50 });
+  await tick();
+  assert.deepEqual(resyncs, ["r"]);
+  FakeSocket.all[1].drop(1008);
+  await new Promise((r) => setTimeout(r, 10));
+  assert.equal(FakeSocket.all.length, 2, "no reconnect after 1008");
+  assert.equal(rw.state, "closed");
+  assert.match(rw.closeReason, /1008/);
+  assert.deepEqual(states.at(-1)[0], "closed");
+});
