@@ -289,6 +289,8 @@ pub struct Published {
     permit: Option<OwnedSemaphorePermit>,
     client: async_nats::Client,
     releaser: tokio::sync::mpsc::UnboundedSender<OwnedSemaphorePermit>,
+    /// JetStream's acknowledgement, for a message published to the history stream.
+    ack: Option<async_nats::jetstream::context::PublishAckFuture>,
 }
 
 impl Published {
@@ -298,7 +300,19 @@ impl Published {
     /// no per-message acknowledgement: "written to the server's socket" is what accepted means). A stalled or
     /// vanished server gives `Timeout` or `Disconnected`; then the bytes stay counted until NATS writes the message
     /// (see the type's doc).
-    pub async fn confirm(mut self, deadline: Instant) -> Result<(), BridgeError> {
+    ///
+    /// A message published to the history stream is confirmed by JetStream's acknowledgement instead, which says
+    /// it is stored; its sequence is returned (`None` for a core publish).
+    pub async fn confirm(mut self, deadline: Instant) -> Result<Option<u64>, BridgeError> {
+        if let Some(ack) = self.ack.take() {
+            let ack = tokio::time::timeout_at(deadline, ack.into_future())
+                .await
+                .map_err(|_| BridgeError::Timeout)?
+                .map_err(|e| BridgeError::Other(e.to_string()))?;
+            // Stored, so written: the bytes are free.
+            drop(self.permit.take());
+            return Ok(Some(ack.sequence));
+        }
         tokio::time::timeout_at(deadline, self.client.flush())
             .await
             .map_err(|_| BridgeError::Timeout)?
@@ -306,7 +320,7 @@ impl Published {
         // Written: the bytes are free now, whatever the connection's state.
         drop(self.permit.take());
         if self.client.connection_state() == State::Connected {
-            Ok(())
+            Ok(None)
         } else {
             Err(BridgeError::Disconnected)
         }
@@ -399,6 +413,11 @@ impl Bridge {
         })
     }
 
+    /// The NATS client, for the history stream (JetStream API and direct gets).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// Whether the NATS connection is up.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
@@ -425,12 +444,17 @@ impl Bridge {
     /// Refused at once while NATS is away (`Disconnected`), so nothing piles up for a dead link, and when it can never
     /// fit (`TooLarge`: over the server's `max_payload` or over `nats.max_pending_bytes`). Messages of one caller are
     /// handed over in call order.
+    ///
+    /// With `store` (a history room: the JetStream context and the message id), the message is published to the
+    /// stream with a `Nats-Msg-Id` header, and [`Published::confirm`] waits for JetStream's acknowledgement and
+    /// returns the stored sequence.
     pub async fn publish(
         &self,
         subject: String,
         origin: Origin<'_>,
         echo: bool,
         payload: Bytes,
+        store: Option<(&async_nats::jetstream::Context, &str)>,
         deadline: Instant,
     ) -> Result<Published, BridgeError> {
         if !self.is_connected() {
@@ -465,14 +489,31 @@ impl Bridge {
         if echo {
             headers.insert(HDR_ECHO, "1");
         }
-        tokio::time::timeout_at(deadline, self.client.publish_with_headers(subject, headers, payload))
-            .await
-            .map_err(|_| BridgeError::Timeout)?
-            .map_err(|e| BridgeError::Other(e.to_string()))?;
+        let ack = match store {
+            None => {
+                tokio::time::timeout_at(deadline, self.client.publish_with_headers(subject, headers, payload))
+                    .await
+                    .map_err(|_| BridgeError::Timeout)?
+                    .map_err(|e| BridgeError::Other(e.to_string()))?;
+                None
+            }
+            Some((js, msg_id)) => {
+                let message = async_nats::jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .headers(headers)
+                    .message_id(msg_id);
+                let ack = tokio::time::timeout_at(deadline, js.send_publish(subject, message))
+                    .await
+                    .map_err(|_| BridgeError::Timeout)?
+                    .map_err(|e| BridgeError::Other(e.to_string()))?;
+                Some(ack)
+            }
+        };
         Ok(Published {
             permit: Some(permit),
             client: self.client.clone(),
             releaser: self.releaser.clone(),
+            ack,
         })
     }
 

@@ -51,8 +51,10 @@ use crate::{
     outbox::{CloseRequest, Item, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
     room_quota::{QuotaError, QuotaKey},
-    rooms::{JoinError, Member, Room},
+    rooms::{Hold, JoinError, Member, Room},
 };
+
+mod recovery;
 
 /// What the HTTP layer hands over after a successful upgrade.
 #[derive(Debug)]
@@ -424,10 +426,16 @@ impl Conn {
         let id = request.id;
         match request.op {
             ClientOp::Ping => self.send(protocol::pong(id)).await,
-            ClientOp::Join { room } => self.join(id, &room).await,
+            ClientOp::Join { room, since } => self.join(id, &room, since).await,
+            ClientOp::History { room, limit } => self.history(id, &room, limit).await,
             ClientOp::Leave { room } => self.leave(id, &room).await,
-            ClientOp::Publish { room, data, echo } => {
-                return match self.publish(id, &room, &data, echo, arrived).await {
+            ClientOp::Publish {
+                room,
+                data,
+                echo,
+                msg_id,
+            } => {
+                return match self.publish(id, &room, &data, echo, msg_id.as_deref(), arrived).await {
                     Some(confirm) => Handled::Confirm(confirm),
                     None => Handled::Done,
                 };
@@ -470,7 +478,7 @@ impl Conn {
         false
     }
 
-    async fn join(&mut self, id: Option<&str>, room: &str) {
+    async fn join(&mut self, id: Option<&str>, room: &str, since: Option<protocol::Since>) {
         if !self.check_room(id, room).await {
             return;
         }
@@ -490,14 +498,26 @@ impl Conn {
                 .error(id, ErrorCode::TooManyRooms, "joined the maximum number of rooms")
                 .await;
         }
+        // A history room's live frames are held until the join has read the stream (`recovery`).
+        let hold = self
+            .gw
+            .history()
+            .filter(|h| h.covers(room))
+            .map(|h| Hold::new(h.config().max_held));
         let member = Member {
             id: self.id,
             outbox: self.outbox.clone(),
             key: QuotaKey::for_client(self.identity.user.as_deref(), self.peer),
+            hold: hold.clone(),
         };
         match self.gw.rooms().join(room, member).await {
             Ok(entry) => {
-                self.ack(id).await;
+                match hold {
+                    Some(hold) => self.join_history(id, &entry, hold, since).await,
+                    // No history here: nothing to recover, and the client must know it.
+                    None if since.is_some() => self.send(protocol::ack_join(id, room, Some(false), None)).await,
+                    None => self.ack(id).await,
+                }
                 // The server may refuse a new subscription just after the round trip that confirmed it; the room
                 // then tells its members `left`, possibly before the ack above. Repeat it after the ack so the last
                 // word the client hears about the room is the true one (a client may so hear `left` twice).
@@ -554,6 +574,7 @@ impl Conn {
         room: &str,
         data: &str,
         echo: bool,
+        msg_id: Option<&str>,
         arrived: Instant,
     ) -> Option<Confirm> {
         if !self.check_room(id, room).await {
@@ -573,11 +594,17 @@ impl Conn {
         let deadline = arrived + self.gw.config().nats.publish_timeout;
         let subject = protocol::room_subject(&self.gw.config().rooms.subject_prefix, room);
         let payload = Bytes::copy_from_slice(data.as_bytes());
+        // A history room's message goes to the stream with an id, so a retried publish is stored once.
+        let history = self.gw.history().filter(|h| h.covers(room)).cloned();
+        let stored_id = history
+            .as_ref()
+            .map(|h| h.msg_id(self.identity.user.as_deref(), &self.conn_id, msg_id));
+        let store = history.as_ref().zip(stored_id.as_deref()).map(|(h, m)| (h.js(), m));
         // Handing the message to the NATS client happens here, in order; only the confirmation runs apart.
         let published = match self
             .gw
             .bridge()
-            .publish(subject, self.origin(), echo, payload, deadline)
+            .publish(subject, self.origin(), echo, payload, store, deadline)
             .await
         {
             Ok(published) => published,
@@ -593,7 +620,8 @@ impl Conn {
         // `nats.max_pending_bytes` until NATS has written it.
         Some(Box::pin(async move {
             match published.confirm(deadline).await {
-                Ok(()) => id.map(|id| protocol::ack(&id)),
+                Ok(None) => id.map(|id| protocol::ack(&id)),
+                Ok(Some(seq)) => id.map(|id| protocol::ack_seq(&id, seq)),
                 Err(e) => {
                     gw.metrics().publish_failures.inc(e.kind());
                     gw.metrics().errors.inc(ErrorCode::Unavailable);
@@ -834,6 +862,7 @@ mod tests {
             id: conn.id,
             outbox: conn.outbox.clone(),
             key: QuotaKey::for_client(None, conn.peer),
+            hold: None,
         };
         let room = gw.rooms().join("lobby", member).await.expect("join");
         conn.rooms.insert(room.name().clone(), room);

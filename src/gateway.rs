@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    history::{History, HistoryError},
     auth::{AuthError, Authenticator},
     bridge::{Bridge, BridgeError},
     config::{Config, ConfigError},
@@ -39,6 +40,9 @@ pub enum StartError {
     /// Authentication keys problem.
     #[error("auth: {0}")]
     Auth(#[from] AuthError),
+    /// The history stream is missing, does not match `[history]`, or JetStream refused it.
+    #[error("history: {0}")]
+    History(#[from] HistoryError),
 }
 
 /// Everything a connection needs, shared by all of them (`Arc<Gateway>`).
@@ -48,6 +52,8 @@ pub struct Gateway {
     /// This instance's id (NATS headers, events, connection ids).
     id: Arc<str>,
     bridge: Bridge,
+    /// `None` unless `history.enabled`.
+    history: Option<Arc<History>>,
     rooms: Arc<Rooms>,
     auth: Authenticator,
     limits: Arc<Limits>,
@@ -81,8 +87,13 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let bridge = Bridge::connect(&config.nats, id.clone(), metrics.clone()).await?;
         let tracker = TaskTracker::new();
+        let history = match config.history.enabled {
+            true => Some(start_history(&config, &bridge, &tracker, &shutdown).await?),
+            false => None,
+        };
         let rooms = Rooms::new(
             bridge.clone(),
+            history.clone(),
             config.rooms.clone(),
             config.limits.max_tracked_keys,
             metrics.clone(),
@@ -103,6 +114,7 @@ impl Gateway {
             config,
             id,
             bridge,
+            history,
             rooms,
             auth,
             limits,
@@ -127,6 +139,11 @@ impl Gateway {
     /// The NATS connection.
     pub fn bridge(&self) -> &Bridge {
         &self.bridge
+    }
+
+    /// The history stream, when `history.enabled`.
+    pub fn history(&self) -> Option<&Arc<History>> {
+        self.history.as_ref()
     }
 
     /// The room registry and fan-out.
@@ -186,4 +203,30 @@ impl Gateway {
     pub fn ready(&self) -> bool {
         self.bridge.is_connected() && !self.shutdown.is_cancelled()
     }
+}
+
+/// Sets up the history stream: when NATS answers within `nats.connect_timeout`, the stream must be usable now (a
+/// missing or mismatched stream, or JetStream disabled on the server, stops the start with the reason); otherwise
+/// the maintenance task sets it up once NATS is reachable, and history rooms answer without history meanwhile.
+async fn start_history(
+    config: &Config,
+    bridge: &Bridge,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Arc<History>, StartError> {
+    let history = Arc::new(History::new(bridge.client().clone(), &config.history, &config.rooms.subject_prefix));
+    let connected = tokio::time::timeout(config.nats.connect_timeout, async {
+        while !bridge.is_connected() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    if connected {
+        history.ensure().await?;
+    } else {
+        tracing::warn!("NATS not reachable at start: the history stream is set up once it is");
+    }
+    tracker.spawn(history.clone().maintain(shutdown.clone()));
+    Ok(history)
 }

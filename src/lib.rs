@@ -8,7 +8,7 @@
 //! [`frames`] (every incoming frame charged to the rate limits), [`auth`] (JWT verification) and [`token`] (where the
 //! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
 //! fan-out) with [`room_quota`] and [`room_pattern`], [`bridge`] (NATS), [`protocol`] (wire format), [`metrics`] and
-//! [`shutdown`]. [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
+//! [`shutdown`]. [`history`] keeps room history in a JetStream stream; [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
@@ -21,6 +21,7 @@ pub mod conformance;
 pub mod connection;
 pub mod frames;
 pub mod gateway;
+pub mod history;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -139,6 +139,24 @@ impl Reason for Closed {
     }
 }
 
+/// How a recovering join (`since`) was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// `recovered:true`: the missed messages were replayed.
+    Recovered,
+    /// `recovered:false`: the client must resync.
+    NotRecovered,
+}
+
+impl Reason for Recovery {
+    fn as_str(self) -> &'static str {
+        match self {
+            Recovery::Recovered => "recovered",
+            Recovery::NotRecovered => "not_recovered",
+        }
+    }
+}
+
 /// Why a connection was closed as a slow consumer (4008).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowConsumer {
@@ -214,6 +232,10 @@ pub struct Metrics {
     pub nats_slow_consumers: Counter<u64, AtomicU64>,
     /// NATS disconnections seen.
     pub nats_disconnects: Counter,
+    /// Recovering joins, by outcome (`recovered`, `not_recovered`).
+    pub recoveries: ByReason<Recovery>,
+    /// Messages replayed to recovering clients.
+    pub replayed: Counter,
 }
 
 impl Default for Metrics {
@@ -242,6 +264,8 @@ impl Metrics {
             closes: ByReason::default(),
             rooms: Gauge::default(),
             nats_slow_consumers: Counter::default(),
+            recoveries: ByReason::default(),
+            replayed: Counter::default(),
             nats_disconnects: Counter::default(),
             registry: Registry::default(),
         };
@@ -301,6 +325,12 @@ impl Metrics {
             m.nats_slow_consumers.clone(),
         );
         registry.register("nats_disconnects", "NATS disconnections", m.nats_disconnects.clone());
+        registry.register(
+            "recoveries",
+            "Recovering joins of history rooms, by outcome",
+            m.recoveries.family.clone(),
+        );
+        registry.register("replayed", "Stored messages replayed to recovering clients", m.replayed.clone());
         Metrics { registry, ..m }
     }
 

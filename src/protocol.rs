@@ -35,6 +35,8 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// Unexpected internal failure.
     pub const INTERNAL: u16 = 1011;
+    /// A history room's recovery could not catch up with the room (`docs/history.md`); reconnect and recover again.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The token expired and was not refreshed.
     pub const TOKEN_EXPIRED: u16 = 4001;
     /// The client did not read fast enough (overflow policy `disconnect`, or write timeout).
@@ -97,6 +99,35 @@ struct RawOp<'a> {
     echo: Option<bool>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
+    /// `join`: `{"seq":S,"epoch":E}`; checked after the frame parsed, so its error can carry the id.
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    msg_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    limit: Option<&'a RawValue>,
+}
+
+/// Where a recovering join starts: the last message the client has (`seq`) in the stream it came from (`epoch`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    /// Stream sequence of the last message the client has (0: none).
+    pub seq: u64,
+    /// The stream's epoch as the gateway gave it (at most [`MAX_EPOCH_LEN`] bytes).
+    pub epoch: String,
+}
+
+/// Longest `since.epoch` accepted (the gateway's epochs are far shorter).
+pub const MAX_EPOCH_LEN: usize = 64;
+/// Longest `msg_id` accepted.
+pub const MAX_MSG_ID_LEN: usize = 64;
+
+/// Whether `id` is a usable publish `msg_id`: 1 to [`MAX_MSG_ID_LEN`] bytes of `A-Z a-z 0-9 _ - : .` (it becomes part
+/// of a NATS header value).
+pub fn valid_msg_id(id: &str) -> bool {
+    (1..=MAX_MSG_ID_LEN).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.'))
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -106,10 +137,19 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 /// A parsed client op.
 #[derive(Debug, PartialEq)]
 pub enum ClientOp<'a> {
-    /// Join a room.
+    /// Join a room, recovering what was missed since `since` when given (history rooms).
     Join {
         /// Room name (validated later, so the error can carry the id).
         room: Cow<'a, str>,
+        /// Recovery point.
+        since: Option<Since>,
+    },
+    /// The last `limit` stored messages of a history room.
+    History {
+        /// Room name.
+        room: Cow<'a, str>,
+        /// How many (capped by `history.max_history_limit`).
+        limit: u64,
     },
     /// Leave a room.
     Leave {
@@ -124,6 +164,8 @@ pub enum ClientOp<'a> {
         data: Cow<'a, str>,
         /// Deliver to the sender as well.
         echo: bool,
+        /// Client's idempotency key: a retried publish with the same key is stored once (history rooms).
+        msg_id: Option<Cow<'a, str>>,
     },
     /// Application-level ping (browsers cannot see WebSocket pings).
     Ping,
@@ -192,19 +234,48 @@ pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<
         room.ok_or_else(|| bad(id, "missing field `room`"))
     }
     let op = match raw.op.as_ref() {
-        "join" => ClientOp::Join {
-            room: need_room(raw.room, id)?,
-        },
+        "join" => {
+            let room = need_room(raw.room, id)?;
+            let since = match raw.since {
+                None => None,
+                Some(v) => {
+                    let since: Since = serde_json::from_str(v.get())
+                        .map_err(|_| bad(id, "`since` must be {\"seq\":<integer >= 0>,\"epoch\":<string>}"))?;
+                    if since.epoch.len() > MAX_EPOCH_LEN {
+                        return Err(bad(id, "`since.epoch` is longer than 64 bytes"));
+                    }
+                    Some(since)
+                }
+            };
+            ClientOp::Join { room, since }
+        }
+        "history" => {
+            let room = need_room(raw.room, id)?;
+            let limit = match raw.limit {
+                None => return Err(bad(id, "missing field `limit`")),
+                Some(v) => serde_json::from_str::<u64>(v.get())
+                    .map_err(|_| bad(id, "`limit` must be an integer >= 0"))?,
+            };
+            ClientOp::History { room, limit }
+        }
         "leave" => ClientOp::Leave {
             room: need_room(raw.room, id)?,
         },
         "publish" => {
             let room = need_room(raw.room, id)?;
             let data = raw.data.ok_or_else(|| bad(id, "missing field `data`"))?;
+            let msg_id = match raw.msg_id {
+                None => None,
+                Some(v) => match serde_json::from_str::<Cow<'_, str>>(v.get()) {
+                    Ok(m) if valid_msg_id(&m) => Some(m),
+                    _ => return Err(bad(id, "`msg_id` must be a string of 1-64 characters of A-Z a-z 0-9 _ - : .")),
+                },
+            };
             ClientOp::Publish {
                 room,
                 data: compact_json(data.get()),
                 echo: raw.echo.unwrap_or(false),
+                msg_id,
             }
         }
         "ping" => ClientOp::Ping,
@@ -361,6 +432,64 @@ pub fn ack(id: &str) -> String {
     format!(r#"{{"op":"ack","id":{id}}}"#)
 }
 
+/// `{"op":"ack","id":N,"seq":S}`: a publish stored in a history room.
+pub fn ack_seq(id: &str, seq: u64) -> String {
+    format!(r#"{{"op":"ack","id":{id},"seq":{seq}}}"#)
+}
+
+/// The ack of a join of a history room, or of a recovering join: `{"op":"ack","id":N?,"room":R,"recovered":B?,
+/// "epoch":E?,"seq":L?}`. `recovered` answers a join with `since`; `epoch` and `seq` (the room's last stored message)
+/// are there whenever the stream answered. Sent even without an id: the client needs the position.
+pub fn ack_join(id: Option<&str>, room: &str, recovered: Option<bool>, position: Option<(&str, u64)>) -> String {
+    let mut b = Vec::with_capacity(96 + room.len());
+    b.extend_from_slice(br#"{"op":"ack","#);
+    if let Some(id) = id {
+        b.extend_from_slice(br#""id":"#);
+        b.extend_from_slice(id.as_bytes());
+        b.push(b',');
+    }
+    b.extend_from_slice(br#""room":"#);
+    push_json_str(&mut b, room);
+    if let Some(r) = recovered {
+        b.extend_from_slice(if r { br#","recovered":true"# } else { br#","recovered":false"# });
+    }
+    if let Some((epoch, seq)) = position {
+        b.extend_from_slice(br#","epoch":"#);
+        push_json_str(&mut b, epoch);
+        b.extend_from_slice(format!(r#","seq":{seq}"#).as_bytes());
+    }
+    b.push(b'}');
+    into_string(b)
+}
+
+/// `{"op":"history","id":M,"room":R,"epoch":E,"messages":[{"seq":..,"data":..,"from":..},...]}`.
+pub fn history(id: Option<&str>, room: &str, epoch: &str, messages: &[(u64, &[u8], Option<&str>)]) -> String {
+    let size: usize = messages.iter().map(|(_, p, f)| 48 + p.len() * 4 / 3 + f.map_or(0, str::len)).sum();
+    let mut b = Vec::with_capacity(96 + room.len() + epoch.len() + size);
+    b.extend_from_slice(br#"{"op":"history","#);
+    if let Some(id) = id {
+        b.extend_from_slice(br#""id":"#);
+        b.extend_from_slice(id.as_bytes());
+        b.push(b',');
+    }
+    b.extend_from_slice(br#""room":"#);
+    push_json_str(&mut b, room);
+    b.extend_from_slice(br#","epoch":"#);
+    push_json_str(&mut b, epoch);
+    b.extend_from_slice(br#","messages":["#);
+    for (i, (seq, payload, from)) in messages.iter().enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        b.extend_from_slice(format!(r#"{{"seq":{seq}"#).as_bytes());
+        push_payload(&mut b, payload);
+        push_from(&mut b, *from);
+        b.push(b'}');
+    }
+    b.extend_from_slice(b"]}");
+    into_string(b)
+}
+
 /// `{"op":"pong"}` (with the `id` when given).
 pub fn pong(id: Option<&str>) -> String {
     match id {
@@ -449,11 +578,30 @@ pub fn classify_payload(payload: &[u8]) -> Payload<'_> {
     }
 }
 
-/// `{"op":"message","room":R,"data":D,"from":F?}` built once per NATS message; every recipient shares it.
-pub fn message(room: &str, payload: &[u8], from: Option<&str>) -> String {
-    let mut b = Vec::with_capacity(48 + room.len() + payload.len() + from.map_or(0, str::len));
+/// `{"op":"message","room":R,"data":D,"from":F?,"seq":S?}` built once per NATS message; every recipient shares it.
+/// `seq` is the stream sequence of a history room's message.
+pub fn message(room: &str, payload: &[u8], from: Option<&str>, seq: Option<u64>) -> String {
+    let mut b = Vec::with_capacity(64 + room.len() + payload.len() + from.map_or(0, str::len));
     b.extend_from_slice(br#"{"op":"message","room":"#);
     push_json_str(&mut b, room);
+    push_payload(&mut b, payload);
+    push_from(&mut b, from);
+    if let Some(seq) = seq {
+        b.extend_from_slice(format!(r#","seq":{seq}"#).as_bytes());
+    }
+    b.push(b'}');
+    into_string(b)
+}
+
+fn push_from(b: &mut Vec<u8>, from: Option<&str>) {
+    if let Some(from) = from {
+        b.extend_from_slice(br#","from":"#);
+        push_json_str(b, from);
+    }
+}
+
+/// `,"data":D` (or `,"data_b64":"..."`) for a NATS payload.
+fn push_payload(b: &mut Vec<u8>, payload: &[u8]) {
     match classify_payload(payload) {
         Payload::Json(json) => {
             b.extend_from_slice(br#","data":"#);
@@ -461,7 +609,7 @@ pub fn message(room: &str, payload: &[u8], from: Option<&str>) -> String {
         }
         Payload::Text(text) => {
             b.extend_from_slice(br#","data":"#);
-            push_json_str(&mut b, text);
+            push_json_str(b, text);
         }
         Payload::Binary(bytes) => {
             b.extend_from_slice(br#","data_b64":""#);
@@ -469,12 +617,6 @@ pub fn message(room: &str, payload: &[u8], from: Option<&str>) -> String {
             b.push(b'"');
         }
     }
-    if let Some(from) = from {
-        b.extend_from_slice(br#","from":"#);
-        push_json_str(&mut b, from);
-    }
-    b.push(b'}');
-    into_string(b)
 }
 
 fn into_string(b: Vec<u8>) -> String {
@@ -535,7 +677,8 @@ mod tests {
             ClientOp::Publish {
                 room: "a".into(),
                 data: "null".into(),
-                echo: false
+                echo: false,
+                msg_id: None
             }
         );
         assert!(parse_request(r#"{"op":"publish","room":"a"}"#).is_err());
@@ -545,14 +688,15 @@ mod tests {
     fn parses_every_op() {
         let r = parse_request(r#"{"op":"join","room":"lobby","id":1}"#).unwrap();
         assert_eq!(r.id, Some("1"));
-        assert_eq!(r.op, ClientOp::Join { room: "lobby".into() });
+        assert_eq!(r.op, ClientOp::Join { room: "lobby".into(), since: None });
         let r = parse_request(r#"{"op":"publish","room":"a","data":{ "x" : [1, 2] , "s":"a b"},"echo":true}"#).unwrap();
         assert_eq!(
             r.op,
             ClientOp::Publish {
                 room: "a".into(),
                 data: r#"{"x":[1,2],"s":"a b"}"#.into(),
-                echo: true
+                echo: true,
+                msg_id: None
             }
         );
         assert_eq!(parse_request(r#"{"op":"ping"}"#).unwrap().op, ClientOp::Ping);
@@ -629,19 +773,19 @@ mod tests {
     #[test]
     fn message_frames() {
         assert_eq!(
-            message("r", br#"{"a":1}"#, Some("c1")),
+            message("r", br#"{"a":1}"#, Some("c1"), None),
             r#"{"op":"message","room":"r","data":{"a":1},"from":"c1"}"#
         );
         assert_eq!(
-            message("r", b"hello", None),
+            message("r", b"hello", None, None),
             r#"{"op":"message","room":"r","data":"hello"}"#
         );
         assert_eq!(
-            message("r", &[0xff, 0x00], None),
+            message("r", &[0xff, 0x00], None, None),
             r#"{"op":"message","room":"r","data_b64":"/wA="}"#
         );
-        assert_eq!(message("r", b"", None), r#"{"op":"message","room":"r","data":""}"#);
-        let v: serde_json::Value = serde_json::from_str(&message("r", b"a\"b\n", None)).unwrap();
+        assert_eq!(message("r", b"", None, None), r#"{"op":"message","room":"r","data":""}"#);
+        let v: serde_json::Value = serde_json::from_str(&message("r", b"a\"b\n", None, None)).unwrap();
         assert_eq!(v["data"], "a\"b\n");
     }
 
@@ -710,7 +854,7 @@ mod tests {
                 );
             }
             let _ = compact_json(&text);
-            let _ = message("r", text.as_bytes(), None);
+            let _ = message("r", text.as_bytes(), None, None);
         }
     }
 

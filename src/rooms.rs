@@ -31,6 +31,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bridge::{Bridge, BridgeError, HDR_CONN, HDR_ECHO, HDR_GATEWAY},
     config::{Overflow, RoomsConfig},
+    history::History,
     metrics::{Metrics, SlowConsumer},
     outbox::{Outbox, Pushed},
     protocol,
@@ -46,6 +47,103 @@ pub struct Member {
     pub outbox: Arc<Outbox>,
     /// The connection's user, or its address if anonymous (`rooms.max_rooms_per_user`, room-creation rate).
     pub key: QuotaKey,
+    /// While set and holding, this member's live frames wait here instead of in its outbox: a history room's join
+    /// reads the stream first (the ack's sequence, a recovery's missed messages) and must queue those before any
+    /// live frame ([`Hold`]).
+    pub hold: Option<Arc<Hold>>,
+}
+
+/// Live frames of one member held while its join reads the stream, so that what it reads goes out first and nothing
+/// is sent twice or skipped at the seam. Bounded by `history.max_held`: past it the frames are dropped and the hold
+/// says so, and the join reads the stream again instead.
+#[derive(Debug)]
+pub struct Hold {
+    state: Mutex<HoldState>,
+}
+
+#[derive(Debug)]
+struct HoldState {
+    holding: bool,
+    /// (seq, previous seq of the room from `Nats-Last-Sequence`, frame), in arrival order.
+    frames: std::collections::VecDeque<(u64, u64, Utf8Bytes)>,
+    max: usize,
+    overflowed: bool,
+}
+
+/// Why [`Hold::release`] did not release: the caller must read the stream up to `up_to` and try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Read the stream up to here (0: up to its current last message).
+    pub up_to: u64,
+}
+
+impl Hold {
+    /// A holding hold of at most `max` frames.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(HoldState {
+                holding: true,
+                frames: std::collections::VecDeque::new(),
+                max,
+                overflowed: false,
+            }),
+        })
+    }
+
+    /// Takes a live frame if still holding (true); false once released (the caller queues it as usual).
+    fn offer(&self, seq: u64, prev: u64, frame: &Utf8Bytes) -> bool {
+        let mut s = self.state.lock();
+        if !s.holding {
+            return false;
+        }
+        if s.frames.len() >= s.max {
+            s.overflowed = true;
+            s.frames.clear();
+        } else if !s.overflowed {
+            s.frames.push_back((seq, prev, frame.clone()));
+        }
+        true
+    }
+
+    /// Ends the hold once the stream was read up to `after`: queues (through `push`, under the hold's lock, so a
+    /// concurrent fan-out cannot overtake them) every held frame newer than `after`, then lets live frames through.
+    /// Refuses with [`CatchUp`] when frames were dropped (overflow) or the first held frame says its room had a
+    /// message after `after` that was not held (`Nats-Last-Sequence`, e.g. a replica that answered with an older
+    /// last sequence): then the hold keeps holding, empty, and the caller reads the stream again.
+    pub fn release(&self, after: u64, mut push: impl FnMut(Utf8Bytes)) -> Result<(), CatchUp> {
+        let mut s = self.state.lock();
+        if s.overflowed {
+            s.overflowed = false;
+            s.frames.clear();
+            return Err(CatchUp { up_to: 0 });
+        }
+        let first_new = s.frames.iter().find(|(seq, _, _)| *seq > after);
+        if let Some(&(_, prev, _)) = first_new
+            && prev > after
+        {
+            // Messages (after, prev] were stored before the hold saw anything of them: read them first.
+            s.frames.retain(|(q, _, _)| *q > prev);
+            return Err(CatchUp { up_to: prev });
+        }
+        for (seq, _, frame) in s.frames.drain(..) {
+            if seq > after {
+                push(frame);
+            }
+        }
+        s.holding = false;
+        Ok(())
+    }
+
+    /// Stops holding, queueing everything still held (a join that could not read the stream; its client was told
+    /// it got no recovery).
+    pub fn release_all(&self, mut push: impl FnMut(Utf8Bytes)) {
+        let mut s = self.state.lock();
+        for (_, _, frame) in s.frames.drain(..) {
+            push(frame);
+        }
+        s.overflowed = false;
+        s.holding = false;
+    }
 }
 
 /// Reason given to the members of a room whose NATS subscription ended.
@@ -64,6 +162,8 @@ enum Readiness {
 pub struct Room {
     name: Arc<str>,
     policy: Overflow,
+    /// A history room: subscribed to the stream's republished subject, its frames carry `"seq"`.
+    history: bool,
     /// The room's own lock: fan-out reads it for a whole message, joins and leaves write it. It is never taken while
     /// holding the registry's map lock (nor the reverse), so a big room's fan-out never stalls other rooms' joins.
     members: RwLock<Members>,
@@ -72,6 +172,11 @@ pub struct Room {
 }
 
 impl Room {
+    /// The room's overflow policy.
+    pub fn policy(&self) -> Overflow {
+        self.policy
+    }
+
     /// The room's name, shared by every frame queued for it.
     pub fn name(&self) -> &Arc<str> {
         &self.name
@@ -111,6 +216,8 @@ struct Members {
 pub struct Rooms {
     map: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     bridge: Bridge,
+    /// History rooms subscribe to the stream's republished subject (their messages carry sequences).
+    history: Option<Arc<History>>,
     config: RoomsConfig,
     /// Rooms per user/address and room-creation rate; updated under `map`'s lock.
     quota: RoomQuota,
@@ -124,6 +231,7 @@ impl Rooms {
     /// (`limits.max_tracked_keys`) bounds the keys of the room-creation rate limiter.
     pub fn new(
         bridge: Bridge,
+        history: Option<Arc<History>>,
         config: RoomsConfig,
         max_tracked_keys: usize,
         metrics: Arc<Metrics>,
@@ -133,6 +241,7 @@ impl Rooms {
         Arc::new(Self {
             map: Mutex::default(),
             bridge,
+            history,
             quota: RoomQuota::new(&config, max_tracked_keys),
             config,
             metrics,
@@ -186,6 +295,7 @@ impl Rooms {
                 return Err(e.into());
             }
             let r = Arc::new(Room {
+                history: self.history.as_ref().is_some_and(|h| h.covers(room)),
                 policy: self.config.overflow_for(room),
                 name: name.clone(),
                 members: RwLock::new(Members {
@@ -278,7 +388,10 @@ impl Rooms {
     /// Subscribes, signals readiness, then fans out until the room empties or the gateway shuts down, or until the
     /// subscription ends under it (then [`Rooms::end_room`]).
     async fn room_task(self: Arc<Self>, room: Arc<Room>) {
-        let subject = protocol::room_subject(&self.config.subject_prefix, &room.name);
+        let subject = match (&self.history, room.history) {
+            (Some(h), true) => h.live_subject(&room.name),
+            _ => protocol::room_subject(&self.config.subject_prefix, &room.name),
+        };
         let mut sub = match self.bridge.subscribe(subject, &room.name).await {
             Ok(sub) => sub,
             Err(e) => {
@@ -345,17 +458,32 @@ fn echo_skip(msg: &async_nats::Message, gateway_id: &str) -> Option<u64> {
     conn.strip_prefix(gateway_id)?.strip_prefix('-')?.parse().ok()
 }
 
+/// The stream sequence of a republished history message and the previous sequence of its room (`Nats-Sequence`,
+/// `Nats-Last-Sequence`).
+fn sequence(msg: &async_nats::Message) -> (Option<u64>, u64) {
+    let Some(h) = msg.headers.as_ref() else { return (None, 0) };
+    let num = |name: &str| h.get(name).and_then(|v| v.as_str().parse::<u64>().ok());
+    (num("Nats-Sequence"), num("Nats-Last-Sequence").unwrap_or(0))
+}
+
 /// Delivers one NATS message to every local member of `room` except the echo-suppressed sender. Builds the frame
 /// once; per member it is one refcount increment and one push into a bounded queue, never an await.
 pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics: &Metrics) {
     let skip = echo_skip(msg, gateway_id);
     let from = msg.headers.as_ref().and_then(|h| h.get(HDR_CONN)).map(|v| v.as_str());
-    let frame = Utf8Bytes::from(protocol::message(&room.name, &msg.payload, from));
+    let (seq, prev) = if room.history { sequence(msg) } else { (None, 0) };
+    let frame = Utf8Bytes::from(protocol::message(&room.name, &msg.payload, from, seq));
     let (mut delivered, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
     {
         let members = room.members.read();
         for m in members.list.iter() {
             if Some(m.id) == skip {
+                continue;
+            }
+            if let Some(hold) = &m.hold
+                && hold.offer(seq.unwrap_or(0), prev, &frame)
+            {
+                delivered += 1;
                 continue;
             }
             // Each dropped message is counted once, by the push that dropped it: the superseded value for
@@ -400,6 +528,7 @@ mod tests {
             id,
             outbox: Arc::new(Outbox::new(16, 1 << 20)),
             key: QuotaKey::User(format!("user-{id}").into()),
+            hold: None,
         }
     }
 

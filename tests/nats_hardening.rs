@@ -462,6 +462,7 @@ async fn memory_per_room() {
             id: 1,
             outbox: outbox.clone(),
             key: key.clone(),
+            hold: None,
         };
         async move { rooms.join(&format!("room-{i:06}"), member).await.expect("join") }
     };

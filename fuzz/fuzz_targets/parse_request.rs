@@ -39,9 +39,18 @@ fn check_accepted(text: &str, req: protocol::Request<'_>) {
         check_id(id);
     }
     match req.op {
-        ClientOp::Join { room } | ClientOp::Leave { room } => check_room(&room),
-        ClientOp::Publish { room, data, .. } => {
+        ClientOp::Join { room, since } => {
             check_room(&room);
+            if let Some(since) = since {
+                assert!(since.epoch.len() <= protocol::MAX_EPOCH_LEN);
+            }
+        }
+        ClientOp::Leave { room } | ClientOp::History { room, .. } => check_room(&room),
+        ClientOp::Publish { room, data, msg_id, .. } => {
+            check_room(&room);
+            if let Some(m) = msg_id {
+                assert!(protocol::valid_msg_id(&m), "accepted msg_id {m:?}");
+            }
             // `data` is the client's value, compacted: valid JSON, already compact, never longer than the original.
             let raw: BTreeMap<String, &RawValue> = serde_json::from_str(text).expect("an accepted op is a JSON object");
             let original = raw.get("data").expect("publish has data").get();
@@ -57,7 +66,7 @@ fn check_accepted(text: &str, req: protocol::Request<'_>) {
                 // Numbers serde_json cannot hold (1e999) fail both ways; anything else must agree.
                 (a, b) => assert_eq!(a.is_ok(), b.is_ok(), "{original:?} -> {data:?}"),
             }
-            assert_json(protocol::message(&room, data.as_bytes(), None));
+            assert_json(protocol::message(&room, data.as_bytes(), None, Some(u64::MAX)));
         }
         ClientOp::Ping => assert_json(protocol::pong(req.id)),
         // The token is only handed to the verifier, which has its own tests.
@@ -104,7 +113,7 @@ fn check_room(room: &str) {
 
 /// A NATS payload reaches the browser intact: JSON embedded as is, other text as a JSON string, bytes as base64.
 fn check_message(payload: &[u8]) {
-    let frame = protocol::message("r", payload, Some("c1"));
+    let frame = protocol::message("r", payload, Some("c1"), None);
     let fields: BTreeMap<String, &RawValue> = serde_json::from_str(&frame).expect("message frame is a JSON object");
     assert_eq!(fields.get("from").map(|v| v.get()), Some(r#""c1""#));
     match (std::str::from_utf8(payload), fields.get("data"), fields.get("data_b64")) {

@@ -1,0 +1,286 @@
+//! History rooms: the JetStream stream that stores room messages, its epoch, and the seams the connection uses
+//! (`docs/history.md`).
+//!
+//! - **Capture.** The stream `history.stream` covers every room subject (`<subject_prefix>.*`), so a backend that
+//!   publishes with plain core NATS is stored like a client. Which rooms *serve* history (sequences, recovery,
+//!   `history`) is `history.rooms`; the others are stored but never read back.
+//! - **Live sequence.** The stream republishes each stored message to `<live_prefix>.<subject_prefix>.<room>` with
+//!   its stream sequence in `Nats-Sequence`. A history room's live subscription is that subject, so every live frame
+//!   carries `"seq"` and is ordered by the stream. The cost: a message reaches clients only once JetStream stored
+//!   it; while JetStream cannot store, history rooms are silent (publishes are answered `unavailable`), and other
+//!   rooms are untouched.
+//! - **Reads** go through [`Replayer`] (batched direct gets, shared between concurrent recoveries), never per-client
+//!   consumers, and at most `history.max_concurrent_reads` at once.
+//! - **Epoch.** The stream's creation time, checked every `history.epoch_refresh`: a recreated stream restarts its
+//!   sequences, so a recovery point from the old one must not be trusted.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use async_nats::jetstream::{
+    self,
+    stream::{Config as StreamConfig, DiscardPolicy, Republish, StorageType},
+};
+use parking_lot::RwLock;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+
+use crate::{
+    config::HistoryConfig,
+    protocol,
+    replay::{ReplayConfig, Replayer},
+};
+
+/// Why the history stream cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// `manage_stream = false` and the stream is missing.
+    #[error("history stream {0:?} does not exist (history.manage_stream = false, so the gateway does not create it)")]
+    Missing(String),
+    /// `manage_stream = false` and the stream's settings differ from `[history]`.
+    #[error("history stream {stream:?} does not match [history]: {differences}")]
+    Mismatch {
+        /// Stream name.
+        stream: String,
+        /// Every difference, `key: stream has X, config wants Y`.
+        differences: String,
+    },
+    /// The JetStream API refused or failed.
+    #[error("JetStream: {0}")]
+    Api(String),
+}
+
+/// The history stream and what the connections need from it.
+pub struct History {
+    cfg: HistoryConfig,
+    subject_prefix: String,
+    js: jetstream::Context,
+    replayer: Replayer,
+    /// The stream's epoch once known (`None` until the stream could be read).
+    epoch: RwLock<Option<Arc<str>>>,
+    /// `history.max_concurrent_reads`.
+    reads: Arc<Semaphore>,
+    /// Source of gateway-made message ids (publishes without a client `msg_id`).
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History")
+            .field("stream", &self.cfg.stream)
+            .field("epoch", &self.epoch())
+            .finish_non_exhaustive()
+    }
+}
+
+impl History {
+    /// The history of `cfg` over `client`; no I/O until [`History::ensure`].
+    pub fn new(client: async_nats::Client, cfg: &HistoryConfig, subject_prefix: &str) -> Self {
+        let replay = ReplayConfig {
+            cache_bytes: cfg.replay_cache_bytes,
+            cache_entries: cfg.replay_cache_rooms,
+            cache_ttl: cfg.replay_cache_ttl,
+            max_inflight: cfg.replay_max_inflight,
+            max_read: cfg.max_recover,
+            max_messages_per_room: u64::from(cfg.max_messages_per_room),
+            batch: cfg.replay_batch,
+            batch_bytes: cfg.replay_batch_bytes,
+        };
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.recover_timeout)
+            .build(client.clone());
+        Self {
+            replayer: Replayer::new(client, cfg.stream.clone(), &replay),
+            js,
+            subject_prefix: subject_prefix.to_owned(),
+            epoch: RwLock::new(None),
+            reads: Arc::new(Semaphore::new(cfg.max_concurrent_reads)),
+            next_id: AtomicU64::new(1),
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// `[history]`.
+    pub fn config(&self) -> &HistoryConfig {
+        &self.cfg
+    }
+
+    /// Whether `room` is a history room.
+    pub fn covers(&self, room: &str) -> bool {
+        self.cfg.covers(room)
+    }
+
+    /// The JetStream context (publishes to the stream).
+    pub fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The reader of stored messages.
+    pub fn replayer(&self) -> &Replayer {
+        &self.replayer
+    }
+
+    /// The subject a history room's live messages are republished to.
+    pub fn live_subject(&self, room: &str) -> String {
+        format!("{}.{}", self.cfg.live_prefix, protocol::room_subject(&self.subject_prefix, room))
+    }
+
+    /// The stream's current epoch, if known.
+    pub fn epoch(&self) -> Option<Arc<str>> {
+        self.epoch.read().clone()
+    }
+
+    /// A message id for a publish: the client's `msg_id` scoped to its user (or, for an anonymous client, to its
+    /// connection, so one anonymous client cannot suppress another's messages by guessing ids), else a fresh one.
+    pub fn msg_id(&self, user: Option<&str>, conn: &str, client_id: Option<&str>) -> String {
+        match (client_id, user) {
+            (Some(m), Some(user)) => format!("u:{user}:{m}"),
+            (Some(m), None) => format!("c:{conn}:{m}"),
+            (None, _) => format!("g:{conn}:{}", self.next_id.fetch_add(1, Relaxed)),
+        }
+    }
+
+    /// A read slot (`history.max_concurrent_reads`), waiting at most until `deadline`.
+    pub async fn read_slot(&self, deadline: Instant) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout_at(deadline, self.reads.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// The stream configuration `[history]` asks for.
+    pub fn stream_config(&self) -> StreamConfig {
+        let rooms = format!("{}.*", self.subject_prefix);
+        StreamConfig {
+            name: self.cfg.stream.clone(),
+            subjects: vec![rooms.clone()],
+            max_messages_per_subject: i64::from(self.cfg.max_messages_per_room),
+            max_age: self.cfg.max_age,
+            num_replicas: self.cfg.replicas,
+            duplicate_window: self.cfg.duplicate_window,
+            storage: StorageType::File,
+            discard: DiscardPolicy::Old,
+            allow_direct: true,
+            republish: Some(Republish {
+                source: rooms,
+                destination: format!("{}.{}.{{{{wildcard(1)}}}}", self.cfg.live_prefix, self.subject_prefix),
+                headers_only: false,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Creates or updates the stream (`manage_stream`), or checks that it exists and matches; then reads the epoch.
+    pub async fn ensure(&self) -> Result<(), HistoryError> {
+        let want = self.stream_config();
+        let info = if self.cfg.manage_stream {
+            self.js
+                .create_or_update_stream(want)
+                .await
+                .map_err(|e| HistoryError::Api(format!("creating or updating stream {:?}: {e}", self.cfg.stream)))?
+        } else {
+            let mut stream = self.js.get_stream(&self.cfg.stream).await.map_err(|e| {
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) {
+                    HistoryError::Missing(self.cfg.stream.clone())
+                } else {
+                    HistoryError::Api(e.to_string())
+                }
+            })?;
+            let info = stream.info().await.map_err(|e| HistoryError::Api(e.to_string()))?.clone();
+            let differences = differences(&info.config, &want);
+            if !differences.is_empty() {
+                return Err(HistoryError::Mismatch {
+                    stream: self.cfg.stream.clone(),
+                    differences: differences.join("; "),
+                });
+            }
+            info
+        };
+        self.set_epoch(&info);
+        Ok(())
+    }
+
+    /// Reads the stream's creation time again and updates the epoch.
+    pub async fn refresh_epoch(&self) -> Result<(), HistoryError> {
+        let mut stream = self
+            .js
+            .get_stream(&self.cfg.stream)
+            .await
+            .map_err(|e| HistoryError::Api(e.to_string()))?;
+        let info = stream.info().await.map_err(|e| HistoryError::Api(e.to_string()))?;
+        self.set_epoch(info);
+        Ok(())
+    }
+
+    fn set_epoch(&self, info: &jetstream::stream::Info) {
+        let epoch: Arc<str> = format!("{:x}", info.created.unix_timestamp_nanos()).into();
+        let mut current = self.epoch.write();
+        if current.as_deref() != Some(&*epoch) {
+            if current.is_some() {
+                tracing::warn!(stream = %self.cfg.stream, %epoch, "history stream was recreated: new epoch");
+            }
+            *current = Some(epoch);
+        }
+    }
+
+    /// Keeps the stream (and its epoch) current until `shutdown`: every `epoch_refresh`, and at once after NATS
+    /// was unreachable at start. With `manage_stream`, a stream deleted under the gateway is created again.
+    pub async fn maintain(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(self.cfg.epoch_refresh);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let result = if self.cfg.manage_stream || self.epoch().is_none() {
+                self.ensure().await
+            } else {
+                self.refresh_epoch().await
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "history stream not available");
+            }
+        }
+    }
+}
+
+/// Stream settings that differ from what `[history]` asks for, each as `key: stream has X, config wants Y`.
+fn differences(have: &StreamConfig, want: &StreamConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |key: &str, have: String, want: String| {
+        if have != want {
+            out.push(format!("{key}: stream has {have}, config wants {want}"));
+        }
+    };
+    check(
+        "subjects (covering the room subjects)",
+        format!("{:?}", have.subjects.iter().any(|s| want.subjects.contains(s))),
+        "true".into(),
+    );
+    check(
+        "max_msgs_per_subject (history.max_messages_per_room)",
+        have.max_messages_per_subject.to_string(),
+        want.max_messages_per_subject.to_string(),
+    );
+    check("max_age (history.max_age)", fmt_duration(have.max_age), fmt_duration(want.max_age));
+    check("num_replicas (history.replicas)", have.num_replicas.to_string(), want.num_replicas.to_string());
+    check("allow_direct", have.allow_direct.to_string(), "true".into());
+    check(
+        "republish (history.live_prefix)",
+        format!("{:?}", have.republish.as_ref().map(|r| (&r.source, &r.destination, r.headers_only))),
+        format!("{:?}", want.republish.as_ref().map(|r| (&r.source, &r.destination, r.headers_only))),
+    );
+    out
+}
+
+fn fmt_duration(d: Duration) -> String {
+    format!("{d:?}")
+}
