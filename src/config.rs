@@ -303,15 +303,22 @@ impl HistoryConfig {
         if !self.enabled {
             return Ok(());
         }
-        let token_ok = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let token_ok =
+            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !token_ok(&self.stream) {
             return Err(invalid("history.stream", "use 1+ characters from [A-Za-z0-9_-]"));
         }
         if self.live_prefix.is_empty() || !self.live_prefix.split('.').all(token_ok) {
-            return Err(invalid("history.live_prefix", "use dot-separated tokens of [A-Za-z0-9_-]"));
+            return Err(invalid(
+                "history.live_prefix",
+                "use dot-separated tokens of [A-Za-z0-9_-]",
+            ));
         }
         if self.rooms.is_empty() {
-            return Err(invalid("history.rooms", "list at least one room pattern, or set enabled = false"));
+            return Err(invalid(
+                "history.rooms",
+                "list at least one room pattern, or set enabled = false",
+            ));
         }
         if self.max_messages_per_room == 0 {
             return Err(invalid("history.max_messages_per_room", "must be at least 1"));
@@ -341,10 +348,16 @@ impl HistoryConfig {
             }
         }
         if self.replay_batch >= nats.subscription_capacity {
-            return Err(invalid("history.replay_batch", "must be below nats.subscription_capacity"));
+            return Err(invalid(
+                "history.replay_batch",
+                "must be below nats.subscription_capacity",
+            ));
         }
         if self.recover_timeout.is_zero() || self.epoch_refresh.is_zero() {
-            return Err(invalid("history.recover_timeout", "recover_timeout and epoch_refresh must be positive"));
+            return Err(invalid(
+                "history.recover_timeout",
+                "recover_timeout and epoch_refresh must be positive",
+            ));
         }
         Ok(())
     }

@@ -15,10 +15,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    history::{History, HistoryError},
     auth::{AuthError, Authenticator},
     bridge::{Bridge, BridgeError},
     config::{Config, ConfigError},
+    history::{History, HistoryError},
     limits::Limits,
     metrics::Metrics,
     rooms::Rooms,
@@ -88,7 +88,7 @@ impl Gateway {
         let bridge = Bridge::connect(&config.nats, id.clone(), metrics.clone()).await?;
         let tracker = TaskTracker::new();
         let history = match config.history.enabled {
-            true => Some(start_history(&config, &bridge, &tracker, &shutdown).await?),
+            true => start_history(&config, &bridge, &tracker, &shutdown).await?,
             false => None,
         };
         let rooms = Rooms::new(
@@ -205,16 +205,23 @@ impl Gateway {
     }
 }
 
-/// Sets up the history stream: when NATS answers within `nats.connect_timeout`, the stream must be usable now (a
-/// missing or mismatched stream, or JetStream disabled on the server, stops the start with the reason); otherwise
-/// the maintenance task sets it up once NATS is reachable, and history rooms answer without history meanwhile.
+/// Sets up the history stream when NATS answers within `nats.connect_timeout`:
+/// - a missing or mismatched stream with `manage_stream = false` stops the start, naming what differs;
+/// - a NATS server without JetStream (or one that refuses the stream) runs the gateway without history, with an
+///   error in the log, so the shipped configuration also works against a plain `nats-server`;
+/// - NATS not reachable yet: the maintenance task sets the stream up once it is, and history rooms answer without a
+///   position meanwhile.
 async fn start_history(
     config: &Config,
     bridge: &Bridge,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<Arc<History>, StartError> {
-    let history = Arc::new(History::new(bridge.client().clone(), &config.history, &config.rooms.subject_prefix));
+) -> Result<Option<Arc<History>>, StartError> {
+    let history = Arc::new(History::new(
+        bridge.client().clone(),
+        &config.history,
+        &config.rooms.subject_prefix,
+    ));
     let connected = tokio::time::timeout(config.nats.connect_timeout, async {
         while !bridge.is_connected() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -223,10 +230,18 @@ async fn start_history(
     .await
     .is_ok();
     if connected {
-        history.ensure().await?;
+        match history.ensure().await {
+            Ok(()) => {}
+            Err(e @ HistoryError::Api(_)) => {
+                tracing::error!(error = %e, "history disabled: JetStream is not available on this NATS server \
+                    (start nats-server with -js, or set history.enabled = false)");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         tracing::warn!("NATS not reachable at start: the history stream is set up once it is");
     }
     tracker.spawn(history.clone().maintain(shutdown.clone()));
-    Ok(history)
+    Ok(Some(history))
 }

@@ -129,7 +129,11 @@ impl History {
 
     /// The subject a history room's live messages are republished to.
     pub fn live_subject(&self, room: &str) -> String {
-        format!("{}.{}", self.cfg.live_prefix, protocol::room_subject(&self.subject_prefix, room))
+        format!(
+            "{}.{}",
+            self.cfg.live_prefix,
+            protocol::room_subject(&self.subject_prefix, room)
+        )
     }
 
     /// The stream's current epoch, if known.
@@ -193,7 +197,11 @@ impl History {
                     HistoryError::Api(e.to_string())
                 }
             })?;
-            let info = stream.info().await.map_err(|e| HistoryError::Api(e.to_string()))?.clone();
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| HistoryError::Api(e.to_string()))?
+                .clone();
             let differences = differences(&info.config, &want);
             if !differences.is_empty() {
                 return Err(HistoryError::Mismatch {
@@ -270,13 +278,31 @@ fn differences(have: &StreamConfig, want: &StreamConfig) -> Vec<String> {
         have.max_messages_per_subject.to_string(),
         want.max_messages_per_subject.to_string(),
     );
-    check("max_age (history.max_age)", fmt_duration(have.max_age), fmt_duration(want.max_age));
-    check("num_replicas (history.replicas)", have.num_replicas.to_string(), want.num_replicas.to_string());
+    check(
+        "max_age (history.max_age)",
+        fmt_duration(have.max_age),
+        fmt_duration(want.max_age),
+    );
+    check(
+        "num_replicas (history.replicas)",
+        have.num_replicas.to_string(),
+        want.num_replicas.to_string(),
+    );
     check("allow_direct", have.allow_direct.to_string(), "true".into());
     check(
         "republish (history.live_prefix)",
-        format!("{:?}", have.republish.as_ref().map(|r| (&r.source, &r.destination, r.headers_only))),
-        format!("{:?}", want.republish.as_ref().map(|r| (&r.source, &r.destination, r.headers_only))),
+        format!(
+            "{:?}",
+            have.republish
+                .as_ref()
+                .map(|r| (&r.source, &r.destination, r.headers_only))
+        ),
+        format!(
+            "{:?}",
+            want.republish
+                .as_ref()
+                .map(|r| (&r.source, &r.destination, r.headers_only))
+        ),
     );
     out
 }

@@ -330,7 +330,11 @@ impl Metrics {
             "Recovering joins of history rooms, by outcome",
             m.recoveries.family.clone(),
         );
-        registry.register("replayed", "Stored messages replayed to recovering clients", m.replayed.clone());
+        registry.register(
+            "replayed",
+            "Stored messages replayed to recovering clients",
+            m.replayed.clone(),
+        );
         Metrics { registry, ..m }
     }
 

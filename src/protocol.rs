@@ -127,7 +127,9 @@ pub const MAX_MSG_ID_LEN: usize = 64;
 /// of a NATS header value).
 pub fn valid_msg_id(id: &str) -> bool {
     (1..=MAX_MSG_ID_LEN).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.'))
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -253,8 +255,9 @@ pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<
             let room = need_room(raw.room, id)?;
             let limit = match raw.limit {
                 None => return Err(bad(id, "missing field `limit`")),
-                Some(v) => serde_json::from_str::<u64>(v.get())
-                    .map_err(|_| bad(id, "`limit` must be an integer >= 0"))?,
+                Some(v) => {
+                    serde_json::from_str::<u64>(v.get()).map_err(|_| bad(id, "`limit` must be an integer >= 0"))?
+                }
             };
             ClientOp::History { room, limit }
         }
@@ -268,7 +271,12 @@ pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<
                 None => None,
                 Some(v) => match serde_json::from_str::<Cow<'_, str>>(v.get()) {
                     Ok(m) if valid_msg_id(&m) => Some(m),
-                    _ => return Err(bad(id, "`msg_id` must be a string of 1-64 characters of A-Z a-z 0-9 _ - : .")),
+                    _ => {
+                        return Err(bad(
+                            id,
+                            "`msg_id` must be a string of 1-64 characters of A-Z a-z 0-9 _ - : .",
+                        ));
+                    }
                 },
             };
             ClientOp::Publish {
@@ -451,7 +459,11 @@ pub fn ack_join(id: Option<&str>, room: &str, recovered: Option<bool>, position:
     b.extend_from_slice(br#""room":"#);
     push_json_str(&mut b, room);
     if let Some(r) = recovered {
-        b.extend_from_slice(if r { br#","recovered":true"# } else { br#","recovered":false"# });
+        b.extend_from_slice(if r {
+            br#","recovered":true"#
+        } else {
+            br#","recovered":false"#
+        });
     }
     if let Some((epoch, seq)) = position {
         b.extend_from_slice(br#","epoch":"#);
@@ -464,7 +476,10 @@ pub fn ack_join(id: Option<&str>, room: &str, recovered: Option<bool>, position:
 
 /// `{"op":"history","id":M,"room":R,"epoch":E,"messages":[{"seq":..,"data":..,"from":..},...]}`.
 pub fn history(id: Option<&str>, room: &str, epoch: &str, messages: &[(u64, &[u8], Option<&str>)]) -> String {
-    let size: usize = messages.iter().map(|(_, p, f)| 48 + p.len() * 4 / 3 + f.map_or(0, str::len)).sum();
+    let size: usize = messages
+        .iter()
+        .map(|(_, p, f)| 48 + p.len() * 4 / 3 + f.map_or(0, str::len))
+        .sum();
     let mut b = Vec::with_capacity(96 + room.len() + epoch.len() + size);
     b.extend_from_slice(br#"{"op":"history","#);
     if let Some(id) = id {
@@ -688,7 +703,13 @@ mod tests {
     fn parses_every_op() {
         let r = parse_request(r#"{"op":"join","room":"lobby","id":1}"#).unwrap();
         assert_eq!(r.id, Some("1"));
-        assert_eq!(r.op, ClientOp::Join { room: "lobby".into(), since: None });
+        assert_eq!(
+            r.op,
+            ClientOp::Join {
+                room: "lobby".into(),
+                since: None
+            }
+        );
         let r = parse_request(r#"{"op":"publish","room":"a","data":{ "x" : [1, 2] , "s":"a b"},"echo":true}"#).unwrap();
         assert_eq!(
             r.op,
@@ -784,7 +805,10 @@ mod tests {
             message("r", &[0xff, 0x00], None, None),
             r#"{"op":"message","room":"r","data_b64":"/wA="}"#
         );
-        assert_eq!(message("r", b"", None, None), r#"{"op":"message","room":"r","data":""}"#);
+        assert_eq!(
+            message("r", b"", None, None),
+            r#"{"op":"message","room":"r","data":""}"#
+        );
         let v: serde_json::Value = serde_json::from_str(&message("r", b"a\"b\n", None, None)).unwrap();
         assert_eq!(v["data"], "a\"b\n");
     }

@@ -461,7 +461,9 @@ fn echo_skip(msg: &async_nats::Message, gateway_id: &str) -> Option<u64> {
 /// The stream sequence of a republished history message and the previous sequence of its room (`Nats-Sequence`,
 /// `Nats-Last-Sequence`).
 fn sequence(msg: &async_nats::Message) -> (Option<u64>, u64) {
-    let Some(h) = msg.headers.as_ref() else { return (None, 0) };
+    let Some(h) = msg.headers.as_ref() else {
+        return (None, 0);
+    };
     let num = |name: &str| h.get(name).and_then(|v| v.as_str().parse::<u64>().ok());
     (num("Nats-Sequence"), num("Nats-Last-Sequence").unwrap_or(0))
 }

@@ -89,7 +89,11 @@ async fn a_rejoin_with_since_gets_exactly_the_missed_messages_then_live_ones() {
     let missed = messages(&mut b, "h-chat", 50).await;
     let ns: Vec<u64> = missed.iter().map(|m| m.0).collect();
     assert_eq!(ns, (3..53).collect::<Vec<_>>(), "exactly the 50 missed, in order");
-    assert_eq!(missed.last().unwrap().1, ack2["seq"].as_u64().unwrap(), "the ack's seq is the last replayed");
+    assert_eq!(
+        missed.last().unwrap().1,
+        ack2["seq"].as_u64().unwrap(),
+        "the ack's seq is the last replayed"
+    );
 
     backend_publish(&nc, "h-chat", 53, 1).await;
     let next = messages(&mut b, "h-chat", 1).await;
@@ -124,9 +128,7 @@ async fn a_publish_is_acked_with_the_stored_sequence_and_stored_once_per_msg_id(
 
     // A room without history keeps plain acks.
     join(&mut c, "plain", None, 4).await;
-    let plain = c
-        .request(json!({"op":"publish","room":"plain","data":1}), 5)
-        .await;
+    let plain = c.request(json!({"op":"publish","room":"plain","data":1}), 5).await;
     assert_eq!(plain, json!({"op":"ack","id":5}));
 
     // A bad msg_id is refused with the id.
@@ -154,7 +156,13 @@ async fn recovered_false_for_each_cause() {
 
     // Another epoch (the stream was recreated since).
     let mut b = gw.client().await;
-    let r = join(&mut b, "h-x", Some(json!({"seq": first, "epoch": "not-this-stream"})), 2).await;
+    let r = join(
+        &mut b,
+        "h-x",
+        Some(json!({"seq": first, "epoch": "not-this-stream"})),
+        2,
+    )
+    .await;
     assert_eq!(r["recovered"], false, "{r}");
     assert_eq!(r["epoch"], ack["epoch"], "the current epoch is given for the resync");
 
@@ -187,7 +195,10 @@ async fn recovered_false_for_each_cause() {
     let r = join(&mut f, "h-x", Some(since(&ack, 30)), 7).await;
     nats.resume();
     assert_eq!(r["recovered"], false, "{r}");
-    assert!(started.elapsed() < Duration::from_secs(5), "answered within recover_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered within recover_timeout"
+    );
 
     // A non-history room answers since with recovered:false.
     let r = join(&mut f, "plain", Some(json!({"seq": 1, "epoch": "e"})), 8).await;
@@ -263,7 +274,11 @@ async fn publish_on_one_gateway_recover_on_another() {
     let r = join(&mut reader, "h-two", Some(since(&ack, start)), 2).await;
     assert_eq!(r["recovered"], true, "{r}");
     let got = messages(&mut reader, "h-two", 4).await;
-    assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), seqs, "same sequences as the publish acks");
+    assert_eq!(
+        got.iter().map(|m| m.1).collect::<Vec<_>>(),
+        seqs,
+        "same sequences as the publish acks"
+    );
     assert_eq!(got.iter().map(|m| m.0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
 }
 
@@ -283,9 +298,19 @@ async fn history_returns_the_last_n_oldest_first() {
     assert_eq!(r["op"], "history", "{r}");
     assert_eq!(r["room"], "h-log");
     assert!(r["epoch"].is_string());
-    let ns: Vec<u64> = r["messages"].as_array().unwrap().iter().map(|m| m["data"]["n"].as_u64().unwrap()).collect();
+    let ns: Vec<u64> = r["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"]["n"].as_u64().unwrap())
+        .collect();
     assert_eq!(ns, vec![9, 10, 11]);
-    let seqs: Vec<u64> = r["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = r["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
 
     // The limit is capped.
@@ -316,9 +341,7 @@ async fn without_the_stream_history_rooms_go_quiet_and_come_back_with_a_new_epoc
 
     js.delete_stream("ROOMWIRE").await.expect("delete stream");
     // What the docs say happens: a history room's publish is refused (nothing can store it) ...
-    let r = a
-        .request(json!({"op":"publish","room":"h-gone","data":1}), 3)
-        .await;
+    let r = a.request(json!({"op":"publish","room":"h-gone","data":1}), 3).await;
     // (unless the gateway already made the stream again; then it is stored under a new epoch)
     if r["op"] == "error" {
         assert_eq!(r["code"], "unavailable", "{r}");
@@ -351,4 +374,50 @@ async fn without_the_stream_history_rooms_go_quiet_and_come_back_with_a_new_epoc
             break;
         }
     }
+}
+
+#[tokio::test]
+async fn a_stream_that_must_not_be_managed_is_checked_at_start() {
+    let (nats, _store) = nats_js().await;
+    let ca = common::TestCa::new();
+    let mut config = common::test_config(&nats.url(), &ca);
+    history(&mut config);
+    config.history.manage_stream = false;
+    let err = roomwire::gateway::Gateway::start(config.clone(), Default::default())
+        .await
+        .expect_err("no stream yet");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+
+    // A stream made by someone else with other limits: every difference is named.
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ROOMWIRE".into(),
+        subjects: vec!["rooms.*".into()],
+        max_messages_per_subject: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = roomwire::gateway::Gateway::start(config, Default::default())
+        .await
+        .expect_err("mismatch");
+    let text = err.to_string();
+    assert!(
+        text.contains("max_messages_per_room") && text.contains("republish"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn without_jetstream_on_the_server_the_gateway_runs_without_history() {
+    let nats = NatsServer::start().await; // no -js
+    let gw = TestGateway::start(&nats, history).await;
+    assert!(gw.gw.history().is_none());
+    let mut c = gw.client().await;
+    let ack = join(&mut c, "h-room", None, 1).await;
+    assert!(ack.get("epoch").is_none(), "{ack}");
+    let nc = nats.client().await;
+    nc.publish("rooms.h-room", "1".into()).await.unwrap();
+    let m = c.recv_op("message").await;
+    assert!(m.get("seq").is_none(), "{m}");
 }

@@ -798,7 +798,10 @@ async fn run_publisher(
             }
         }
         Target::Socketio | Target::Uws => {
-            let url = args.pub_url.clone().unwrap_or_else(|| args.url.split(',').next().unwrap_or_default().to_string());
+            let url = args
+                .pub_url
+                .clone()
+                .unwrap_or_else(|| args.url.split(',').next().unwrap_or_default().to_string());
             let mut ws = Endpoint::parse(&url).await?.connect(None).await?;
             if args.target == Target::Socketio {
                 wait_text(&mut ws, |t| t.starts_with('0')).await?;
@@ -991,7 +994,10 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     let rss_after = pid.and_then(rss_kib);
-    let rss_each_kib = rss_each_before.into_iter().zip(args.rss_pid.iter().map(|&p| rss_kib(p))).collect();
+    let rss_each_kib = rss_each_before
+        .into_iter()
+        .zip(args.rss_pid.iter().map(|&p| rss_kib(p)))
+        .collect();
     let slab_after = slab_kib();
     let per_conn = |before: Option<u64>, after: Option<u64>| {
         Some((after? as f64 - before? as f64) / (ready.connected.max(1) as f64))

@@ -84,7 +84,11 @@ async fn read(h: &History, subject: &str, since: Option<&Since>, deadline: Insta
         let missed: Arc<[Stored]> = Arc::from(Vec::new());
         return Outcome::Recovered { epoch, last, missed };
     }
-    match h.replayer().range(subject, since.seq, last, h.config().max_recover, deadline).await {
+    match h
+        .replayer()
+        .range(subject, since.seq, last, h.config().max_recover, deadline)
+        .await
+    {
         Ok(missed) => Outcome::Recovered { epoch, last, missed },
         Err(e) => fail(position, reason(&e)),
     }
@@ -99,7 +103,13 @@ fn frame(room: &str, m: &Stored) -> String {
 impl Conn {
     /// Acks the join of a history room with its position, replays what `since` missed, then lets live frames
     /// through.
-    pub(super) async fn join_history(&mut self, id: Option<&str>, room: &Arc<Room>, hold: Arc<Hold>, since: Option<Since>) {
+    pub(super) async fn join_history(
+        &mut self,
+        id: Option<&str>,
+        room: &Arc<Room>,
+        hold: Arc<Hold>,
+        since: Option<Since>,
+    ) {
         let Some(h) = self.gw.history().cloned() else {
             hold.release_all(|f| self.push_live(room, f));
             return self.ack(id).await;
@@ -114,13 +124,15 @@ impl Conn {
         let metrics = self.gw.metrics();
         match outcome {
             Outcome::Plain { epoch, last } => {
-                self.send(protocol::ack_join(id, &name, None, Some((&epoch, last)))).await;
+                self.send(protocol::ack_join(id, &name, None, Some((&epoch, last))))
+                    .await;
                 self.release(&h, room, &hold, &subject, last).await;
             }
             Outcome::Recovered { epoch, last, missed } => {
                 metrics.recoveries.inc(crate::metrics::Recovery::Recovered);
                 metrics.replayed.inc_by(missed.len() as u64);
-                self.send(protocol::ack_join(id, &name, Some(true), Some((&epoch, last)))).await;
+                self.send(protocol::ack_join(id, &name, Some(true), Some((&epoch, last))))
+                    .await;
                 for m in missed.iter() {
                     self.send(frame(&name, m)).await;
                 }
@@ -161,7 +173,10 @@ impl Conn {
                     0 => h.replayer().last_seq(subject, deadline).await?,
                     n => n,
                 };
-                let missed = h.replayer().range(subject, after, up_to, h.config().max_recover, deadline).await?;
+                let missed = h
+                    .replayer()
+                    .range(subject, after, up_to, h.config().max_recover, deadline)
+                    .await?;
                 Ok::<_, ReplayError>((up_to, missed))
             };
             let (up_to, missed) = tokio::select! {
@@ -180,8 +195,11 @@ impl Conn {
             after = after.max(up_to);
         }
         hold.release_all(|_| {});
-        self.outbox
-            .close(close_req(close::TRY_AGAIN_LATER, "history recovery could not catch up", true));
+        self.outbox.close(close_req(
+            close::TRY_AGAIN_LATER,
+            "history recovery could not catch up",
+            true,
+        ));
     }
 
     /// `{"op":"history","room":R,"limit":N}`: the last N (capped) stored messages of a history room the client may
@@ -196,9 +214,13 @@ impl Conn {
                 .await;
         }
         let Some(h) = self.gw.history().filter(|h| h.covers(room)).cloned() else {
-            return self.error(id, ErrorCode::BadRequest, "this room keeps no history").await;
+            return self
+                .error(id, ErrorCode::BadRequest, "this room keeps no history")
+                .await;
         };
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX).min(h.config().max_history_limit);
+        let limit = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .min(h.config().max_history_limit);
         let subject = protocol::room_subject(&self.gw.config().rooms.subject_prefix, room);
         let deadline = Instant::now() + h.config().recover_timeout;
         let read = async {
