@@ -295,6 +295,10 @@ async fn route(
             }
         }
         "/metrics" => {
+            if let Some(h) = gw.history() {
+                let requests = i64::try_from(h.replayer().requests()).unwrap_or(i64::MAX);
+                gw.metrics().history_requests.set(requests);
+            }
             let mut resp = text(StatusCode::OK, gw.metrics().render());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

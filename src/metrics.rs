@@ -236,6 +236,8 @@ pub struct Metrics {
     pub recoveries: ByReason<Recovery>,
     /// Messages replayed to recovering clients.
     pub replayed: Counter,
+    /// JetStream requests made to read history (direct gets, leader gets), set from the reader at each scrape.
+    pub history_requests: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -266,6 +268,7 @@ impl Metrics {
             nats_slow_consumers: Counter::default(),
             recoveries: ByReason::default(),
             replayed: Counter::default(),
+            history_requests: Gauge::default(),
             nats_disconnects: Counter::default(),
             registry: Registry::default(),
         };

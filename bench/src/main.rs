@@ -16,6 +16,8 @@
 //! WebSocket: `0{..}` → `40` → `40{..}`, `420["join",r]` → `430[]`, `2` → `3`, events `42["msg",..]`) and `uws`
 //! (`{"op":"join"}` → `{"op":"ack"}`, then plain JSON text).
 
+mod recover;
+
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -106,6 +108,9 @@ struct Args {
     /// A step delivering less than this fraction of what it should counts as saturated and ends the ramp.
     #[arg(long, default_value_t = 0.9)]
     saturation: f64,
+    /// `recover` scenario: messages published to each room while its clients are away.
+    #[arg(long, default_value_t = 100)]
+    missed: u64,
     /// Free text copied into the result (e.g. "run 2").
     #[arg(long)]
     label: Option<String>,
@@ -134,6 +139,8 @@ enum Scenario {
     Rooms,
     /// Fixed rate(s): best = the last step.
     Latency,
+    /// Reconnect storm against history rooms (`recover.rs`).
+    Recover,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -959,6 +966,9 @@ struct Report {
 }
 
 async fn coordinator_main(args: Args) -> anyhow::Result<()> {
+    if args.scenario == Scenario::Recover {
+        return recover::run(&args).await;
+    }
     let procs = if args.procs == 0 {
         args.conns.div_ceil(CONNS_PER_PROC).max(1)
     } else {
@@ -1095,7 +1105,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
 
     let limit_us = (args.p99_limit_ms * 1000.0) as u64;
     let best = match args.scenario {
-        Scenario::Idle => None,
+        Scenario::Idle | Scenario::Recover => None,
         Scenario::Fanout => steps
             .iter()
             .filter(|s| s.closed == 0)
