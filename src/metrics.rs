@@ -338,6 +338,11 @@ impl Metrics {
             "Stored messages replayed to recovering clients",
             m.replayed.clone(),
         );
+        registry.register(
+            "history_requests",
+            "JetStream requests made to read history (direct gets; shared reads count once)",
+            m.history_requests.clone(),
+        );
         Metrics { registry, ..m }
     }
 
