@@ -160,6 +160,10 @@ def main():
             for c in open(commands_path)})
     except FileNotFoundError:
         commands = []
+    # Sections written by the other benchmark scripts (scripts/bench-history, scripts/bench-scaleout), newest run.
+    import glob, os
+    for extra in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "reports", "*.md"))):
+        md += [open(extra).read().rstrip(), ""]
     md += ["## Commands", "", "Run everything with `scripts/bench` (or `scripts/bench --quick` for the smoke). The "
            "generator invocations were:", "", "```"] + commands + ["```", ""]
     md += [f"Raw results: `{path}` (not committed).", ""]
