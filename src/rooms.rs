@@ -59,6 +59,10 @@ pub struct Member {
 #[derive(Debug)]
 pub struct Hold {
     state: Mutex<HoldState>,
+    /// The room's last fanned-out sequence when the member was registered (under the room's lock): every message up
+    /// to it went out before the member was there, every later one is offered to this hold. The exact seam on this
+    /// gateway, whatever replica answers the join's own read.
+    floor: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -87,7 +91,17 @@ impl Hold {
                 max,
                 overflowed: false,
             }),
+            floor: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The room's last fanned-out sequence when the member joined (see the field).
+    pub fn floor(&self) -> u64 {
+        self.floor.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_floor(&self, seq: u64) {
+        self.floor.store(seq, std::sync::atomic::Ordering::Release);
     }
 
     /// Takes a live frame if still holding (true); false once released (the caller queues it as usual).
@@ -164,6 +178,9 @@ pub struct Room {
     policy: Overflow,
     /// A history room: subscribed to the stream's republished subject, its frames carry `"seq"`.
     history: bool,
+    /// The highest sequence fanned out so far (history rooms); written under the members read lock by the room
+    /// task, read under the write lock by a join, so a join sees exactly the messages that went out before it.
+    last_seq: std::sync::atomic::AtomicU64,
     /// The room's own lock: fan-out reads it for a whole message, joins and leaves write it. It is never taken while
     /// holding the registry's map lock (nor the reverse), so a big room's fan-out never stalls other rooms' joins.
     members: RwLock<Members>,
@@ -269,6 +286,9 @@ impl Rooms {
                     } else {
                         let m = member.take().expect("member is added once");
                         self.quota.claim(&m.key, &r.name)?;
+                        if let Some(hold) = &m.hold {
+                            hold.set_floor(r.last_seq.load(std::sync::atomic::Ordering::Acquire));
+                        }
                         members.list.push(m);
                         true
                     }
@@ -296,6 +316,7 @@ impl Rooms {
             }
             let r = Arc::new(Room {
                 history: self.history.as_ref().is_some_and(|h| h.covers(room)),
+                last_seq: std::sync::atomic::AtomicU64::new(0),
                 policy: self.config.overflow_for(room),
                 name: name.clone(),
                 members: RwLock::new(Members {
@@ -478,6 +499,9 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
     let (mut delivered, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
     {
         let members = room.members.read();
+        if let Some(seq) = seq {
+            room.last_seq.fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+        }
         for m in members.list.iter() {
             if Some(m.id) == skip {
                 continue;
@@ -516,6 +540,85 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
     if overflowed > 0 {
         metrics.slow_consumers.inc_by(SlowConsumer::QueueFull, overflowed);
         tracing::info!(room = %room.name, count = overflowed, "slow consumer(s) disconnected: outbound queue full");
+    }
+}
+
+#[cfg(test)]
+mod hold_tests {
+    //! The seam of a history join against a plain model: whatever the interleaving of live messages with the reads,
+    //! and however small the hold, the member gets every message after its recovery point exactly once, in order.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn frame(seq: u64) -> Utf8Bytes {
+        Utf8Bytes::from(seq.to_string())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn a_join_gets_every_message_after_its_point_once_in_order(
+            gaps in proptest::collection::vec(1u64..4, 1..60),
+            registered_at in 0usize..60,
+            since_back in 0usize..60,
+            lag in 0usize..5,
+            arrivals in proptest::collection::vec(0usize..4, 0..80),
+            max_held in 1usize..8,
+        ) {
+            // The room's stream: increasing, not contiguous.
+            let mut seqs = Vec::new();
+            let mut s = 0;
+            for g in gaps { s += g; seqs.push(s); }
+            let n = seqs.len();
+            let registered = registered_at.min(n);               // messages before this were never held
+            let since_idx = registered.saturating_sub(since_back); // the client has seqs[..since_idx]
+            let since = if since_idx == 0 { 0 } else { seqs[since_idx - 1] };
+            let stream = |upto: usize| seqs[..upto].to_vec();
+            let mut published = registered; // messages stored (and republished) so far
+            let hold = Hold::new(max_held);
+            hold.set_floor(if registered == 0 { 0 } else { seqs[registered - 1] });
+            let mut out: Vec<u64> = Vec::new();
+            let mut arrivals = arrivals.into_iter();
+            // Live messages arriving at some step: offered to the hold (or, once released, queued directly).
+            let mut arrive = |published: &mut usize, out: &mut Vec<u64>, k: usize| {
+                for _ in 0..k {
+                    if *published >= n { break; }
+                    let seq = seqs[*published];
+                    let prev = if *published == 0 { 0 } else { seqs[*published - 1] };
+                    if !hold.offer(seq, prev, &frame(seq)) { out.push(seq); }
+                    *published += 1;
+                }
+            };
+            arrive(&mut published, &mut out, arrivals.next().unwrap_or(0));
+            // The join reads the room's last sequence, maybe from a replica `lag` messages behind.
+            let stale_idx = published.saturating_sub(lag).max(since_idx);
+            let stale = if stale_idx == 0 { 0 } else { seqs[stale_idx - 1] };
+            // As the connection does: never below what went out before the member joined.
+            let last = stale.max(hold.floor());
+            let last_idx = seqs.iter().take_while(|&&q| q <= last).count();
+            arrive(&mut published, &mut out, arrivals.next().unwrap_or(0));
+            // Replay (since, last].
+            out.extend(stream(last_idx).into_iter().filter(|&q| q > since));
+            arrive(&mut published, &mut out, arrivals.next().unwrap_or(0));
+            // Release, catching up as the connection does (without its limit of three rounds).
+            let mut after = last;
+            loop {
+                let mut pushed = Vec::new();
+                match hold.release(after, |f| pushed.push(f.as_str().parse::<u64>().unwrap())) {
+                    Ok(()) => { out.extend(pushed); break; }
+                    Err(CatchUp { up_to }) => {
+                        let up_to = if up_to == 0 { seqs[..published].last().copied().unwrap_or(0) } else { up_to };
+                        out.extend(stream(published).into_iter().filter(|&q| q > after && q <= up_to));
+                        after = after.max(up_to);
+                        arrive(&mut published, &mut out, arrivals.next().unwrap_or(0));
+                    }
+                }
+            }
+            arrive(&mut published, &mut out, n);
+            let want: Vec<u64> = seqs.iter().copied().filter(|&q| q > since).collect();
+            prop_assert_eq!(out, want);
+        }
     }
 }
 

@@ -55,7 +55,11 @@ fn reason(e: &ReplayError) -> &'static str {
 
 /// Reads the room's position and, for `since`, the messages after it (bounded by `history.max_recover` and
 /// `history.recover_timeout`, one of `history.max_concurrent_reads` slots).
-async fn read(h: &History, subject: &str, since: Option<&Since>, deadline: Instant) -> Outcome {
+///
+/// The position is the later of the stream's answer and `floor`, the last message this gateway fanned out to the room
+/// before the member joined: a replica that lags may answer an older last sequence, and messages that went out
+/// before the join were never held, so they must be replayed.
+async fn read(h: &History, subject: &str, since: Option<&Since>, floor: u64, deadline: Instant) -> Outcome {
     let fail = |position, why| match since {
         Some(_) => Outcome::NotRecovered { position, why },
         None => Outcome::NoPosition { why },
@@ -67,7 +71,7 @@ async fn read(h: &History, subject: &str, since: Option<&Since>, deadline: Insta
         return fail(None, "too many history reads in flight");
     };
     let last = match h.replayer().last_seq(subject, deadline).await {
-        Ok(last) => last,
+        Ok(last) => last.max(floor),
         Err(e) => return fail(None, reason(&e)),
     };
     let Some(since) = since else {
@@ -119,7 +123,7 @@ impl Conn {
         let deadline = Instant::now() + h.config().recover_timeout;
         let outcome = tokio::select! {
             _ = self.cancel.cancelled() => return,
-            o = read(&h, &subject, since.as_ref(), deadline) => o,
+            o = read(&h, &subject, since.as_ref(), hold.floor(), deadline) => o,
         };
         let metrics = self.gw.metrics();
         match outcome {
