@@ -581,7 +581,7 @@ mod hold_tests {
             let mut out: Vec<u64> = Vec::new();
             let mut arrivals = arrivals.into_iter();
             // Live messages arriving at some step: offered to the hold (or, once released, queued directly).
-            let mut arrive = |published: &mut usize, out: &mut Vec<u64>, k: usize| {
+            let arrive = |published: &mut usize, out: &mut Vec<u64>, k: usize| {
                 for _ in 0..k {
                     if *published >= n { break; }
                     let seq = seqs[*published];
