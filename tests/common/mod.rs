@@ -192,6 +192,7 @@ impl NatsServer {
     /// Freezes the server (SIGSTOP): TCP stays open but nothing is read.
     pub fn pause(&self) {
         self.signal("-STOP");
+        wait_stopped(self.child.as_ref().expect("running").id());
     }
 
     /// Unfreezes it (SIGCONT).
@@ -739,5 +740,27 @@ async fn upgrade_over(
         }
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
         Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
+/// Waits until every thread of `pid` is stopped (state `T`): SIGSTOP reaches a running multi-threaded process
+/// asynchronously, and a request sent in between would still be answered.
+pub fn wait_stopped(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+                        .unwrap_or(true)
+                })
+            })
+            .unwrap_or(true);
+        if all_stopped || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
