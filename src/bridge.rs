@@ -115,7 +115,8 @@ pub struct Origin<'a> {
     pub user: Option<&'a str>,
 }
 
-/// `nats.creds_file`, `nats.user`/`nats.password` and `nats.token`, as configured.
+/// `nats.creds_file`, `nats.user`/`nats.password`, `nats.token`, `nats.nkey_seed` and TLS to NATS
+/// (`nats.tls_*`), as configured.
 async fn with_credentials(
     mut opts: async_nats::ConnectOptions,
     cfg: &NatsConfig,
@@ -138,12 +139,39 @@ async fn with_credentials(
             .map_err(|e| BridgeError::Connect(e.to_string()))?;
         opts = opts.token(token.expose().to_string());
     }
-    Ok(opts)
+    if let Some(seed) = &cfg.nkey_seed {
+        let seed = seed
+            .load("nats.nkey_seed")
+            .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        // A malformed seed would only fail inside the first connection attempt, retried forever: check it now.
+        nkeys::KeyPair::from_seed(seed.expose())
+            .map_err(|e| BridgeError::Connect(format!("nats.nkey_seed: not a valid NKey seed: {e}")))?;
+        opts = opts.nkey(seed.expose().to_string());
+    }
+    let mut tls = cfg.tls_required;
+    if let Some(ca) = &cfg.tls_ca_file {
+        // async-nats reads the file at connect; a missing or unreadable one must stop the start, not be retried.
+        std::fs::metadata(ca).map_err(|e| BridgeError::Connect(format!("nats.tls_ca_file {}: {e}", ca.display())))?;
+        opts = opts.add_root_certificates(ca.clone());
+        tls = true;
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        for (name, path) in [("nats.tls_cert_file", cert), ("nats.tls_key_file", key)] {
+            std::fs::metadata(path).map_err(|e| BridgeError::Connect(format!("{name} {}: {e}", path.display())))?;
+        }
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+        tls = true;
+    }
+    Ok(opts.require_tls(tls))
 }
 
 /// What the NATS client's events change in the gateway (counters, the rooms a server refused), and one log line
 /// per event.
 struct EventLog {
+    /// The outcome of failed connection attempts, read by [`Bridge::connect`]: `Err(reason)` when refused for its
+    /// credentials or for TLS (then the start stops with that reason instead of retrying forever in silence),
+    /// `Ok(())` for any other failure (unreachable: the gateway starts and retries in the background).
+    refused: tokio::sync::watch::Sender<Option<Result<(), String>>>,
     metrics: Arc<Metrics>,
     sids: Arc<Mutex<HashMap<u64, Arc<str>>>>,
     subjects: Subjects,
@@ -181,6 +209,17 @@ impl EventLog {
                 tracing::warn!("NATS disconnected");
             }
             async_nats::Event::Connected => tracing::info!("NATS connected"),
+            async_nats::Event::ClientError(async_nats::ClientError::Other(text))
+                if ["authorization violation", "failed signing nonce", "TLS error"].contains(&text.as_str()) =>
+            {
+                tracing::error!(error = %text, "NATS refused the connection");
+                self.refused.send_replace(Some(Err(text)));
+            }
+            async_nats::Event::ClientError(async_nats::ClientError::Other(text)) => {
+                tracing::warn!(error = %text, "NATS connection attempt failed");
+                self.refused
+                    .send_if_modified(|r| r.is_none() && r.replace(Ok(())).is_none());
+            }
             other => tracing::info!(event = %other, "NATS event"),
         }
     }
@@ -373,7 +412,9 @@ impl Bridge {
             });
         opts = with_credentials(opts, cfg).await?;
         let subjects: Subjects = Arc::default();
+        let (refused, mut refusal) = tokio::sync::watch::channel(None);
         let events = Arc::new(EventLog {
+            refused,
             metrics,
             sids: sids.clone(),
             subjects: subjects.clone(),
@@ -395,6 +436,31 @@ impl Bridge {
             .connect(urls)
             .await
             .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        // The first attempts run in the background (the gateway starts even if NATS is not up yet). A server that
+        // answers but refuses the credentials or the TLS setup would be retried forever with nothing but a log line:
+        // wait for the first outcome (bounded) and make a refusal a startup error that names it.
+        let first_outcome = async {
+            loop {
+                match refusal.borrow_and_update().clone() {
+                    Some(Err(reason)) => return Some(reason),
+                    Some(Ok(())) => return None,
+                    None => {}
+                }
+                if client.connection_state() == State::Connected {
+                    return None;
+                }
+                tokio::select! {
+                    _ = refusal.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        };
+        if let Ok(Some(reason)) = tokio::time::timeout(cfg.connect_timeout, first_outcome).await {
+            return Err(BridgeError::Connect(format!(
+                "NATS refused the connection ({reason}): check nats.user/password, nats.token, nats.creds_file, \
+                 nats.nkey_seed and nats.tls_*"
+            )));
+        }
         // Unbounded in type only: every entry holds at least 160 of the `nats.max_pending_bytes` byte permits.
         let (releaser, queue) = tokio::sync::mpsc::unbounded_channel();
         // Not on the gateway's tracker: it holds nothing a shutdown must wait for, and ends with the client.

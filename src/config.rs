@@ -481,6 +481,18 @@ pub struct NatsConfig {
     pub token: Option<SecretSource>,
     /// `.creds` file (JWT + NKey). Default none.
     pub creds_file: Option<PathBuf>,
+    /// NKey seed source (`{ file = ".." }` or `{ env = ".." }`), for servers with `nkey` users. Default none.
+    pub nkey_seed: Option<SecretSource>,
+    /// CA certificate(s) (PEM) the NATS server's certificate must chain to; setting it requires TLS. Default none
+    /// (the system roots, when the server asks for TLS).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify clients (`verify: true`), with `tls_key_file`. Default none.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Key of `tls_cert_file` (PEM). Default none.
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse a NATS server that does not offer TLS. Default false (true when `tls_ca_file` or a client certificate
+    /// is set).
+    pub tls_required: bool,
     /// Timeout of each connection attempt. Default `5s`.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -517,6 +529,11 @@ impl Default for NatsConfig {
             password: None,
             token: None,
             creds_file: None,
+            nkey_seed: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
             connect_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(5),
             subscription_capacity: 65_536,
@@ -886,6 +903,24 @@ impl NatsConfig {
             return Err(invalid(
                 "nats.max_pending_bytes",
                 "must be between limits.max_message_size and 4294967295",
+            ));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid(
+                "nats.tls_cert_file",
+                "set both nats.tls_cert_file and nats.tls_key_file, or neither",
+            ));
+        }
+        let methods = [
+            self.user.is_some(),
+            self.token.is_some(),
+            self.creds_file.is_some(),
+            self.nkey_seed.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(invalid(
+                "nats.user",
+                "use one of user/password, token, creds_file or nkey_seed",
             ));
         }
         if self.password.is_some() && self.user.is_none() {
