@@ -172,6 +172,8 @@ struct EventLog {
     /// credentials or for TLS (then the start stops with that reason instead of retrying forever in silence),
     /// `Ok(())` for any other failure (unreachable: the gateway starts and retries in the background).
     refused: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+    /// The client, once made: a server entering lame-duck mode makes the gateway move to another server at once.
+    client: Arc<std::sync::OnceLock<async_nats::Client>>,
     metrics: Arc<Metrics>,
     sids: Arc<Mutex<HashMap<u64, Arc<str>>>>,
     subjects: Subjects,
@@ -209,6 +211,20 @@ impl EventLog {
                 tracing::warn!("NATS disconnected");
             }
             async_nats::Event::Connected => tracing::info!("NATS connected"),
+            async_nats::Event::LameDuckMode => {
+                // The server is going away and will close us within its lame-duck duration. Moving now, while it
+                // still answers, beats waiting for its close: rooms are resubscribed on the next server, and the
+                // WebSocket clients never notice. A lame-duck server takes no new connections, so the reconnect goes
+                // elsewhere. One short task per event, not per connection.
+                tracing::warn!("NATS server entered lame-duck mode: reconnecting to another server");
+                if let Some(client) = self.client.get().cloned() {
+                    tokio::spawn(async move {
+                        if let Err(e) = client.force_reconnect().await {
+                            tracing::warn!(error = %e, "reconnect after lame-duck mode failed");
+                        }
+                    });
+                }
+            }
             async_nats::Event::ClientError(async_nats::ClientError::Other(text))
                 if ["authorization violation", "failed signing nonce", "TLS error"].contains(&text.as_str()) =>
             {
@@ -413,8 +429,10 @@ impl Bridge {
         opts = with_credentials(opts, cfg).await?;
         let subjects: Subjects = Arc::default();
         let (refused, mut refusal) = tokio::sync::watch::channel(None);
+        let client_cell: Arc<std::sync::OnceLock<async_nats::Client>> = Arc::default();
         let events = Arc::new(EventLog {
             refused,
+            client: client_cell.clone(),
             metrics,
             sids: sids.clone(),
             subjects: subjects.clone(),
@@ -436,6 +454,7 @@ impl Bridge {
             .connect(urls)
             .await
             .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        let _ = client_cell.set(client.clone());
         // The first attempts run in the background (the gateway starts even if NATS is not up yet). A server that
         // answers but refuses the credentials or the TLS setup would be retried forever with nothing but a log line:
         // wait for the first outcome (bounded) and make a refusal a startup error that names it.

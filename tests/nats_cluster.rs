@@ -1,0 +1,201 @@
+//! The gateway on a 3-node nats-server cluster (issue 13): it is given every node's URL; when the node it is connected
+//! to dies, or enters lame-duck mode, it moves to another node, its rooms are subscribed again there, and the
+//! WebSocket clients stay connected and get messages again. Three gateways on the cluster share rooms both ways.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{NatsServer, TestGateway, WsClient, free_port};
+use roomwire::config::OneOrMany;
+use serde_json::{Value, json};
+
+/// Three nodes with routes to each other, short lame-duck timings, started and fully routed.
+async fn cluster(dir: &std::path::Path) -> Vec<NatsServer> {
+    let conf = dir.join("ldm.conf");
+    std::fs::write(
+        &conf,
+        "lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"200ms\"\n",
+    )
+    .unwrap();
+    let cports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let routes = cports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for (i, cport) in cports.iter().enumerate() {
+        let cluster = format!("nats://127.0.0.1:{cport}");
+        let name = format!("n{i}");
+        let args = [
+            "-c",
+            conf.to_str().unwrap(),
+            "-n",
+            &name,
+            "--cluster_name",
+            "rwtest",
+            "--cluster",
+            &cluster,
+            "--routes",
+            &routes,
+        ];
+        nodes.push(NatsServer::start_with(&args).await);
+    }
+    // Routes form in the background: wait until every node has both peers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    for n in &nodes {
+        while n.log().matches("Route connection created").count() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "routes did not form:\n{}",
+                n.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    nodes
+}
+
+fn all_urls(nodes: &[NatsServer]) -> OneOrMany {
+    OneOrMany::Many(nodes.iter().map(NatsServer::url).collect())
+}
+
+/// The index of the node the gateway is connected to.
+fn connected_node(gw: &TestGateway, nodes: &[NatsServer]) -> usize {
+    let port = gw.gw.bridge().client().server_info().port;
+    nodes
+        .iter()
+        .position(|n| n.port == port)
+        .expect("connected to one of the nodes")
+}
+
+/// Publishes from `backend` to `room` until `client` gets a message (interest crosses routes asynchronously after
+/// a resubscription), then drains what else arrived.
+async fn delivered_again(backend: &async_nats::Client, client: &mut WsClient, room: &str, tag: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        backend
+            .publish(format!("rooms.{room}"), json!({ "tag": tag }).to_string().into())
+            .await
+            .unwrap();
+        let _ = backend.flush().await;
+        if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) = tokio::time::timeout(
+            Duration::from_millis(200),
+            futures_util::StreamExt::next(&mut client.ws),
+        )
+        .await
+        {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["op"] == "message" && v["data"]["tag"] == tag {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery after the failover ({tag})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_connected_node_moves_the_gateway_and_keeps_the_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path()).await;
+    let gw = TestGateway::start(&nodes[0], |c| c.nats.url = all_urls(&nodes)).await;
+    let mut client = gw.client().await;
+    client.join("cluster-room").await;
+
+    let dead = connected_node(&gw, &nodes);
+    let other = (dead + 1) % 3;
+    let backend = nodes[other].client().await;
+    delivered_again(&backend, &mut client, "cluster-room", "before").await;
+
+    nodes[dead].stop();
+    // The gateway reconnects to a surviving node and subscribes the room again; the WebSocket stays open.
+    delivered_again(&backend, &mut client, "cluster-room", "after").await;
+    let now = connected_node(&gw, &nodes);
+    assert_ne!(now, dead, "moved off the dead node");
+    // And the client can still publish through it.
+    client.publish("cluster-room", json!("still here")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lame_duck_mode_moves_the_gateway_without_dropping_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path()).await;
+    let gw = TestGateway::start(&nodes[0], |c| c.nats.url = all_urls(&nodes)).await;
+    let mut client = gw.client().await;
+    client.join("ldm-room").await;
+    let ldm = connected_node(&gw, &nodes);
+    let backend = nodes[(ldm + 1) % 3].client().await;
+    delivered_again(&backend, &mut client, "ldm-room", "before").await;
+
+    let status = std::process::Command::new(common::nats_server_bin())
+        .arg("--signal")
+        .arg(format!("ldm={}", nodes[ldm].pid()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The gateway leaves the lame-duck node at once (its lame-duck duration is 30 s) and delivery resumes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while connected_node(&gw, &nodes) == ldm {
+        assert!(tokio::time::Instant::now() < deadline, "still on the lame-duck node");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    delivered_again(&backend, &mut client, "ldm-room", "after").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_on_three_nodes_share_rooms_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = cluster(dir.path()).await;
+    let mut gws = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        gws.push(TestGateway::start(n, |c| c.server.gateway_id = Some(format!("gw{i}"))).await);
+    }
+    let mut clients = Vec::new();
+    for gw in &gws {
+        let mut c = gw.client().await;
+        c.join("shared").await;
+        clients.push(c);
+    }
+    // Lifecycle events name the gateway.
+    let watcher = nodes[0].client().await;
+    let mut events = common::nats_sub(&watcher, "roomwire.events.join").await;
+    let mut late = gws[2].client().await;
+    late.join("shared").await;
+    let ev = common::next_msg(&mut events).await;
+    let ev: Value = serde_json::from_slice(&ev.payload).unwrap();
+    assert_eq!(ev["gateway"], "gw2", "{ev}");
+
+    // Each gateway's client publishes; every other gateway's client receives (interest crosses the routes
+    // asynchronously, so publish until the first one arrives, then each must arrive).
+    for (from, _) in gws.iter().enumerate() {
+        let tag = format!("from-gw{from}");
+        for to in 0..3 {
+            if to == from {
+                continue;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            'wait: loop {
+                let r = clients[from]
+                    .request(json!({"op":"publish","room":"shared","data":{"tag": tag}}), 7)
+                    .await;
+                assert_eq!(r["op"], "ack", "{r}");
+                while let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    futures_util::StreamExt::next(&mut clients[to].ws),
+                )
+                .await
+                {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["data"]["tag"] == tag.as_str() {
+                        break 'wait;
+                    }
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{tag} never reached gw{to}");
+            }
+        }
+    }
+}
