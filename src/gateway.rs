@@ -232,11 +232,14 @@ async fn start_history(
     if connected {
         match history.ensure().await {
             Ok(()) => {}
-            Err(e @ HistoryError::Api(_)) => {
-                tracing::error!(error = %e, "history disabled: JetStream is not available on this NATS server \
+            Err(HistoryError::Api(text)) if jetstream_absent(&text) => {
+                tracing::error!(error = %text, "history disabled: JetStream is not enabled on this NATS server \
                     (start nats-server with -js, or set history.enabled = false)");
                 return Ok(None);
             }
+            // JetStream is there but not ready (a cluster electing its leaders, a timeout): keep history on, the
+            // maintenance task sets the stream up as soon as JetStream answers.
+            Err(e @ HistoryError::Api(_)) => tracing::warn!(error = %e, "history stream not set up yet; retrying"),
             Err(e) => return Err(e.into()),
         }
     } else {
@@ -244,4 +247,11 @@ async fn start_history(
     }
     tracker.spawn(history.clone().maintain(shutdown.clone()));
     Ok(Some(history))
+}
+
+/// Whether a JetStream API error says the server has no JetStream at all (nobody answers the API, or the account
+/// has it disabled), as opposed to JetStream being busy or still electing leaders.
+fn jetstream_absent(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("jetstream unavailable") || e.contains("no responders") || e.contains("not enabled")
 }
