@@ -486,3 +486,62 @@ async fn memory_per_room() {
     );
     assert_eq!(gw.gw.rooms().len(), ROOMS + 1000);
 }
+
+/// An outage with clients still publishing (issue 13): while NATS is down, every publish is answered `unavailable`
+/// at once (nothing waits for a dead link, so nothing piles up: the byte budget stays empty), `/readyz` says 503, the
+/// WebSocket clients stay, and when NATS is back the gateway is ready again and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_with_publishing_clients_stays_bounded_and_recovers() {
+    let mut nats = common::NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |c| c.nats.publish_timeout = Duration::from_secs(2)).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut c = gw.client().await;
+        c.join("outage").await;
+        clients.push(c);
+    }
+    nats.stop();
+    gw.wait_ready(false).await;
+    let mut answered = 0;
+    for round in 0..50u64 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let started = std::time::Instant::now();
+            let r = c
+                .request(
+                    json!({"op":"publish","room":"outage","data":{"round": round}}),
+                    1000 + i as u64,
+                )
+                .await;
+            assert_eq!(r["code"], "unavailable", "{r}");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "answered within publish_timeout"
+            );
+            answered += 1;
+        }
+        assert_eq!(gw.gw.bridge().pending_bytes(), 0, "nothing is buffered for a dead link");
+    }
+    assert_eq!(answered, 500);
+    nats.restart().await;
+    gw.wait_ready(true).await;
+    let backend = nats.client().await;
+    // The room is subscribed again after the reconnect: publish until the first client hears it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        backend.publish("rooms.outage", "\"back\"".into()).await.unwrap();
+        backend.flush().await.unwrap();
+        if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) = tokio::time::timeout(
+            Duration::from_millis(200),
+            futures_util::StreamExt::next(&mut clients[0].ws),
+        )
+        .await
+            && t.contains("\"back\"")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery after NATS came back"
+        );
+    }
+}
