@@ -199,6 +199,38 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Room history in JetStream and missed-message recovery (`docs/history.md`).
     pub history: HistoryConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+/// `[log]`: how the gateway logs (`docs/operations.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` (text lines) or `json` (one JSON object per line). Default `human`.
+    pub format: LogFormat,
+    /// Level or filter, in `RUST_LOG` syntax (`info`, `roomwire=debug,info`). `RUST_LOG`, when set, wins.
+    /// Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Text lines for people.
+    Human,
+    /// One JSON object per line, for log pipelines.
+    Json,
 }
 
 /// `[history]`: which rooms keep history in a JetStream stream, the stream's limits, and the bounds of recovery and

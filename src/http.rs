@@ -206,9 +206,15 @@ where
     let limiter = gw.limits().message_limiter(upgrade.identity.user.as_deref());
     let (io, meter) = Metered::new(TokioIo::new(upgraded), limiter);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(gw.ws_config())).await;
-    tracing::Span::current().record("peer", tracing::field::display(upgrade.client));
+    let id = gw.next_conn_id();
+    let span = tracing::Span::current();
+    span.record("peer", tracing::field::display(upgrade.client));
+    span.record("id", id);
+    if let Some(user) = upgrade.identity.user.as_deref() {
+        span.record("user", tracing::field::debug(user));
+    }
     let accepted = Accepted {
-        id: gw.next_conn_id(),
+        id,
         peer: upgrade.client,
         identity: upgrade.identity,
         slot,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use roomwire::Config;
+use roomwire::{Config, config::LogFormat};
 use tracing_subscriber::{
     Layer,
     filter::{EnvFilter, LevelFilter, Targets},
@@ -96,12 +96,27 @@ where
 }
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
-    let rust_log = std::env::var("RUST_LOG").ok();
-    // `init` also routes the `log` crate (tungstenite, rustls) into tracing, through the same filter.
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_filter(log_filter(rust_log.as_deref())))
-        .init();
     let config = Config::load(path)?;
+    // `RUST_LOG` wins over `log.level`; either goes through the same cap on the wire crates.
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .unwrap_or_else(|| config.log.level.clone());
+    // `init` also routes the `log` crate (tungstenite, rustls) into tracing, through the same filter.
+    match config.log.format {
+        LogFormat::Human => tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_filter(log_filter(Some(&spec))))
+            .init(),
+        // One JSON object per line, with the current span's fields (the connection's id, address and user).
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_filter(log_filter(Some(&spec))),
+            )
+            .init(),
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
