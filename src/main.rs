@@ -28,8 +28,13 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve,
-    /// Validate the configuration file and exit (non-zero with a message naming the bad key).
-    CheckConfig,
+    /// Validate the configuration file and exit (non-zero with a message naming the bad key). Secret sources (files,
+    /// environment variables) must resolve.
+    CheckConfig {
+        /// Also print the effective configuration (every default filled in), secrets masked.
+        #[arg(long)]
+        print: bool,
+    },
     /// Write a self-signed development certificate for localhost into a directory.
     GenCert {
         /// Output directory.
@@ -46,12 +51,28 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { print } => {
             let config = Config::load(&cli.config)?;
             if config.tls.enabled {
                 roomwire::tls::load_server_config(&config.tls)?;
             }
             roomwire::auth::Authenticator::from_config(&config.auth)?;
+            // The NATS secrets are otherwise read only when connecting: a missing file or variable must fail here.
+            let nats = &config.nats;
+            for (key, source) in [
+                ("nats.password", &nats.password),
+                ("nats.token", &nats.token),
+                ("nats.nkey_seed", &nats.nkey_seed),
+            ] {
+                if let Some(source) = source {
+                    source.load(key)?;
+                }
+            }
+            if print {
+                // `Debug` of the typed config: secrets are only ever held as `SecretSource` (a file name or a
+                // variable name) or `Secret` (printed as MASKED), so nothing secret can be printed.
+                println!("{config:#?}");
+            }
             println!("{}: ok", cli.config.display());
             Ok(())
         }
