@@ -67,16 +67,28 @@ async fn ack_of(ws: &mut Ws) -> anyhow::Result<Value> {
 
 async fn first_join(endpoint: &Endpoint, source: Option<std::net::IpAddr>, room: String) -> anyhow::Result<Position> {
     let mut ws = endpoint.connect(source).await?;
-    ws.send(Message::text(format!(r#"{{"op":"join","room":"{room}","id":1}}"#))).await?;
+    ws.send(Message::text(format!(r#"{{"op":"join","room":"{room}","id":1}}"#)))
+        .await?;
     let ack = ack_of(&mut ws).await?;
-    let epoch = ack["epoch"].as_str().ok_or_else(|| anyhow!("join ack without epoch (history off?): {ack}"))?;
+    let epoch = ack["epoch"]
+        .as_str()
+        .ok_or_else(|| anyhow!("join ack without epoch (history off?): {ack}"))?;
     let seq = ack["seq"].as_u64().context("join ack without seq")?;
     let _ = ws.close(None).await;
-    Ok(Position { epoch: epoch.to_owned(), seq, room })
+    Ok(Position {
+        epoch: epoch.to_owned(),
+        seq,
+        room,
+    })
 }
 
 /// Rejoins with `since`; true when recovered and every one of `missed` messages arrived.
-async fn rejoin(endpoint: &Endpoint, source: Option<std::net::IpAddr>, p: &Position, missed: u64) -> anyhow::Result<bool> {
+async fn rejoin(
+    endpoint: &Endpoint,
+    source: Option<std::net::IpAddr>,
+    p: &Position,
+    missed: u64,
+) -> anyhow::Result<bool> {
     let mut ws = endpoint.connect(source).await?;
     let join = format!(
         r#"{{"op":"join","room":"{}","id":1,"since":{{"seq":{},"epoch":"{}"}}}}"#,
@@ -102,7 +114,9 @@ async fn rejoin(endpoint: &Endpoint, source: Option<std::net::IpAddr>, p: &Posit
 /// Publishes `n` messages to each room over a plain NATS connection, then waits for the server's PONG.
 async fn publish_missed(nats_url: &str, rooms: usize, n: u64) -> anyhow::Result<()> {
     let addr = nats_url.trim_start_matches("nats://");
-    let tcp = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
     let (r, mut w) = tcp.into_split();
     let mut lines = BufReader::new(r).lines();
     lines.next_line().await?; // INFO
@@ -131,9 +145,13 @@ async fn publish_missed(nats_url: &str, rooms: usize, n: u64) -> anyhow::Result<
 /// `roomwire_history_requests` from the gateway's `/metrics` (plain HTTP on the WebSocket listener).
 async fn history_requests(endpoint: &Endpoint) -> Option<f64> {
     let mut tcp = TcpStream::connect(endpoint.addr).await.ok()?;
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").await.ok()?;
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await
+        .ok()?;
     let mut body = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut body).await.ok()?;
+    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut body)
+        .await
+        .ok()?;
     body.lines()
         .find(|l| l.starts_with("roomwire_history_requests "))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
