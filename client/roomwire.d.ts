@@ -21,6 +21,9 @@ export interface ConnectOptions {
   queueLimit?: number;
   /** Where to ask why a connection failed before opening (default `/client/check` on the gateway); false: never. */
   checkUrl?: string | false;
+  /** After a draining gateway's close (1001 `going away: reconnect`), wait up to this many extra ms (random) before
+   *  reconnecting, so the clients of one gateway do not reach the others all at once. Default 5000. */
+  drainDelayMax?: number;
   /** WebSocket constructor (default `globalThis.WebSocket`). */
   WebSocket?: typeof WebSocket;
 }
@@ -124,4 +127,6 @@ export declare class RoomCursor {
   since(): { seq: number; epoch: string } | undefined;
 }
 
+/** The reason of the close 1001 a draining gateway sends. */
+export declare const DRAIN_REASON: string;
 export declare const DEFAULTS: Readonly<Required<Omit<ConnectOptions, "token" | "getToken" | "WebSocket">>>;

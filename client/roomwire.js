@@ -24,7 +24,14 @@ export const DEFAULTS = Object.freeze({
   pingTimeout: 10000, // ms without the pong: the link is dead, reconnect
   queueLimit: 256, // publishes kept while offline (and unacked across a reconnect)
   checkUrl: undefined, // URL asked why a connection failed before opening; default: /client/check on the ws host
+  drainDelayMax: 5000, // ms: extra random wait before reconnecting after a draining gateway's close
 });
+
+/**
+ * Close 1001 with this reason: the gateway is draining (docs/protocol.md). Its clients reconnect, through the load
+ * balancer, to another gateway; the extra random wait (up to `drainDelayMax`) keeps them from arriving all at once.
+ */
+export const DRAIN_REASON = "going away: reconnect";
 
 /** Close codes after which retrying cannot help (docs/protocol.md). 4001 only when there is no getToken. */
 const FATAL_CLOSE = new Map([
@@ -283,7 +290,8 @@ export class Roomwire {
     }
     // A connection that stayed up a while resets the backoff; one that dies at once keeps it growing.
     if (opened && Date.now() - this.openedAt >= this.opts.stableAfter) this.attempt = 0;
-    this._retry(`${code}${reason ? " " + reason : ""}`);
+    const extra = code === 1001 && reason === DRAIN_REASON ? Math.floor(Math.random() * this.opts.drainDelayMax) : 0;
+    this._retry(`${code}${reason ? " " + reason : ""}`, extra);
   }
 
   /** `{status, reason}` when the gateway refuses this token or origin (401/403), else undefined (retry). */
@@ -302,8 +310,8 @@ export class Roomwire {
     return undefined;
   }
 
-  _retry(why) {
-    const delay = backoffDelay(this.attempt++, this.opts.backoffBase, this.opts.backoffMax);
+  _retry(why, extra = 0) {
+    const delay = backoffDelay(this.attempt++, this.opts.backoffBase, this.opts.backoffMax) + extra;
     this._setState("reconnecting", { reason: why, delay });
     this._timer(() => this._open(), delay);
   }

@@ -416,6 +416,11 @@ pub struct ServerConfig {
     /// On SIGINT/SIGTERM: time allowed for clients to be closed (1001) and NATS flushed before exit. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT: each WebSocket is closed (1001 `going away: reconnect`) at a random moment within this window
+    /// after the signal, so its clients reconnect elsewhere spread out rather than all at once. `0s` closes all at
+    /// once. `server.shutdown_grace` applies after it. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
     /// Allowed `Origin` values for the upgrade: exact origins (`https://app.example.com`) or `*.example.com` /
     /// `https://*.example.com` wildcards. Empty (default) = any origin, including none.
     pub allowed_origins: Vec<String>,
@@ -467,6 +472,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            drain_window: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::XForwardedFor,

@@ -255,6 +255,9 @@ impl Conn {
         // Publishes awaiting NATS confirmation. Bound: `limits.max_inflight_publishes` (the reader stops reading at
         // it). A local, not a field: the handlers borrow `self` across awaits, which would need these futures `Sync`.
         let mut confirms: FuturesUnordered<Confirm> = FuturesUnordered::new();
+        // This connection's moment to close during a drain (armed only once the drain starts).
+        let drain_turn = crate::shutdown::drain_turn(self.gw.drain().clone(), self.gw.config().server.drain_window);
+        tokio::pin!(drain_turn);
         loop {
             if self.token_changed {
                 self.token_changed = false;
@@ -266,6 +269,8 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return self.cancelled(),
+                // Flushed, then 1001 with the reason that tells the client library to reconnect elsewhere, later.
+                _ = &mut drain_turn => return close_req(close::GOING_AWAY, close::DRAIN_REASON, true),
                 _ = &mut heartbeat => {
                     let due = last_seen + heartbeat_timeout;
                     if due > Instant::now() {

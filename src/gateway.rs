@@ -64,6 +64,9 @@ pub struct Gateway {
     ws_config: WebSocketConfig,
     /// Root shutdown token; every task holds it or a child.
     shutdown: CancellationToken,
+    /// Cancelled on the first SIGTERM/SIGINT: stop accepting, not ready, close connections over
+    /// `server.drain_window` (`crate::shutdown`).
+    drain: CancellationToken,
     /// Every task spawned for connections and rooms; shutdown waits for them, bounded by `server.shutdown_grace`.
     tracker: TaskTracker,
     next_conn: AtomicU64,
@@ -122,6 +125,7 @@ impl Gateway {
             tls,
             ws_config,
             shutdown,
+            drain: CancellationToken::new(),
             tracker,
         }))
     }
@@ -181,6 +185,12 @@ impl Gateway {
         &self.shutdown
     }
 
+    /// The drain token: cancel it to stop accepting, turn `/readyz` to 503 and close every WebSocket at a random
+    /// moment within `server.drain_window`; [`crate::run`] then cancels the root token and returns.
+    pub fn drain(&self) -> &CancellationToken {
+        &self.drain
+    }
+
     /// Spawns a task that shutdown waits for (bounded by `server.shutdown_grace`).
     pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<()>
     where
@@ -199,9 +209,9 @@ impl Gateway {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Whether the gateway should receive traffic: connected to NATS and not shutting down.
+    /// Whether the gateway should receive traffic: connected to NATS and neither draining nor shutting down.
     pub fn ready(&self) -> bool {
-        self.bridge.is_connected() && !self.shutdown.is_cancelled()
+        self.bridge.is_connected() && !self.drain.is_cancelled() && !self.shutdown.is_cancelled()
     }
 }
 

@@ -143,10 +143,11 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
-        let shutdown = roomwire::shutdown::on_signals();
+        let shutdown = tokio_util::sync::CancellationToken::new();
         let gateway = roomwire::Gateway::start(config, shutdown)
             .await
             .context("gateway failed to start")?;
+        roomwire::shutdown::on_signals(gateway.drain().clone());
         roomwire::run(listener, gateway).await;
         Ok(())
     })

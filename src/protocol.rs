@@ -25,6 +25,10 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// Gateway shutting down, or heartbeat timeout.
     pub const GOING_AWAY: u16 = 1001;
+    /// The reason sent with [`GOING_AWAY`] when a draining gateway closes a connection (SIGTERM, spread over
+    /// `server.drain_window`). The client library recognises it and reconnects, to another gateway through the load
+    /// balancer, after an extra random delay, so the clients of one gateway do not all land on the others at once.
+    pub const DRAIN_REASON: &str = "going away: reconnect";
     /// The client broke the WebSocket protocol (unmasked or malformed frame, bad close frame, ...).
     pub const PROTOCOL: u16 = 1002;
     /// A text message that is not valid UTF-8.

@@ -17,7 +17,8 @@ use tracing::Instrument;
 
 use crate::gateway::Gateway;
 
-/// Serves `listener` with `gateway` until its shutdown token is cancelled, then closes every connection (bounded by
+/// Serves `listener` with `gateway` until its drain or shutdown token is cancelled, then closes every connection
+/// (after a drain: each at its own moment within `server.drain_window`; then whatever is left at once, bounded by
 /// `server.shutdown_grace`) and flushes NATS. Called by `main` and by the tests, after [`Gateway::start`].
 pub async fn run(listener: TcpListener, gateway: Arc<Gateway>) {
     if let Ok(addr) = listener.local_addr() {
@@ -28,6 +29,7 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>) {
     loop {
         let accepted = tokio::select! {
             _ = gateway.shutdown().cancelled() => break,
+            _ = gateway.drain().cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -40,15 +42,40 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>) {
         }
     }
     drop(listener);
+    if !gateway.shutdown().is_cancelled() {
+        drain(&gateway).await;
+    }
     tracing::info!("shutting down: closing connections");
     let tracker = gateway.tracker();
     tracker.close();
+    // Everything left (handshakes in progress, rooms, history maintenance, stragglers of the drain) ends now.
+    gateway.shutdown().cancel();
     let grace = gateway.config().server.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(open = tracker.len(), "shutdown grace expired with tasks still running");
     }
     gateway.bridge().flush().await;
     tracing::info!("shutdown complete");
+}
+
+/// The drain: every WebSocket closes itself at its own moment within `server.drain_window` (see
+/// [`crate::shutdown::drain_turn`]); this waits until none is open, at most the window plus `server.shutdown_grace`
+/// (a connection whose writer is stuck must not hold the process). The connection gauge has no change notification,
+/// so it is polled; 20 ms is far below the spread that matters and costs nothing over a few seconds.
+async fn drain(gateway: &Gateway) {
+    let server = &gateway.config().server;
+    let open = || gateway.metrics().connections_open.get();
+    tracing::info!(open = open(), window = ?server.drain_window, "draining: closing connections over the window");
+    let deadline = Instant::now() + server.drain_window + server.shutdown_grace;
+    while open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if open() > 0 {
+        tracing::warn!(
+            open = open(),
+            "drain window and grace over with connections still open: closing them now"
+        );
+    }
 }
 
 /// Takes the connection's slot and spawns its task; everything else happens in that task.

@@ -1,25 +1,58 @@
-//! The one root shutdown signal. SIGINT or SIGTERM cancels a [`CancellationToken`]; every task holds that token or
-//! a child of it (the accept loop, each HTTP connection, each upgraded WebSocket and its writer, each room task), so
-//! one cancel reaches all of them. hyper's own graceful shutdown does not reach upgraded WebSockets, which is why
-//! they get the token too.
+//! Shutdown and drain. The gateway has two tokens:
+//! - the **drain** token ([`Gateway::drain`](crate::gateway::Gateway::drain)), cancelled by the first SIGINT or
+//!   SIGTERM: the accept loop stops, `/readyz` answers 503, and every WebSocket closes itself (1001
+//!   [`DRAIN_REASON`](crate::protocol::close::DRAIN_REASON)) at its own random moment within `server.drain_window`
+//!   ([`drain_turn`]), so the clients of this gateway reconnect to the others spread out instead of in one storm;
+//! - the **root shutdown** token, cancelled by [`crate::run`] once the drain is over (or by a test or embedder that
+//!   wants everything closed at once). Every task holds it or a child of it (the accept loop, each HTTP connection,
+//!   each upgraded WebSocket and its writer, each room task), so one cancel reaches all of them. hyper's own
+//!   graceful shutdown does not reach upgraded WebSockets, which is why they get the token too.
+//!
+//! A second signal during the drain exits the process at once (status 1): an operator who presses Ctrl-C twice, or an
+//! orchestrator that gave up waiting, is not kept waiting for the window.
+
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// Returns a token cancelled on the first SIGINT or SIGTERM.
-pub fn on_signals() -> CancellationToken {
-    let token = CancellationToken::new();
-    let trigger = token.clone();
+/// Exit status after a second signal during the drain.
+pub const FORCED_EXIT_STATUS: i32 = 1;
+
+/// Cancels `drain` on the first SIGINT or SIGTERM, and exits the process on the second.
+///
+/// Not tracked by the gateway's task tracker on purpose: it lives as long as the process, and shutdown waits for
+/// the tracker.
+pub fn on_signals(drain: CancellationToken) {
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown signal received");
-        trigger.cancel();
+        tracing::info!("shutdown signal received: draining (a second signal exits at once)");
+        drain.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second shutdown signal: exiting now");
+        std::process::exit(FORCED_EXIT_STATUS);
     });
-    token
+}
+
+/// Completes at this connection's moment to close during a drain: a uniformly random point within `window` after
+/// `drain` is cancelled. The timer is armed only once the drain starts, so an idle connection pays for no timer
+/// before that; the random point is drawn per connection, which is what spreads the reconnects.
+pub async fn drain_turn(drain: CancellationToken, window: Duration) {
+    drain.cancelled().await;
+    let delay = jitter(window, rand::random::<f64>());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// `window` scaled by `unit` (in `[0, 1)`), saturating: the delay of one connection in the drain.
+fn jitter(window: Duration, unit: f64) -> Duration {
+    Duration::try_from_secs_f64(window.as_secs_f64() * unit.clamp(0.0, 1.0)).unwrap_or(window)
 }
 
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
+    // A fresh listener per wait is fine: tokio keeps the process-wide handler installed once registered.
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {
@@ -37,4 +70,31 @@ async fn wait_for_signal() {
 #[cfg(not(unix))]
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_the_window() {
+        let w = Duration::from_secs(10);
+        assert_eq!(jitter(w, 0.0), Duration::ZERO);
+        assert_eq!(jitter(w, 0.5), Duration::from_secs(5));
+        assert!(jitter(w, 0.999_999) < w);
+        assert_eq!(jitter(Duration::ZERO, 0.7), Duration::ZERO);
+        assert!(jitter(w, f64::NAN) <= w);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_turn_waits_for_the_drain_then_at_most_the_window() {
+        let drain = CancellationToken::new();
+        let turn = tokio::spawn(drain_turn(drain.clone(), Duration::from_secs(10)));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!turn.is_finished(), "no drain, no close");
+        drain.cancel();
+        let started = tokio::time::Instant::now();
+        turn.await.expect("turn");
+        assert!(started.elapsed() <= Duration::from_secs(10));
+    }
 }

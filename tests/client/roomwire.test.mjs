@@ -3,7 +3,7 @@
 // The real gateway, NATS and browser are exercised by tests/browser/.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { backoffDelay, OfflineQueue, RoomCursor, connect } from "../../client/roomwire.js";
+import { backoffDelay, DRAIN_REASON, OfflineQueue, RoomCursor, connect } from "../../client/roomwire.js";
 
 test("backoff: full jitter below a cap that doubles up to the max", () => {
   assert.equal(backoffDelay(0, 500, 30000, () => 0), 0);
@@ -76,8 +76,8 @@ class FakeSocket {
   deliver(frame) {
     this.onmessage?.({ data: JSON.stringify(frame) });
   }
-  drop(code = 1006) {
-    this.onclose?.({ code, reason: "" });
+  drop(code = 1006, reason = "") {
+    this.onclose?.({ code, reason });
   }
 }
 
@@ -156,4 +156,34 @@ test("client: recovered:false emits resync; 1008 stops with a reason", async (t)
   assert.equal(rw.state, "closed");
   assert.match(rw.closeReason, /1008/);
   assert.deepEqual(states.at(-1)[0], "closed");
+});
+
+test("client: a draining gateway's close adds a random delay of up to drainDelayMax before the reconnect", async (t) => {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", { ...opts, drainDelayMax: 10000 });
+  t.after(() => rw.close());
+  const delays = [];
+  rw.on("state", (s, info) => s === "reconnecting" && delays.push([info.reason, info.delay]));
+  await tick();
+  const saved = Math.random;
+  Math.random = () => 0.5;
+  try {
+    FakeSocket.all[0].open("gw-1");
+    FakeSocket.all[0].drop(1001, DRAIN_REASON);
+  } finally {
+    Math.random = saved;
+  }
+  assert.deepEqual(delays, [[`1001 ${DRAIN_REASON}`, 0 + 5000]], "backoff (max 1 ms, so 0 at 0.5) + half of 10000");
+  assert.equal(FakeSocket.all.length, 1, "no reconnect before the delay");
+  rw.close();
+  // Any other close: no extra delay.
+  FakeSocket.all = [];
+  const rw2 = connect("wss://gw.test/ws", { ...opts, drainDelayMax: 10000 });
+  t.after(() => rw2.close());
+  const delays2 = [];
+  rw2.on("state", (s, info) => s === "reconnecting" && delays2.push(info.delay));
+  await tick();
+  FakeSocket.all[0].open("gw-1");
+  FakeSocket.all[0].drop(1001, "server shutting down");
+  assert.ok(delays2[0] < 10, `no drain delay: ${delays2}`);
 });

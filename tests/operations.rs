@@ -1,0 +1,369 @@
+//! Operations (issue 14) against the real `roomwire` binary: drain on SIGTERM spread over `server.drain_window`,
+//! JSON logs without tokens, the admin listener, `check-config --print`. Each test runs the binary with a temporary
+//! config, a real nats-server and real WebSocket clients over verified TLS.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::*;
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::{Child, Command},
+    sync::mpsc,
+    time::Instant,
+};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The reason a draining gateway closes with (public contract, `docs/protocol.md`).
+const DRAIN_REASON: &str = "going away: reconnect";
+
+/// The roomwire binary, running with a temporary config; killed on drop.
+struct Binary {
+    child: Child,
+    /// Every line it wrote, stdout and stderr.
+    lines: Arc<Mutex<Vec<String>>>,
+    /// New lines, as they come (for waiting on a log line).
+    rx: mpsc::UnboundedReceiver<String>,
+    /// The public listener's address (from the `listening` log line).
+    addr: SocketAddr,
+    ca: TestCa,
+    _dir: tempfile::TempDir,
+}
+
+/// A config for the binary: TLS with `ca`, anonymous allowed, generous per-IP limits, then `extra` appended (whole
+/// sections, e.g. `[log]`; keys of `[server]` go in `server_extra`).
+fn config_text(nats: &NatsServer, ca: &TestCa, server_extra: &str, extra: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+gateway_id = "gwops"
+shutdown_grace = "5s"
+{server_extra}
+
+[tls]
+enabled = true
+cert_file = "{cert}"
+key_file = "{key}"
+
+[nats]
+url = "{url}"
+
+[auth]
+allow_anonymous = true
+
+[limits]
+messages_per_second = 10000
+messages_burst = 10000
+connections_per_second_per_ip = 10000
+connections_burst_per_ip = 10000
+max_connections_per_ip = 10000
+
+{extra}
+"#,
+        cert = ca.cert_file.display(),
+        key = ca.key_file.display(),
+        url = nats.url(),
+    )
+}
+
+impl Binary {
+    /// Starts the binary with `config` (TOML text) and waits until its public listener is up.
+    async fn start(ca: TestCa, config: &str, envs: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path: PathBuf = dir.path().join("gateway.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_roomwire"));
+        cmd.arg("--config")
+            .arg(&path)
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn roomwire");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for pipe in [
+            Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(stderr),
+        ] {
+            let (lines, tx) = (lines.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let addr = tokio::time::timeout(WAIT, async {
+            while let Some(line) = rx.recv().await {
+                if line.contains("listening") && !line.contains("admin") {
+                    return addr_in(&line);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no `listening` line: {:?}", lines.lock().unwrap()));
+        let b = Binary {
+            child,
+            lines,
+            rx,
+            addr,
+            ca,
+            _dir: dir,
+        };
+        b.wait_ready().await;
+        b
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().expect("running").to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        self.ca
+            .connector()
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    /// A WebSocket client on `path` (which may carry a query), welcome read.
+    async fn client(&self, path: &str) -> WsClient {
+        let req = format!("wss://localhost:{}{path}", self.addr.port())
+            .into_client_request()
+            .unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(req, self.tls().await)
+            .await
+            .expect("upgrade accepted");
+        let mut c = WsClient {
+            ws,
+            conn: String::new(),
+        };
+        let welcome = c.recv_op("welcome").await;
+        c.conn = welcome["conn"].as_str().unwrap().to_string();
+        c
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut conn = KeepAlive::open(self).await;
+            if conn.get("/readyz").await.0 == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never ready: {:?}",
+                self.lines.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits for the process to exit; its status code.
+    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("did not exit within {within:?}: {:?}", self.lines.lock().unwrap()))
+            .unwrap()
+            .code()
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+/// The first `host:port` after `addr` in a log line (human `addr=..` or JSON `"addr":".."`).
+fn addr_in(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("addr")? + 4..];
+    let rest = rest.trim_start_matches(['=', '"', ':']);
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == ':' || c == '[' || c == ']'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// One keep-alive HTTP/1.1 connection over TLS, for several requests in a row.
+struct KeepAlive {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+impl KeepAlive {
+    async fn open(b: &Binary) -> Self {
+        KeepAlive { tls: b.tls().await }
+    }
+
+    /// GET `path`; (status, body). Reads exactly the response (Content-Length), so the connection can go on.
+    async fn get(&mut self, path: &str) -> (u16, String) {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        self.tls.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let n = self.tls.read(&mut chunk).await.unwrap();
+                assert!(
+                    n > 0,
+                    "connection closed mid-response: {}",
+                    String::from_utf8_lossy(&buf)
+                );
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                        return (status, body.to_string());
+                    }
+                }
+            }
+        })
+        .await
+        .expect("response in time")
+    }
+}
+
+// ---- drain ---------------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_drains_connections_spread_over_the_window_then_exits_0() {
+    const N: usize = 12;
+    let window = Duration::from_secs(2);
+    let nats = NatsServer::start().await;
+    let ca = TestCa::new();
+    let config = config_text(&nats, &ca, "drain_window = \"2s\"", "");
+    let mut bin = Binary::start(ca, &config, &[]).await;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        clients.push(bin.client("/ws").await);
+    }
+    // A load balancer's keep-alive probe connection: ready before, 503 at once after the signal.
+    let mut probe = KeepAlive::open(&bin).await;
+    assert_eq!(probe.get("/readyz").await.0, 200);
+
+    let signalled = Instant::now();
+    bin.signal("-TERM");
+    let closes = futures_util::future::join_all(clients.iter_mut().map(|c| async move {
+        let close = c.expect_close().await;
+        (close, signalled.elapsed())
+    }));
+    let readyz = async {
+        let (status, body) = probe.get("/readyz").await;
+        (status, body, signalled.elapsed())
+    };
+    let (closes, (status, body, readyz_at)) = tokio::join!(closes, readyz);
+    assert_eq!((status, body.trim()), (503, "not ready"), "readyz during the drain");
+    let first_close = closes.iter().map(|(_, at)| *at).min().unwrap();
+    assert!(
+        readyz_at <= first_close.max(Duration::from_millis(500)),
+        "readyz turned 503 at {readyz_at:?}, not at once (first close at {first_close:?})"
+    );
+    // New connections are no longer accepted.
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(bin.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting during the drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for ((code, reason), _) in &closes {
+        assert_eq!((*code, reason.as_str()), (1001, DRAIN_REASON));
+    }
+    let mut at: Vec<Duration> = closes.iter().map(|(_, at)| *at).collect();
+    at.sort();
+    let (first, last) = (at[0], at[N - 1]);
+    // Uniform over 2 s: 12 closes all within 500 ms of each other has probability ~ 12 * 0.25^11 (3e-6).
+    assert!(
+        last - first >= Duration::from_millis(500),
+        "closes not spread: {at:?} (all within {:?})",
+        last - first
+    );
+    assert!(
+        last <= window + Duration::from_millis(1500),
+        "closes past the window: {at:?}"
+    );
+    assert_eq!(bin.exit_code(WAIT).await, Some(0), "{:?}", bin.log());
+}
+
+#[tokio::test]
+async fn drain_window_zero_closes_everyone_at_once() {
+    let nats = NatsServer::start().await;
+    let ca = TestCa::new();
+    let config = config_text(&nats, &ca, "drain_window = \"0s\"", "");
+    let mut bin = Binary::start(ca, &config, &[]).await;
+    let mut a = bin.client("/ws").await;
+    let mut b = bin.client("/ws").await;
+    let signalled = Instant::now();
+    bin.signal("-TERM");
+    let (ca_, cb) = tokio::join!(a.expect_close(), b.expect_close());
+    assert_eq!((ca_.0, ca_.1.as_str()), (1001, DRAIN_REASON));
+    assert_eq!((cb.0, cb.1.as_str()), (1001, DRAIN_REASON));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(bin.exit_code(WAIT).await, Some(0));
+}
+
+#[tokio::test]
+async fn second_signal_exits_at_once() {
+    let nats = NatsServer::start().await;
+    let ca = TestCa::new();
+    let config = config_text(&nats, &ca, "drain_window = \"60s\"", "");
+    let mut bin = Binary::start(ca, &config, &[]).await;
+    let _clients = [bin.client("/ws").await, bin.client("/ws").await];
+    bin.signal("-TERM");
+    // Wait for the drain to have begun (its log line) before the second signal.
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = bin.rx.recv().await {
+            if line.contains("draining") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("drain logged");
+    let second = Instant::now();
+    bin.signal("-TERM");
+    assert_eq!(bin.exit_code(WAIT).await, Some(1), "{:?}", bin.log());
+    assert!(second.elapsed() < Duration::from_secs(3), "{:?}", second.elapsed());
+}
