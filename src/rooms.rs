@@ -63,6 +63,9 @@ pub struct Hold {
     /// to it went out before the member was there, every later one is offered to this hold. The exact seam on this
     /// gateway, whatever replica answers the join's own read.
     floor: std::sync::atomic::AtomicU64,
+    /// Set (under `state`'s lock) once released: fan-out then skips the lock, so a history room's members cost no
+    /// more than others on the hot path after their join.
+    released: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -92,6 +95,7 @@ impl Hold {
                 overflowed: false,
             }),
             floor: std::sync::atomic::AtomicU64::new(0),
+            released: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -106,6 +110,9 @@ impl Hold {
 
     /// Takes a live frame if still holding (true); false once released (the caller queues it as usual).
     fn offer(&self, seq: u64, prev: u64, frame: &Utf8Bytes) -> bool {
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
         let mut s = self.state.lock();
         if !s.holding {
             return false;
@@ -145,6 +152,8 @@ impl Hold {
             }
         }
         s.holding = false;
+        s.frames = std::collections::VecDeque::new();
+        self.released.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -157,6 +166,8 @@ impl Hold {
         }
         s.overflowed = false;
         s.holding = false;
+        s.frames = std::collections::VecDeque::new();
+        self.released.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
