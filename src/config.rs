@@ -199,6 +199,42 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Room history in JetStream and missed-message recovery (`docs/history.md`).
     pub history: HistoryConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+    /// The admin listener (metrics, health, `/connz`), off unless `listen` is set.
+    pub admin: AdminConfig,
+}
+
+/// `[log]`: how the gateway logs (through `tracing`, to stdout).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `"human"` (one line per event, for terminals and journald) or `"json"` (one JSON object per line, for log
+    /// pipelines). Default `"human"`.
+    pub format: LogFormat,
+    /// The level filter, in `RUST_LOG` syntax (`"info"`, `"roomwire=debug,info"`). `RUST_LOG`, when set, wins.
+    /// Default `"info"`.
+    pub level: Option<String>,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[admin]`: a second, plain-HTTP listener for operators (`/metrics`, `/healthz`, `/readyz`, `/connz`). Bind it to
+/// loopback or a private network: it has no TLS and no authentication.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener, e.g. `"127.0.0.1:9090"`. Default: none (no admin listener).
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[history]`: which rooms keep history in a JetStream stream, the stream's limits, and the bounds of recovery and
@@ -389,6 +425,9 @@ pub struct ServerConfig {
     /// once. `server.shutdown_grace` applies after it. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
+    /// Serve `/metrics` on the public listener too. Default true, so existing scrapes keep working; production should
+    /// set it false and scrape the admin listener (`[admin] listen`).
+    pub public_metrics: bool,
     /// Allowed `Origin` values for the upgrade: exact origins (`https://app.example.com`) or `*.example.com` /
     /// `https://*.example.com` wildcards. Empty (default) = any origin, including none.
     pub allowed_origins: Vec<String>,
@@ -441,6 +480,7 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(10),
             drain_window: Duration::from_secs(10),
+            public_metrics: true,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::XForwardedFor,
@@ -836,7 +876,33 @@ impl Config {
         self.rooms.validate()?;
         self.limits.validate()?;
         self.history.validate(&self.nats)?;
-        self.auth.validate()
+        self.auth.validate()?;
+        self.log.validate()?;
+        self.admin.validate(&self.server)
+    }
+}
+
+impl LogConfig {
+    /// Checks `[log]`: the level must parse (a typo would otherwise silently log at `info`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(level) = &self.level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log.level", format!("{level:?}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl AdminConfig {
+    /// Checks `[admin]`: not on the public listener's address.
+    pub fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        if let Some(addr) = self.listen
+            && addr == server.listen
+            && addr.port() != 0
+        {
+            return Err(invalid("admin.listen", "must differ from server.listen"));
+        }
+        Ok(())
     }
 }
 

@@ -206,9 +206,14 @@ where
     let limiter = gw.limits().message_limiter(upgrade.identity.user.as_deref());
     let (io, meter) = Metered::new(TokioIo::new(upgraded), limiter);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(gw.ws_config())).await;
-    tracing::Span::current().record("peer", tracing::field::display(upgrade.client));
+    let id = gw.next_conn_id();
+    // Debug-formatted: the user comes from a token, and quoting keeps a crafted one from forging log lines.
+    tracing::Span::current()
+        .record("peer", tracing::field::display(upgrade.client))
+        .record("id", id)
+        .record("user", tracing::field::debug(upgrade.identity.user.as_deref()));
     let accepted = Accepted {
-        id: gw.next_conn_id(),
+        id,
         peer: upgrade.client,
         identity: upgrade.identity,
         slot,

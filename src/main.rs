@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use roomwire::Config;
+use roomwire::{Config, config::LogFormat};
 use tracing_subscriber::{
     Layer,
     filter::{EnvFilter, LevelFilter, Targets},
@@ -96,12 +96,8 @@ where
 }
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
-    let rust_log = std::env::var("RUST_LOG").ok();
-    // `init` also routes the `log` crate (tungstenite, rustls) into tracing, through the same filter.
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_filter(log_filter(rust_log.as_deref())))
-        .init();
     let config = Config::load(path)?;
+    init_logging(&config.log);
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -115,6 +111,29 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         roomwire::run(listener, gateway).await;
         Ok(())
     })
+}
+
+/// Starts tracing as `[log]` says: `RUST_LOG` when set, else `log.level` (default `info`), always under the
+/// [`WIRE_CRATES`] cap; human lines (colours only on a terminal) or one JSON object per line, with the span
+/// fields (connection id, address, user) on every event.
+fn init_logging(log: &roomwire::config::LogConfig) {
+    use std::io::IsTerminal;
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    let spec = rust_log.as_deref().or(log.level.as_deref());
+    let layer = match log.format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_filter(log_filter(spec))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(log_filter(spec))
+            .boxed(),
+    };
+    // `init` also routes the `log` crate (tungstenite, rustls) into tracing, through the same filter.
+    tracing_subscriber::registry().with(layer).init();
 }
 
 #[cfg(test)]

@@ -92,7 +92,8 @@ fn spawn_connection(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
             return; // dropping the stream closes it
         }
     };
-    let span = tracing::info_span!("conn", %peer);
+    // `id` and `user` are recorded at the upgrade (`crate::http`); a plain HTTP request has neither.
+    let span = tracing::info_span!("conn", %peer, id = tracing::field::Empty, user = tracing::field::Empty);
     let task = crate::http::handshake(gateway.clone(), tcp, peer, deadline, slot);
     gateway.spawn(task.instrument(span));
 }

@@ -33,6 +33,8 @@ struct Binary {
     lines: Arc<Mutex<Vec<String>>>,
     /// New lines, as they come (for waiting on a log line).
     rx: mpsc::UnboundedReceiver<String>,
+    /// The tasks reading stdout and stderr; they end at the pipes' end.
+    readers: Vec<tokio::task::JoinHandle<()>>,
     /// The public listener's address (from the `listening` log line).
     addr: SocketAddr,
     ca: TestCa,
@@ -99,18 +101,19 @@ impl Binary {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
+        let mut readers = Vec::new();
         for pipe in [
             Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
             Box::new(stderr),
         ] {
             let (lines, tx) = (lines.clone(), tx.clone());
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     lines.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
-            });
+            }));
         }
         let addr = tokio::time::timeout(WAIT, async {
             while let Some(line) = rx.recv().await {
@@ -128,6 +131,7 @@ impl Binary {
             child,
             lines,
             rx,
+            readers,
             addr,
             ca,
             _dir: dir,
@@ -198,6 +202,14 @@ impl Binary {
             .unwrap_or_else(|_| panic!("did not exit within {within:?}: {:?}", self.lines.lock().unwrap()))
             .unwrap()
             .code()
+    }
+
+    /// Everything the exited process wrote (waits for the readers to reach the pipes' end).
+    async fn full_log(&mut self) -> Vec<String> {
+        for r in self.readers.drain(..) {
+            tokio::time::timeout(WAIT, r).await.expect("pipes closed").unwrap();
+        }
+        self.log()
     }
 
     fn log(&self) -> Vec<String> {
@@ -366,4 +378,78 @@ async fn second_signal_exits_at_once() {
     bin.signal("-TERM");
     assert_eq!(bin.exit_code(WAIT).await, Some(1), "{:?}", bin.log());
     assert!(second.elapsed() < Duration::from_secs(3), "{:?}", second.elapsed());
+}
+
+// ---- logs ----------------------------------------------------------------------------------------------------------
+
+const LOG_SECRET: &str = "ops-test-hmac-secret-0123456789abcdef";
+
+fn hs256(claims: &serde_json::Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(LOG_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn json_logs_parse_line_by_line_and_never_contain_the_token() {
+    let nats = NatsServer::start().await;
+    let ca = TestCa::new();
+    let auth = r#"[auth]
+allow_anonymous = false
+[[auth.keys]]
+algorithm = "HS256"
+secret = { env = "RW_OPS_TEST_SECRET" }
+"#;
+    let config = config_text(
+        &nats,
+        &ca,
+        "drain_window = \"0s\"",
+        "[log]\nformat = \"json\"\nlevel = \"trace\"\n",
+    )
+    .replace("[auth]\nallow_anonymous = true\n", auth);
+    let mut bin = Binary::start(ca, &config, &[("RW_OPS_TEST_SECRET", LOG_SECRET)]).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = hs256(&serde_json::json!({ "sub": "ann", "exp": exp, "rooms": ["*"] }));
+    let mut c = bin.client(&format!("/ws?token={token}")).await;
+    c.join("lobby").await;
+    c.publish("lobby", serde_json::json!("hello")).await;
+    // A refused token (right signature scheme, wrong key) in the query string, and a refresh with the good one.
+    let forged = token[..token.rfind('.').unwrap()].to_string() + ".AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let req = format!("wss://localhost:{}/ws?token={forged}", bin.addr.port())
+        .into_client_request()
+        .unwrap();
+    assert!(tokio_tungstenite::client_async(req, bin.tls().await).await.is_err());
+    let r = c.request(serde_json::json!({"op":"refresh","token":token}), 7).await;
+    assert_eq!(r["op"], "ack", "{r}");
+    bin.signal("-TERM");
+    assert_eq!(c.expect_close().await.0, 1001);
+    assert_eq!(bin.exit_code(WAIT).await, Some(0));
+    let log = bin.full_log().await;
+    assert!(log.len() > 5, "too few lines to mean anything: {log:?}");
+    let signature = &token[token.rfind('.').unwrap() + 1..];
+    let mut saw_user_span = false;
+    for line in &log {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        for secret in [token.as_str(), forged.as_str(), signature, LOG_SECRET] {
+            assert!(!line.contains(secret), "a secret reached the log: {line}");
+        }
+        if v["span"]["name"] == "conn" && v["span"]["user"].as_str().is_some_and(|u| u.contains("ann")) {
+            assert!(v["span"]["id"].is_u64() && v["span"]["peer"].is_string(), "{line}");
+            saw_user_span = true;
+        }
+    }
+    assert!(
+        saw_user_span,
+        "no event inside a connection span with its id, address and user: {log:?}"
+    );
 }
