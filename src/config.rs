@@ -230,11 +230,22 @@ pub enum LogFormat {
 
 /// `[admin]`: a second, plain-HTTP listener for operators (`/metrics`, `/healthz`, `/readyz`, `/connz`). Bind it to
 /// loopback or a private network: it has no TLS and no authentication.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin listener, e.g. `"127.0.0.1:9090"`. Default: none (no admin listener).
     pub listen: Option<SocketAddr>,
+    /// Connections open at once on the admin listener; more are closed at accept. Default 16.
+    pub max_connections: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            max_connections: 16,
+        }
+    }
 }
 
 /// `[history]`: which rooms keep history in a JetStream stream, the stream's limits, and the bounds of recovery and
@@ -894,8 +905,11 @@ impl LogConfig {
 }
 
 impl AdminConfig {
-    /// Checks `[admin]`: not on the public listener's address.
+    /// Checks `[admin]`: not on the public listener's address, at least one connection.
     pub fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
         if let Some(addr) = self.listen
             && addr == server.listen
             && addr.port() != 0

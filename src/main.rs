@@ -108,6 +108,12 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             .await
             .context("gateway failed to start")?;
         roomwire::shutdown::on_signals(gateway.drain().clone());
+        if let Some(addr) = gateway.config().admin.listen {
+            let admin = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin.listen {addr}"))?;
+            gateway.spawn(roomwire::admin::serve(admin, gateway.clone()));
+        }
         roomwire::run(listener, gateway).await;
         Ok(())
     })

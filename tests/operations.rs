@@ -204,6 +204,29 @@ impl Binary {
             .code()
     }
 
+    /// The admin listener's address (from its `admin listening` log line).
+    async fn admin_addr(&mut self) -> SocketAddr {
+        let find = |lines: &[String]| {
+            lines
+                .iter()
+                .find(|l| l.contains("admin listening"))
+                .and_then(|l| addr_in(l))
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(addr) = find(&self.log()) {
+                return addr;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = tokio::time::timeout(left, self.rx.recv()).await;
+            assert!(
+                matches!(got, Ok(Some(_))),
+                "no `admin listening` line: {:?}",
+                self.log()
+            );
+        }
+    }
+
     /// Everything the exited process wrote (waits for the readers to reach the pipes' end).
     async fn full_log(&mut self) -> Vec<String> {
         for r in self.readers.drain(..) {
@@ -452,4 +475,93 @@ secret = { env = "RW_OPS_TEST_SECRET" }
         saw_user_span,
         "no event inside a connection span with its id, address and user: {log:?}"
     );
+}
+
+// ---- admin listener ------------------------------------------------------------------------------------------------
+
+/// A plain-HTTP GET (the admin listener has no TLS); (status, body).
+async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut buf))
+        .await
+        .expect("admin answers in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn admin_listener_serves_metrics_connz_and_readyz_through_the_drain() {
+    let nats = NatsServer::start().await;
+    let ca = TestCa::new();
+    let config = config_text(
+        &nats,
+        &ca,
+        "drain_window = \"1s\"\npublic_metrics = false",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let mut bin = Binary::start(ca, &config, &[]).await;
+    let admin = bin.admin_addr().await;
+
+    // The public listener keeps its probes but no longer serves /metrics.
+    let mut public = KeepAlive::open(&bin).await;
+    assert_eq!(public.get("/metrics").await.0, 404);
+    assert_eq!(public.get("/healthz").await.0, 200);
+    assert_eq!(public.get("/readyz").await.0, 200);
+
+    let (status, body) = plain_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("roomwire_connections_open 0"), "{body}");
+    assert_eq!(plain_get(admin, "/healthz").await.0, 200);
+    assert_eq!(plain_get(admin, "/readyz").await.0, 200);
+    assert_eq!(plain_get(admin, "/nope").await.0, 404);
+
+    let mut clients = Vec::new();
+    for rooms in [&["big", "small"][..], &["big"], &["big", "mid"], &["mid"]] {
+        let mut c = bin.client("/ws").await;
+        for r in rooms {
+            c.join(r).await;
+        }
+        clients.push(c);
+    }
+    let (status, body) = plain_get(admin, "/connz").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("connz is JSON");
+    assert_eq!(v["gateway"], "gwops");
+    assert_eq!(v["connections"], 4, "{v}");
+    assert_eq!(v["rooms"], 3, "{v}");
+    assert_eq!(
+        v["top_rooms"],
+        serde_json::json!([
+            {"room":"big","members":3},
+            {"room":"mid","members":2},
+            {"room":"small","members":1}
+        ])
+    );
+    assert_eq!(v["nats"]["connected"], true);
+    assert_eq!(v["draining"], false);
+    let (_, body) = plain_get(admin, "/metrics").await;
+    assert!(body.contains("roomwire_connections_open 4"), "{body}");
+
+    bin.signal("-TERM");
+    // While the public listener no longer accepts, the admin one says "not ready" (and still serves metrics).
+    let deadline = Instant::now() + WAIT;
+    while plain_get(admin, "/readyz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "admin /readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, body) = plain_get(admin, "/connz").await;
+    assert!(body.contains("\"draining\":true"), "{body}");
+    for c in &mut clients {
+        assert_eq!(c.expect_close().await.0, 1001);
+    }
+    assert_eq!(bin.exit_code(WAIT).await, Some(0));
 }
