@@ -15,7 +15,7 @@ use std::{
 
 use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::room_pattern::RoomPattern;
 
@@ -107,6 +107,20 @@ impl TryFrom<SecretTable> for SecretSource {
     }
 }
 
+/// Written back in its TOML form (`{ file = ".." }` / `{ env = ".." }`): the source names where the secret is, never
+/// the secret itself (`roomwire check-config --print`).
+impl Serialize for SecretSource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        match self {
+            SecretSource::File(path) => map.serialize_entry("file", path)?,
+            SecretSource::Env(var) => map.serialize_entry("env", var)?,
+        }
+        map.end()
+    }
+}
+
 impl SecretSource {
     /// Loads the secret. `key` names the config key in errors.
     pub fn load(&self, key: &'static str) -> Result<Secret, ConfigError> {
@@ -158,7 +172,7 @@ fn deserialize_algorithm<'de, D: Deserializer<'de>>(d: D) -> Result<Algorithm, D
 }
 
 /// One string or a list of strings (used for `nats.url`).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum OneOrMany {
     /// A single value.
@@ -182,7 +196,7 @@ impl OneOrMany {
 const MAX_FRAME_HEADER: usize = 14;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Listener, HTTP and shutdown settings.
@@ -206,7 +220,7 @@ pub struct Config {
 }
 
 /// `[log]`: how the gateway logs (through `tracing`, to stdout).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `"human"` (one line per event, for terminals and journald) or `"json"` (one JSON object per line, for log
@@ -218,7 +232,7 @@ pub struct LogConfig {
 }
 
 /// `log.format`.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -230,7 +244,7 @@ pub enum LogFormat {
 
 /// `[admin]`: a second, plain-HTTP listener for operators (`/metrics`, `/healthz`, `/readyz`, `/connz`). Bind it to
 /// loopback or a private network: it has no TLS and no authentication.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin listener, e.g. `"127.0.0.1:9090"`. Default: none (no admin listener).
@@ -250,7 +264,7 @@ impl Default for AdminConfig {
 
 /// `[history]`: which rooms keep history in a JetStream stream, the stream's limits, and the bounds of recovery and
 /// `history` reads. See `docs/history.md`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
     /// History for rooms matching `rooms`. Default false.
@@ -411,7 +425,7 @@ impl HistoryConfig {
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on. Default `0.0.0.0:8443`.
@@ -455,7 +469,7 @@ pub struct ServerConfig {
 }
 
 /// Which header a trusted proxy uses to pass on the client's address (`server.forwarded_header`).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub enum ForwardedHeader {
     /// `X-Forwarded-For: client, proxy1, proxy2` (the right-most untrusted entry is the client).
     #[default]
@@ -501,7 +515,7 @@ impl Default for ServerConfig {
 }
 
 /// `[tls]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Terminate TLS (wss). When false the listener speaks plain ws (behind a TLS-terminating proxy). Default true.
@@ -523,7 +537,7 @@ impl Default for TlsConfig {
 }
 
 /// `[nats]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Server URL, or a list of them. Default `nats://127.0.0.1:4222`.
@@ -587,7 +601,7 @@ impl Default for NatsConfig {
 }
 
 /// What to do when a connection's outbound queue is full. See `docs/backpressure.md`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Overflow {
     /// Close the connection with 4008 "slow consumer".
@@ -601,7 +615,7 @@ pub enum Overflow {
 }
 
 /// One `[[rooms.policy]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomPolicy {
     /// Room pattern: exact name, or with `*` wildcards (`ticker-*`).
@@ -611,7 +625,7 @@ pub struct RoomPolicy {
 }
 
 /// `[rooms]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
     /// Room `R` maps to subject `<subject_prefix>.R`. Default `rooms`.
@@ -660,7 +674,7 @@ impl RoomsConfig {
 }
 
 /// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest WebSocket message from a client, in bytes (after reassembly of fragments). Over it: close 1009.
@@ -750,7 +764,7 @@ impl Default for LimitsConfig {
 }
 
 /// One `[[auth.keys]]` entry: a key tokens may be signed with, and the one algorithm it accepts.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct JwtKey {
     /// Key id matched against the token header's `kid`; a key without `kid` matches any token of its algorithm.
@@ -765,7 +779,7 @@ pub struct JwtKey {
 }
 
 /// Permissions granted to a connection: room patterns it may join and publish to.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Permissions {
     /// Patterns of rooms that may be joined. Default `["*"]`.
@@ -784,7 +798,7 @@ impl Default for Permissions {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Accept connections without a token. Default false; the shipped dev config sets true.

@@ -28,14 +28,29 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve,
-    /// Validate the configuration file and exit (non-zero with a message naming the bad key).
-    CheckConfig,
+    /// Validate the configuration file and exit (non-zero with a message naming the bad key). Every secret source
+    /// (environment variable, file) must resolve.
+    CheckConfig {
+        /// Also print the effective configuration (defaults filled in, secrets masked).
+        #[arg(long)]
+        print: bool,
+        /// Format of `--print`.
+        #[arg(long, value_enum, default_value = "toml")]
+        format: PrintFormat,
+    },
     /// Write a self-signed development certificate for localhost into a directory.
     GenCert {
         /// Output directory.
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
+}
+
+/// `check-config --format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PrintFormat {
+    Toml,
+    Json,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,17 +61,93 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { print, format } => {
             let config = Config::load(&cli.config)?;
             if config.tls.enabled {
                 roomwire::tls::load_server_config(&config.tls)?;
             }
             roomwire::auth::Authenticator::from_config(&config.auth)?;
-            println!("{}: ok", cli.config.display());
+            check_nats_secrets(&config.nats)?;
+            if print {
+                let value = masked(&config).context("serialising the configuration")?;
+                let text = match format {
+                    PrintFormat::Toml => toml::to_string_pretty(&without_nulls(value)).context("writing TOML")?,
+                    PrintFormat::Json => serde_json::to_string_pretty(&value).context("writing JSON")?,
+                };
+                println!("{text}");
+            } else {
+                println!("{}: ok", cli.config.display());
+            }
             Ok(())
         }
         Command::Serve => serve(&cli.config),
     }
+}
+
+/// Resolves the NATS secret sources (`nats.password`, `nats.token`) and checks that `nats.creds_file` is readable, as
+/// the gateway would at start: a missing variable or file is an error now rather than at the first connection.
+fn check_nats_secrets(nats: &roomwire::config::NatsConfig) -> anyhow::Result<()> {
+    if let Some(p) = &nats.password {
+        p.load("nats.password")?;
+    }
+    if let Some(t) = &nats.token {
+        t.load("nats.token")?;
+    }
+    if let Some(path) = &nats.creds_file {
+        std::fs::metadata(path).with_context(|| format!("nats.creds_file {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The configuration as a JSON value, secrets masked. Secret sources print as what they name (`{ env = "VAR" }`,
+/// `{ file = ".." }`), never their value; the one place a secret can sit in the file itself is the userinfo of a
+/// `nats.url` (`nats://user:pass@host`, `nats://token@host`), which is replaced by `MASKED`.
+fn masked(config: &Config) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(config)?;
+    match value.pointer_mut("/nats/url") {
+        Some(serde_json::Value::String(url)) => *url = mask_userinfo(url),
+        Some(serde_json::Value::Array(urls)) => {
+            for url in urls {
+                if let serde_json::Value::String(u) = url {
+                    *u = mask_userinfo(u);
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(value)
+}
+
+/// TOML has no null: an unset optional key is left out, as it would be in the file.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().filter(|v| !v.is_null()).map(without_nulls).collect()),
+        other => other,
+    }
+}
+
+/// `scheme://user:pass@host` → `scheme://user:MASKED@host`; `scheme://token@host` → `scheme://MASKED@host`.
+fn mask_userinfo(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+        return url.to_string();
+    };
+    let userinfo = &url[start..at];
+    let masked = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:MASKED"),
+        None => "MASKED".to_string(),
+    };
+    format!("{}{masked}{}", &url[..start], &url[at..])
 }
 
 /// Crates whose debug/trace logs can show what crosses the wire: tungstenite logs every frame with its payload at
@@ -152,7 +243,16 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
     use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
-    use super::log_filter;
+    use super::{log_filter, mask_userinfo};
+
+    #[test]
+    fn nats_url_credentials_are_masked() {
+        assert_eq!(mask_userinfo("nats://a:s3cret@h:4222"), "nats://a:MASKED@h:4222");
+        assert_eq!(mask_userinfo("tls://tok3n@h"), "tls://MASKED@h");
+        assert_eq!(mask_userinfo("nats://h:4222"), "nats://h:4222");
+        assert_eq!(mask_userinfo("nats://h/p@x"), "nats://h/p@x");
+        assert_eq!(mask_userinfo("nats://u:p:q@h"), "nats://u:MASKED@h");
+    }
 
     /// A `MakeWriter` collecting everything logged.
     #[derive(Clone, Default)]

@@ -565,3 +565,124 @@ async fn admin_listener_serves_metrics_connz_and_readyz_through_the_drain() {
     }
     assert_eq!(bin.exit_code(WAIT).await, Some(0));
 }
+
+// ---- check-config --print ------------------------------------------------------------------------------------------
+
+async fn check_config(
+    dir: &std::path::Path,
+    toml_text: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> std::process::Output {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml_text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_roomwire"));
+    cmd.args(["check-config", "--config"])
+        .arg(&path)
+        .args(args)
+        .current_dir(dir);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().await.expect("run check-config")
+}
+
+#[tokio::test]
+async fn check_config_print_masks_secrets_and_requires_secret_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = dir.path().join("hs.secret");
+    std::fs::write(&hs, "file-secret-value-0123456789abcdef\n").unwrap();
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:8443"
+drain_window = "3s"
+
+[tls]
+enabled = false
+
+[nats]
+url = ["nats://alice:hunter2@127.0.0.1:4222", "nats://s3cr3ttoken@127.0.0.1:4223"]
+user = "alice"
+password = {{ env = "RW_CHECK_NATS_PASSWORD" }}
+
+[[auth.keys]]
+kid = "a"
+algorithm = "HS256"
+secret = {{ env = "RW_CHECK_HMAC" }}
+
+[[auth.keys]]
+kid = "b"
+algorithm = "HS256"
+secret = {{ file = "{hs}" }}
+
+[log]
+format = "json"
+
+[admin]
+listen = "127.0.0.1:9090"
+"#,
+        hs = hs.display()
+    );
+    let envs = [
+        ("RW_CHECK_NATS_PASSWORD", "env-password-value"),
+        ("RW_CHECK_HMAC", "env-hmac-value-0123456789abcdef"),
+    ];
+    let secrets = [
+        "hunter2",
+        "s3cr3ttoken",
+        "env-password-value",
+        "env-hmac-value",
+        "file-secret-value",
+    ];
+
+    for format in ["toml", "json"] {
+        let out = check_config(dir.path(), &text, &["--print", "--format", format], &envs).await;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for s in secrets {
+            assert!(!stdout.contains(s), "{format}: secret {s} printed:\n{stdout}");
+        }
+        let v: serde_json::Value = match format {
+            "toml" => {
+                serde_json::to_value(toml::from_str::<toml::Value>(&stdout).expect("printed TOML parses")).unwrap()
+            }
+            _ => serde_json::from_str(&stdout).expect("printed JSON parses"),
+        };
+        // Effective: defaults filled in, the file's values kept, secret sources shown by name.
+        assert_eq!(v["server"]["drain_window"], "3s", "{format}: {v}");
+        assert_eq!(v["server"]["shutdown_grace"], "10s", "{format}: {v}");
+        assert_eq!(v["server"]["public_metrics"], true);
+        assert_eq!(v["admin"]["listen"], "127.0.0.1:9090");
+        assert_eq!(v["log"]["format"], "json");
+        assert_eq!(
+            v["nats"]["url"],
+            serde_json::json!(["nats://alice:MASKED@127.0.0.1:4222", "nats://MASKED@127.0.0.1:4223"])
+        );
+        assert_eq!(
+            v["nats"]["password"],
+            serde_json::json!({"env": "RW_CHECK_NATS_PASSWORD"})
+        );
+        assert_eq!(
+            v["auth"]["keys"][0]["secret"],
+            serde_json::json!({"env": "RW_CHECK_HMAC"})
+        );
+    }
+
+    // A secret source that does not resolve is an error naming its key.
+    let cases = [(vec![envs[1]], "nats.password"), (vec![envs[0]], "RW_CHECK_HMAC")];
+    for (envs, key) in cases {
+        let out = check_config(dir.path(), &text, &["--print"], &envs).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: accepted");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        assert!(out.stdout.is_empty(), "nothing printed on error");
+    }
+    std::fs::remove_file(&hs).unwrap();
+    let out = check_config(dir.path(), &text, &[], &envs).await;
+    assert!(!out.status.success(), "missing secret file accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hs.secret"));
+}
