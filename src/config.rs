@@ -15,7 +15,7 @@ use std::{
 
 use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::room_pattern::RoomPattern;
 
@@ -107,6 +107,20 @@ impl TryFrom<SecretTable> for SecretSource {
     }
 }
 
+/// Written back in its TOML form (`{ file = ".." }` / `{ env = ".." }`): the source names where the secret is, never
+/// the secret itself (`roomwire check-config --print`).
+impl Serialize for SecretSource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        match self {
+            SecretSource::File(path) => map.serialize_entry("file", path)?,
+            SecretSource::Env(var) => map.serialize_entry("env", var)?,
+        }
+        map.end()
+    }
+}
+
 impl SecretSource {
     /// Loads the secret. `key` names the config key in errors.
     pub fn load(&self, key: &'static str) -> Result<Secret, ConfigError> {
@@ -158,7 +172,7 @@ fn deserialize_algorithm<'de, D: Deserializer<'de>>(d: D) -> Result<Algorithm, D
 }
 
 /// One string or a list of strings (used for `nats.url`).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum OneOrMany {
     /// A single value.
@@ -182,7 +196,7 @@ impl OneOrMany {
 const MAX_FRAME_HEADER: usize = 14;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Listener, HTTP and shutdown settings.
@@ -201,41 +215,56 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Log format and level.
     pub log: LogConfig,
+    /// The admin listener (metrics, health, `/connz`), off unless `listen` is set.
+    pub admin: AdminConfig,
 }
 
-/// `[log]`: how the gateway logs (`docs/operations.md`).
-#[derive(Debug, Clone, Deserialize)]
+/// `[log]`: how the gateway logs (through `tracing`, to stdout).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// `human` (text lines) or `json` (one JSON object per line). Default `human`.
+    /// `"human"` (one line per event, for terminals and journald) or `"json"` (one JSON object per line, for log
+    /// pipelines). Default `"human"`.
     pub format: LogFormat,
-    /// Level or filter, in `RUST_LOG` syntax (`info`, `roomwire=debug,info`). `RUST_LOG`, when set, wins.
-    /// Default `info`.
-    pub level: String,
+    /// The level filter, in `RUST_LOG` syntax (`"info"`, `"roomwire=debug,info"`). `RUST_LOG`, when set, wins.
+    /// Default `"info"`.
+    pub level: Option<String>,
 }
 
-impl Default for LogConfig {
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[admin]`: a second, plain-HTTP listener for operators (`/metrics`, `/healthz`, `/readyz`, `/connz`). Bind it to
+/// loopback or a private network: it has no TLS and no authentication.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener, e.g. `"127.0.0.1:9090"`. Default: none (no admin listener).
+    pub listen: Option<SocketAddr>,
+    /// Connections open at once on the admin listener; more are closed at accept. Default 16.
+    pub max_connections: usize,
+}
+
+impl Default for AdminConfig {
     fn default() -> Self {
         Self {
-            format: LogFormat::Human,
-            level: "info".into(),
+            listen: None,
+            max_connections: 16,
         }
     }
 }
 
-/// `log.format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    /// Text lines for people.
-    Human,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
-
 /// `[history]`: which rooms keep history in a JetStream stream, the stream's limits, and the bounds of recovery and
 /// `history` reads. See `docs/history.md`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
     /// History for rooms matching `rooms`. Default false.
@@ -396,7 +425,7 @@ impl HistoryConfig {
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on. Default `0.0.0.0:8443`.
@@ -421,6 +450,9 @@ pub struct ServerConfig {
     /// once. `server.shutdown_grace` applies after it. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
+    /// Serve `/metrics` on the public listener too. Default true, so existing scrapes keep working; production should
+    /// set it false and scrape the admin listener (`[admin] listen`).
+    pub public_metrics: bool,
     /// Allowed `Origin` values for the upgrade: exact origins (`https://app.example.com`) or `*.example.com` /
     /// `https://*.example.com` wildcards. Empty (default) = any origin, including none.
     pub allowed_origins: Vec<String>,
@@ -437,7 +469,7 @@ pub struct ServerConfig {
 }
 
 /// Which header a trusted proxy uses to pass on the client's address (`server.forwarded_header`).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub enum ForwardedHeader {
     /// `X-Forwarded-For: client, proxy1, proxy2` (the right-most untrusted entry is the client).
     #[default]
@@ -473,6 +505,7 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(10),
             drain_window: Duration::from_secs(10),
+            public_metrics: true,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::XForwardedFor,
@@ -482,7 +515,7 @@ impl Default for ServerConfig {
 }
 
 /// `[tls]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Terminate TLS (wss). When false the listener speaks plain ws (behind a TLS-terminating proxy). Default true.
@@ -504,7 +537,7 @@ impl Default for TlsConfig {
 }
 
 /// `[nats]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Server URL, or a list of them. Default `nats://127.0.0.1:4222`.
@@ -585,7 +618,7 @@ impl Default for NatsConfig {
 }
 
 /// What to do when a connection's outbound queue is full. See `docs/backpressure.md`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Overflow {
     /// Close the connection with 4008 "slow consumer".
@@ -599,7 +632,7 @@ pub enum Overflow {
 }
 
 /// One `[[rooms.policy]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomPolicy {
     /// Room pattern: exact name, or with `*` wildcards (`ticker-*`).
@@ -609,7 +642,7 @@ pub struct RoomPolicy {
 }
 
 /// `[rooms]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
     /// Room `R` maps to subject `<subject_prefix>.R`. Default `rooms`.
@@ -658,7 +691,7 @@ impl RoomsConfig {
 }
 
 /// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest WebSocket message from a client, in bytes (after reassembly of fragments). Over it: close 1009.
@@ -748,7 +781,7 @@ impl Default for LimitsConfig {
 }
 
 /// One `[[auth.keys]]` entry: a key tokens may be signed with, and the one algorithm it accepts.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct JwtKey {
     /// Key id matched against the token header's `kid`; a key without `kid` matches any token of its algorithm.
@@ -763,7 +796,7 @@ pub struct JwtKey {
 }
 
 /// Permissions granted to a connection: room patterns it may join and publish to.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Permissions {
     /// Patterns of rooms that may be joined. Default `["*"]`.
@@ -782,7 +815,7 @@ impl Default for Permissions {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Accept connections without a token. Default false; the shipped dev config sets true.
@@ -885,7 +918,36 @@ impl Config {
         self.rooms.validate()?;
         self.limits.validate()?;
         self.history.validate(&self.nats)?;
-        self.auth.validate()
+        self.auth.validate()?;
+        self.log.validate()?;
+        self.admin.validate(&self.server)
+    }
+}
+
+impl LogConfig {
+    /// Checks `[log]`: the level must parse (a typo would otherwise silently log at `info`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(level) = &self.level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log.level", format!("{level:?}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl AdminConfig {
+    /// Checks `[admin]`: not on the public listener's address, at least one connection.
+    pub fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if let Some(addr) = self.listen
+            && addr == server.listen
+            && addr.port() != 0
+        {
+            return Err(invalid("admin.listen", "must differ from server.listen"));
+        }
+        Ok(())
     }
 }
 

@@ -300,18 +300,9 @@ async fn route(
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        "/metrics" => {
-            if let Some(h) = gw.history() {
-                let requests = i64::try_from(h.replayer().requests()).unwrap_or(i64::MAX);
-                gw.metrics().history_requests.set(requests);
-            }
-            let mut resp = text(StatusCode::OK, gw.metrics().render());
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            resp
-        }
+        // Off when `server.public_metrics = false`: then it is a 404 like any unknown path, served by the admin
+        // listener instead.
+        "/metrics" if gw.config().server.public_metrics => crate::admin::metrics(gw),
         p if p == gw.config().server.ws_path && over_capacity => {
             gw.metrics().rejections.inc(Reject::Capacity.reason());
             Reject::Capacity.response()

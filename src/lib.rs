@@ -12,6 +12,7 @@
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod assets;
 pub mod auth;
 pub mod bridge;

@@ -28,12 +28,15 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Serve,
-    /// Validate the configuration file and exit (non-zero with a message naming the bad key). Secret sources (files,
-    /// environment variables) must resolve.
+    /// Validate the configuration file and exit (non-zero with a message naming the bad key). Every secret source
+    /// (environment variable, file) must resolve.
     CheckConfig {
-        /// Also print the effective configuration (every default filled in), secrets masked.
+        /// Also print the effective configuration (defaults filled in, secrets masked).
         #[arg(long)]
         print: bool,
+        /// Format of `--print`.
+        #[arg(long, value_enum, default_value = "toml")]
+        format: PrintFormat,
     },
     /// Write a self-signed development certificate for localhost into a directory.
     GenCert {
@@ -41,6 +44,13 @@ enum Command {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
+}
+
+/// `check-config --format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PrintFormat {
+    Toml,
+    Json,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,33 +61,96 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
-        Command::CheckConfig { print } => {
+        Command::CheckConfig { print, format } => {
             let config = Config::load(&cli.config)?;
             if config.tls.enabled {
                 roomwire::tls::load_server_config(&config.tls)?;
             }
             roomwire::auth::Authenticator::from_config(&config.auth)?;
-            // The NATS secrets are otherwise read only when connecting: a missing file or variable must fail here.
-            let nats = &config.nats;
-            for (key, source) in [
-                ("nats.password", &nats.password),
-                ("nats.token", &nats.token),
-                ("nats.nkey_seed", &nats.nkey_seed),
-            ] {
-                if let Some(source) = source {
-                    source.load(key)?;
-                }
-            }
+            check_nats_secrets(&config.nats)?;
             if print {
-                // `Debug` of the typed config: secrets are only ever held as `SecretSource` (a file name or a
-                // variable name) or `Secret` (printed as MASKED), so nothing secret can be printed.
-                println!("{config:#?}");
+                let value = masked(&config).context("serialising the configuration")?;
+                let text = match format {
+                    PrintFormat::Toml => toml::to_string_pretty(&without_nulls(value)).context("writing TOML")?,
+                    PrintFormat::Json => serde_json::to_string_pretty(&value).context("writing JSON")?,
+                };
+                println!("{text}");
+            } else {
+                println!("{}: ok", cli.config.display());
             }
-            println!("{}: ok", cli.config.display());
             Ok(())
         }
         Command::Serve => serve(&cli.config),
     }
+}
+
+/// Resolves the NATS secret sources (`nats.password`, `nats.token`) and checks that `nats.creds_file` is readable, as
+/// the gateway would at start: a missing variable or file is an error now rather than at the first connection.
+fn check_nats_secrets(nats: &roomwire::config::NatsConfig) -> anyhow::Result<()> {
+    if let Some(p) = &nats.password {
+        p.load("nats.password")?;
+    }
+    if let Some(t) = &nats.token {
+        t.load("nats.token")?;
+    }
+    if let Some(seed) = &nats.nkey_seed {
+        seed.load("nats.nkey_seed")?;
+    }
+    if let Some(path) = &nats.creds_file {
+        std::fs::metadata(path).with_context(|| format!("nats.creds_file {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The configuration as a JSON value, secrets masked. Secret sources print as what they name (`{ env = "VAR" }`,
+/// `{ file = ".." }`), never their value; the one place a secret can sit in the file itself is the userinfo of a
+/// `nats.url` (`nats://user:pass@host`, `nats://token@host`), which is replaced by `MASKED`.
+fn masked(config: &Config) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(config)?;
+    match value.pointer_mut("/nats/url") {
+        Some(serde_json::Value::String(url)) => *url = mask_userinfo(url),
+        Some(serde_json::Value::Array(urls)) => {
+            for url in urls {
+                if let serde_json::Value::String(u) = url {
+                    *u = mask_userinfo(u);
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(value)
+}
+
+/// TOML has no null: an unset optional key is left out, as it would be in the file.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().filter(|v| !v.is_null()).map(without_nulls).collect()),
+        other => other,
+    }
+}
+
+/// `scheme://user:pass@host` → `scheme://user:MASKED@host`; `scheme://token@host` → `scheme://MASKED@host`.
+fn mask_userinfo(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+        return url.to_string();
+    };
+    let userinfo = &url[start..at];
+    let masked = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:MASKED"),
+        None => "MASKED".to_string(),
+    };
+    format!("{}{masked}{}", &url[..start], &url[at..])
 }
 
 /// Crates whose debug/trace logs can show what crosses the wire: tungstenite logs every frame with its payload at
@@ -118,26 +191,7 @@ where
 
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    // `RUST_LOG` wins over `log.level`; either goes through the same cap on the wire crates.
-    let spec = std::env::var("RUST_LOG")
-        .ok()
-        .unwrap_or_else(|| config.log.level.clone());
-    // `init` also routes the `log` crate (tungstenite, rustls) into tracing, through the same filter.
-    match config.log.format {
-        LogFormat::Human => tracing_subscriber::registry()
-            .with(tracing_subscriber::fmt::layer().with_filter(log_filter(Some(&spec))))
-            .init(),
-        // One JSON object per line, with the current span's fields (the connection's id, address and user).
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_filter(log_filter(Some(&spec))),
-            )
-            .init(),
-    }
+    init_logging(&config.log);
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -148,9 +202,38 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             .await
             .context("gateway failed to start")?;
         roomwire::shutdown::on_signals(gateway.drain().clone());
+        if let Some(addr) = gateway.config().admin.listen {
+            let admin = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin.listen {addr}"))?;
+            gateway.spawn(roomwire::admin::serve(admin, gateway.clone()));
+        }
         roomwire::run(listener, gateway).await;
         Ok(())
     })
+}
+
+/// Starts tracing as `[log]` says: `RUST_LOG` when set, else `log.level` (default `info`), always under the
+/// [`WIRE_CRATES`] cap; human lines (colours only on a terminal) or one JSON object per line, with the span
+/// fields (connection id, address, user) on every event.
+fn init_logging(log: &roomwire::config::LogConfig) {
+    use std::io::IsTerminal;
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    let spec = rust_log.as_deref().or(log.level.as_deref());
+    let layer = match log.format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_filter(log_filter(spec))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(log_filter(spec))
+            .boxed(),
+    };
+    // `init` also routes the `log` crate (tungstenite, rustls) into tracing, through the same filter.
+    tracing_subscriber::registry().with(layer).init();
 }
 
 #[cfg(test)]
@@ -163,7 +246,16 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
     use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
-    use super::log_filter;
+    use super::{log_filter, mask_userinfo};
+
+    #[test]
+    fn nats_url_credentials_are_masked() {
+        assert_eq!(mask_userinfo("nats://a:s3cret@h:4222"), "nats://a:MASKED@h:4222");
+        assert_eq!(mask_userinfo("tls://tok3n@h"), "tls://MASKED@h");
+        assert_eq!(mask_userinfo("nats://h:4222"), "nats://h:4222");
+        assert_eq!(mask_userinfo("nats://h/p@x"), "nats://h/p@x");
+        assert_eq!(mask_userinfo("nats://u:p:q@h"), "nats://u:MASKED@h");
+    }
 
     /// A `MakeWriter` collecting everything logged.
     #[derive(Clone, Default)]

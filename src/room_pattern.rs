@@ -114,6 +114,12 @@ impl<'de> Deserialize<'de> for RoomPattern {
     }
 }
 
+impl serde::Serialize for RoomPattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
 /// The plain model `RoomPattern` is checked against, by the property test below and by the `room_subject` fuzz
 /// target.
 #[cfg(any(test, fuzzing))]

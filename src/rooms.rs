@@ -417,6 +417,23 @@ impl Rooms {
         self.len() == 0
     }
 
+    /// The `n` rooms with the most local members, most first (ties by name), for the admin `/connz`. Costs a pass
+    /// over the rooms (at most `rooms.max_rooms`); the map lock is released before any room's lock is taken.
+    pub fn top_rooms(&self, n: usize) -> Vec<(Arc<str>, usize)> {
+        let rooms: Vec<Arc<Room>> = self.map.lock().values().cloned().collect();
+        let mut counted: Vec<(Arc<str>, usize)> = rooms
+            .iter()
+            .map(|r| (r.name.clone(), r.members.read().list.len()))
+            .collect();
+        let by_size = |a: &(Arc<str>, usize), b: &(Arc<str>, usize)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+        if counted.len() > n && n > 0 {
+            counted.select_nth_unstable_by(n - 1, by_size);
+        }
+        counted.truncate(n);
+        counted.sort_by(by_size);
+        counted
+    }
+
     /// Subscribes, signals readiness, then fans out until the room empties or the gateway shuts down, or until the
     /// subscription ends under it (then [`Rooms::end_room`]).
     async fn room_task(self: Arc<Self>, room: Arc<Room>) {

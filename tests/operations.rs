@@ -33,6 +33,8 @@ struct Binary {
     lines: Arc<Mutex<Vec<String>>>,
     /// New lines, as they come (for waiting on a log line).
     rx: mpsc::UnboundedReceiver<String>,
+    /// The tasks reading stdout and stderr; they end at the pipes' end.
+    readers: Vec<tokio::task::JoinHandle<()>>,
     /// The public listener's address (from the `listening` log line).
     addr: SocketAddr,
     ca: TestCa,
@@ -99,18 +101,19 @@ impl Binary {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
+        let mut readers = Vec::new();
         for pipe in [
             Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
             Box::new(stderr),
         ] {
             let (lines, tx) = (lines.clone(), tx.clone());
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     lines.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
-            });
+            }));
         }
         let addr = tokio::time::timeout(WAIT, async {
             while let Some(line) = rx.recv().await {
@@ -128,6 +131,7 @@ impl Binary {
             child,
             lines,
             rx,
+            readers,
             addr,
             ca,
             _dir: dir,
@@ -198,6 +202,37 @@ impl Binary {
             .unwrap_or_else(|_| panic!("did not exit within {within:?}: {:?}", self.lines.lock().unwrap()))
             .unwrap()
             .code()
+    }
+
+    /// The admin listener's address (from its `admin listening` log line).
+    async fn admin_addr(&mut self) -> SocketAddr {
+        let find = |lines: &[String]| {
+            lines
+                .iter()
+                .find(|l| l.contains("admin listening"))
+                .and_then(|l| addr_in(l))
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(addr) = find(&self.log()) {
+                return addr;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = tokio::time::timeout(left, self.rx.recv()).await;
+            assert!(
+                matches!(got, Ok(Some(_))),
+                "no `admin listening` line: {:?}",
+                self.log()
+            );
+        }
+    }
+
+    /// Everything the exited process wrote (waits for the readers to reach the pipes' end).
+    async fn full_log(&mut self) -> Vec<String> {
+        for r in self.readers.drain(..) {
+            tokio::time::timeout(WAIT, r).await.expect("pipes closed").unwrap();
+        }
+        self.log()
     }
 
     fn log(&self) -> Vec<String> {
@@ -366,4 +401,288 @@ async fn second_signal_exits_at_once() {
     bin.signal("-TERM");
     assert_eq!(bin.exit_code(WAIT).await, Some(1), "{:?}", bin.log());
     assert!(second.elapsed() < Duration::from_secs(3), "{:?}", second.elapsed());
+}
+
+// ---- logs ----------------------------------------------------------------------------------------------------------
+
+const LOG_SECRET: &str = "ops-test-hmac-secret-0123456789abcdef";
+
+fn hs256(claims: &serde_json::Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(LOG_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn json_logs_parse_line_by_line_and_never_contain_the_token() {
+    let nats = NatsServer::start().await;
+    let ca = TestCa::new();
+    let auth = r#"[auth]
+allow_anonymous = false
+[[auth.keys]]
+algorithm = "HS256"
+secret = { env = "RW_OPS_TEST_SECRET" }
+"#;
+    let config = config_text(
+        &nats,
+        &ca,
+        "drain_window = \"0s\"",
+        "[log]\nformat = \"json\"\nlevel = \"trace\"\n",
+    )
+    .replace("[auth]\nallow_anonymous = true\n", auth);
+    let mut bin = Binary::start(ca, &config, &[("RW_OPS_TEST_SECRET", LOG_SECRET)]).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = hs256(&serde_json::json!({ "sub": "ann", "exp": exp, "rooms": ["*"] }));
+    let mut c = bin.client(&format!("/ws?token={token}")).await;
+    c.join("lobby").await;
+    c.publish("lobby", serde_json::json!("hello")).await;
+    // A refused token (right signature scheme, wrong key) in the query string, and a refresh with the good one.
+    let forged = token[..token.rfind('.').unwrap()].to_string() + ".AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let req = format!("wss://localhost:{}/ws?token={forged}", bin.addr.port())
+        .into_client_request()
+        .unwrap();
+    assert!(tokio_tungstenite::client_async(req, bin.tls().await).await.is_err());
+    let r = c.request(serde_json::json!({"op":"refresh","token":token}), 7).await;
+    assert_eq!(r["op"], "ack", "{r}");
+    bin.signal("-TERM");
+    assert_eq!(c.expect_close().await.0, 1001);
+    assert_eq!(bin.exit_code(WAIT).await, Some(0));
+    let log = bin.full_log().await;
+    assert!(log.len() > 5, "too few lines to mean anything: {log:?}");
+    let signature = &token[token.rfind('.').unwrap() + 1..];
+    let mut saw_user_span = false;
+    for line in &log {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        for secret in [token.as_str(), forged.as_str(), signature, LOG_SECRET] {
+            assert!(!line.contains(secret), "a secret reached the log: {line}");
+        }
+        if v["span"]["name"] == "conn" && v["span"]["user"].as_str().is_some_and(|u| u.contains("ann")) {
+            assert!(v["span"]["id"].is_u64() && v["span"]["peer"].is_string(), "{line}");
+            saw_user_span = true;
+        }
+    }
+    assert!(
+        saw_user_span,
+        "no event inside a connection span with its id, address and user: {log:?}"
+    );
+}
+
+// ---- admin listener ------------------------------------------------------------------------------------------------
+
+/// A plain-HTTP GET (the admin listener has no TLS); (status, body).
+async fn plain_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut buf))
+        .await
+        .expect("admin answers in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn admin_listener_serves_metrics_connz_and_readyz_through_the_drain() {
+    let nats = NatsServer::start().await;
+    let ca = TestCa::new();
+    let config = config_text(
+        &nats,
+        &ca,
+        "drain_window = \"1s\"\npublic_metrics = false",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let mut bin = Binary::start(ca, &config, &[]).await;
+    let admin = bin.admin_addr().await;
+
+    // The public listener keeps its probes but no longer serves /metrics.
+    let mut public = KeepAlive::open(&bin).await;
+    assert_eq!(public.get("/metrics").await.0, 404);
+    assert_eq!(public.get("/healthz").await.0, 200);
+    assert_eq!(public.get("/readyz").await.0, 200);
+
+    let (status, body) = plain_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("roomwire_connections_open 0"), "{body}");
+    assert_eq!(plain_get(admin, "/healthz").await.0, 200);
+    assert_eq!(plain_get(admin, "/readyz").await.0, 200);
+    assert_eq!(plain_get(admin, "/nope").await.0, 404);
+
+    let mut clients = Vec::new();
+    for rooms in [&["big", "small"][..], &["big"], &["big", "mid"], &["mid"]] {
+        let mut c = bin.client("/ws").await;
+        for r in rooms {
+            c.join(r).await;
+        }
+        clients.push(c);
+    }
+    let (status, body) = plain_get(admin, "/connz").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("connz is JSON");
+    assert_eq!(v["gateway"], "gwops");
+    assert_eq!(v["connections"], 4, "{v}");
+    assert_eq!(v["rooms"], 3, "{v}");
+    assert_eq!(
+        v["top_rooms"],
+        serde_json::json!([
+            {"room":"big","members":3},
+            {"room":"mid","members":2},
+            {"room":"small","members":1}
+        ])
+    );
+    assert_eq!(v["nats"]["connected"], true);
+    assert_eq!(v["draining"], false);
+    let (_, body) = plain_get(admin, "/metrics").await;
+    assert!(body.contains("roomwire_connections_open 4"), "{body}");
+
+    bin.signal("-TERM");
+    // While the public listener no longer accepts, the admin one says "not ready" (and still serves metrics).
+    let deadline = Instant::now() + WAIT;
+    while plain_get(admin, "/readyz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "admin /readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, body) = plain_get(admin, "/connz").await;
+    assert!(body.contains("\"draining\":true"), "{body}");
+    for c in &mut clients {
+        assert_eq!(c.expect_close().await.0, 1001);
+    }
+    assert_eq!(bin.exit_code(WAIT).await, Some(0));
+}
+
+// ---- check-config --print ------------------------------------------------------------------------------------------
+
+async fn check_config(
+    dir: &std::path::Path,
+    toml_text: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> std::process::Output {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml_text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_roomwire"));
+    cmd.args(["check-config", "--config"])
+        .arg(&path)
+        .args(args)
+        .current_dir(dir);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().await.expect("run check-config")
+}
+
+#[tokio::test]
+async fn check_config_print_masks_secrets_and_requires_secret_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = dir.path().join("hs.secret");
+    std::fs::write(&hs, "file-secret-value-0123456789abcdef\n").unwrap();
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:8443"
+drain_window = "3s"
+
+[tls]
+enabled = false
+
+[nats]
+url = ["nats://alice:hunter2@127.0.0.1:4222", "nats://s3cr3ttoken@127.0.0.1:4223"]
+user = "alice"
+password = {{ env = "RW_CHECK_NATS_PASSWORD" }}
+
+[[auth.keys]]
+kid = "a"
+algorithm = "HS256"
+secret = {{ env = "RW_CHECK_HMAC" }}
+
+[[auth.keys]]
+kid = "b"
+algorithm = "HS256"
+secret = {{ file = "{hs}" }}
+
+[log]
+format = "json"
+
+[admin]
+listen = "127.0.0.1:9090"
+"#,
+        hs = hs.display()
+    );
+    let envs = [
+        ("RW_CHECK_NATS_PASSWORD", "env-password-value"),
+        ("RW_CHECK_HMAC", "env-hmac-value-0123456789abcdef"),
+    ];
+    let secrets = [
+        "hunter2",
+        "s3cr3ttoken",
+        "env-password-value",
+        "env-hmac-value",
+        "file-secret-value",
+    ];
+
+    for format in ["toml", "json"] {
+        let out = check_config(dir.path(), &text, &["--print", "--format", format], &envs).await;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for s in secrets {
+            assert!(!stdout.contains(s), "{format}: secret {s} printed:\n{stdout}");
+        }
+        let v: serde_json::Value = match format {
+            "toml" => {
+                serde_json::to_value(toml::from_str::<toml::Value>(&stdout).expect("printed TOML parses")).unwrap()
+            }
+            _ => serde_json::from_str(&stdout).expect("printed JSON parses"),
+        };
+        // Effective: defaults filled in, the file's values kept, secret sources shown by name.
+        assert_eq!(v["server"]["drain_window"], "3s", "{format}: {v}");
+        assert_eq!(v["server"]["shutdown_grace"], "10s", "{format}: {v}");
+        assert_eq!(v["server"]["public_metrics"], true);
+        assert_eq!(v["admin"]["listen"], "127.0.0.1:9090");
+        assert_eq!(v["log"]["format"], "json");
+        assert_eq!(
+            v["nats"]["url"],
+            serde_json::json!(["nats://alice:MASKED@127.0.0.1:4222", "nats://MASKED@127.0.0.1:4223"])
+        );
+        assert_eq!(
+            v["nats"]["password"],
+            serde_json::json!({"env": "RW_CHECK_NATS_PASSWORD"})
+        );
+        assert_eq!(
+            v["auth"]["keys"][0]["secret"],
+            serde_json::json!({"env": "RW_CHECK_HMAC"})
+        );
+    }
+
+    // A secret source that does not resolve is an error naming its key.
+    let cases = [(vec![envs[1]], "nats.password"), (vec![envs[0]], "RW_CHECK_HMAC")];
+    for (envs, key) in cases {
+        let out = check_config(dir.path(), &text, &["--print"], &envs).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: accepted");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        assert!(out.stdout.is_empty(), "nothing printed on error");
+    }
+    std::fs::remove_file(&hs).unwrap();
+    let out = check_config(dir.path(), &text, &[], &envs).await;
+    assert!(!out.status.success(), "missing secret file accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hs.secret"));
 }

@@ -1,0 +1,144 @@
+//! The admin listener (`[admin] listen`): plain HTTP/1.1 for operators and their tools, apart from the public
+//! listener so that metrics and connection details need not be exposed to clients.
+//!
+//! Routes: `/metrics` (Prometheus text), `/healthz` (200 while the process runs), `/readyz` (200 only while connected
+//! to NATS and not draining: it stays reachable here during a drain, when the public listener has stopped accepting),
+//! and `/connz` (a JSON summary: connections, rooms, the top rooms by members, the NATS state).
+//!
+//! No TLS and no authentication (client-certificate verification is not implemented): bind it to loopback or a
+//! private network. Connections are capped by `admin.max_connections` (more are closed at accept), and each request
+//! head must arrive within [`HEADER_TIMEOUT`]. The listener runs until the root shutdown token is cancelled, i.e.
+//! through the whole drain.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
+
+use crate::gateway::Gateway;
+
+/// Time a client gets to send a request head on the admin listener.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Rooms listed in `/connz`'s `top_rooms`.
+pub const TOP_ROOMS: usize = 10;
+
+/// Serves the admin routes on `listener` until the gateway's root shutdown token is cancelled. Spawn it with
+/// [`Gateway::spawn`] so shutdown waits for it.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
+    let permits = Arc::new(Semaphore::new(gw.config().admin.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = gw.shutdown().cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Over the cap: close at once (dropping the stream), rather than queue.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin connection refused: admin.max_connections reached");
+            continue;
+        };
+        let conn_gw = gw.clone();
+        gw.spawn(async move {
+            let _permit = permit;
+            let svc_gw = conn_gw.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let gw = svc_gw.clone();
+                async move { Ok::<_, Infallible>(route(&gw, &req)) }
+            });
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = conn_gw.shutdown().cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    // Bounded: a peer that never reads must not hold shutdown.
+                    tokio::time::timeout(HEADER_TIMEOUT, conn).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => metrics(gw),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if gw.ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/connz" => {
+            let mut resp = Response::new(Full::new(Bytes::from(connz(gw).to_string())));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The Prometheus text exposition, for the admin listener and (with `server.public_metrics`) the public one.
+pub fn metrics(gw: &Gateway) -> Response<Full<Bytes>> {
+    if let Some(h) = gw.history() {
+        let requests = i64::try_from(h.replayer().requests()).unwrap_or(i64::MAX);
+        gw.metrics().history_requests.set(requests);
+    }
+    let mut resp = text(StatusCode::OK, gw.metrics().render());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// The `/connz` summary. Room names are the clients' own (validated at join to a safe character set).
+pub fn connz(gw: &Gateway) -> serde_json::Value {
+    let top: Vec<serde_json::Value> = gw
+        .rooms()
+        .top_rooms(TOP_ROOMS)
+        .into_iter()
+        .map(|(room, members)| serde_json::json!({ "room": &*room, "members": members }))
+        .collect();
+    serde_json::json!({
+        "gateway": &**gw.id(),
+        "connections": gw.metrics().connections_open.get(),
+        "rooms": gw.rooms().len(),
+        "top_rooms": top,
+        "nats": { "connected": gw.bridge().is_connected() },
+        "ready": gw.ready(),
+        "draining": gw.drain().is_cancelled(),
+    })
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
