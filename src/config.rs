@@ -524,6 +524,10 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1). Default `certs/dev-key.pem`.
     pub key_file: PathBuf,
+    /// How often the certificate and key files are checked for changes (size and modification time, following
+    /// symlinks); a change reloads them as SIGHUP does. `0s` turns the check off. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
 }
 
 impl Default for TlsConfig {
@@ -532,6 +536,7 @@ impl Default for TlsConfig {
             enabled: true,
             cert_file: "certs/dev-cert.pem".into(),
             key_file: "certs/dev-key.pem".into(),
+            watch_interval: Duration::from_secs(10),
         }
     }
 }

@@ -26,6 +26,7 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>) {
     }
     #[cfg(unix)]
     reload_certificates_on_sighup(&gateway);
+    reload_certificates_on_change(&gateway);
     loop {
         let accepted = tokio::select! {
             _ = gateway.shutdown().cancelled() => break,
@@ -97,6 +98,41 @@ fn spawn_connection(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
     let span = tracing::info_span!("conn", %peer, id = tracing::field::Empty, user = tracing::field::Empty);
     let task = crate::http::handshake(gateway.clone(), tcp, peer, deadline, slot);
     gateway.spawn(task.instrument(span));
+}
+
+/// Certificate rotation without a signal: every `tls.watch_interval`, the size and modification time of the
+/// certificate and key files are compared with the last seen; a change reloads them (the same reload as SIGHUP).
+/// Polling two `stat`s, rather than inotify, follows the symlink swaps of Kubernetes secrets and cert-manager, works
+/// on every filesystem, and needs no dependency. A pair caught half-written fails to load, is logged, and the old
+/// certificate stays; the next write changes the files again and is picked up.
+fn reload_certificates_on_change(gateway: &Arc<Gateway>) {
+    let every = gateway.config().tls.watch_interval;
+    let Some(tls) = gateway.tls() else { return };
+    if every.is_zero() {
+        return;
+    }
+    let mut seen = tls.files_fingerprint();
+    let gw = gateway.clone();
+    gateway.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = gw.shutdown().cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let Some(tls) = gw.tls() else { break };
+            let now = tls.files_fingerprint();
+            if now.is_none() || now == seen {
+                continue;
+            }
+            seen = now;
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate files changed: reloaded"),
+                Err(e) => tracing::error!(error = %e, "TLS certificate files changed but do not load; keeping the previous certificate"),
+            }
+        }
+    });
 }
 
 /// Certificate rotation: SIGHUP re-reads `tls.cert_file` / `tls.key_file`. New handshakes use the new pair; open

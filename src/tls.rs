@@ -103,6 +103,13 @@ impl Tls {
         TlsAcceptor::from(self.current.load_full())
     }
 
+    /// What the certificate and key files look like now (size and modification time of each, symlinks followed),
+    /// to notice a rotation without reading or parsing them. `None` if either cannot be read.
+    pub fn files_fingerprint(&self) -> Option<[(u64, std::time::SystemTime); 2]> {
+        let stat = |p: &Path| fs::metadata(p).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+        Some([stat(&self.config.cert_file)?, stat(&self.config.key_file)?])
+    }
+
     /// Re-reads the certificate and key files; on error the old ones stay in use.
     pub fn reload(&self) -> Result<(), TlsError> {
         let server = load_server_config(&self.config)?;

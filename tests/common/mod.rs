@@ -226,6 +226,8 @@ pub struct TestCa {
     pub ca_pem: String,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The CA's key and name, to issue more certificates (a rotation).
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 impl TestCa {
@@ -252,7 +254,20 @@ impl TestCa {
             ca_pem: ca_cert.pem(),
             cert_file,
             key_file,
+            issuer,
         }
+    }
+
+    /// Writes a new certificate and key for localhost, from the same CA, over `cert_file` and `key_file` (a rotation);
+    /// returns the new certificate's DER.
+    pub fn reissue(&self) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        // Key first, then the certificate: a reload in between fails (the pair does not match) and is retried.
+        std::fs::write(&self.key_file, key.serialize_pem()).unwrap();
+        std::fs::write(&self.cert_file, cert.pem()).unwrap();
+        cert.der().to_vec()
     }
 
     pub fn connector(&self) -> TlsConnector {
