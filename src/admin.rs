@@ -102,6 +102,7 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// The Prometheus text exposition, for the admin listener and (with `server.public_metrics`) the public one.
 pub fn metrics(gw: &Gateway) -> Response<Full<Bytes>> {
+    gw.metrics().nats_connected.set(i64::from(gw.bridge().is_connected()));
     if let Some(h) = gw.history() {
         let requests = i64::try_from(h.replayer().requests()).unwrap_or(i64::MAX);
         gw.metrics().history_requests.set(requests);

@@ -385,6 +385,7 @@ impl Conn {
         match msg {
             Message::Text(text) => {
                 self.gw.metrics().frames_in.inc();
+                self.gw.metrics().bytes_in.inc_by(text.len() as u64);
                 if refused {
                     let id = protocol::parse_request_with_depth(&text, self.gw.config().limits.max_json_depth)
                         .ok()
@@ -394,8 +395,9 @@ impl Conn {
                     return self.on_text(&text, arrived).await;
                 }
             }
-            Message::Binary(_) => {
+            Message::Binary(data) => {
                 self.gw.metrics().frames_in.inc();
+                self.gw.metrics().bytes_in.inc_by(data.len() as u64);
                 if refused {
                     self.rate_limited(None).await;
                 } else {
@@ -756,14 +758,20 @@ async fn write_loop<S>(
             }
         };
         gw.metrics().note_depth(batch.len());
+        let queued_at = outbox.take_batch_start();
+        let mut bytes = 0u64;
         let wrote = timed_write(limits.write_timeout, async {
             for item in batch.drain(..) {
                 match item {
-                    Item::Control(frame) => sink.feed(Message::Text(frame)).await?,
+                    Item::Control(frame) => {
+                        bytes += frame.len() as u64;
+                        sink.feed(Message::Text(frame)).await?
+                    }
                     Item::Room { room, frame, gap, .. } => {
                         if gap > 0 {
                             sink.feed(Message::Text(protocol::gap(&room, gap).into())).await?;
                         }
+                        bytes += frame.len() as u64;
                         sink.feed(Message::Text(frame)).await?;
                     }
                 }
@@ -775,6 +783,11 @@ async fn write_loop<S>(
             batch.clear();
             outbox.close(failed.close(&gw));
             break;
+        }
+        // Per batch, not per frame: one histogram sample (the batch's oldest frame) and one counter add.
+        gw.metrics().bytes_out.inc_by(bytes);
+        if let Some(t) = queued_at {
+            gw.metrics().delivery_seconds.observe(t.elapsed().as_secs_f64());
         }
         if let Some(req) = close {
             let frame = CloseFrame {

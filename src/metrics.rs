@@ -238,6 +238,15 @@ pub struct Metrics {
     pub replayed: Counter,
     /// JetStream requests made to read history (direct gets, leader gets), set from the reader at each scrape.
     pub history_requests: Gauge<i64, AtomicI64>,
+    /// Payload bytes of the messages clients sent.
+    pub bytes_in: Counter,
+    /// Bytes of the frames written to clients (their JSON text).
+    pub bytes_out: Counter,
+    /// Whether the NATS connection is up (1) or not (0), set at each scrape.
+    pub nats_connected: Gauge<i64, AtomicI64>,
+    /// Time from a frame being queued for a client (for room messages: as the NATS message is fanned out) to the
+    /// end of its write, sampled once per written batch (its oldest frame).
+    pub delivery_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Default for Metrics {
@@ -269,6 +278,13 @@ impl Metrics {
             recoveries: ByReason::default(),
             replayed: Counter::default(),
             history_requests: Gauge::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            nats_connected: Gauge::default(),
+            // 50 µs to about 1.6 s.
+            delivery_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
+            ),
             nats_disconnects: Counter::default(),
             registry: Registry::default(),
         };
@@ -337,6 +353,18 @@ impl Metrics {
             "replayed",
             "Stored messages replayed to recovering clients",
             m.replayed.clone(),
+        );
+        registry.register("bytes_in", "Payload bytes of client messages", m.bytes_in.clone());
+        registry.register("bytes_out", "Bytes of frames written to clients", m.bytes_out.clone());
+        registry.register(
+            "nats_connected",
+            "NATS connection up (1) or down (0)",
+            m.nats_connected.clone(),
+        );
+        registry.register(
+            "delivery_seconds",
+            "Time from a frame queued for a client to the end of its write, once per written batch",
+            m.delivery_seconds.clone(),
         );
         registry.register(
             "history_requests",

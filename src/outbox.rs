@@ -128,6 +128,10 @@ struct State {
     /// Dropped counts of rooms that have no message queued yet to carry them.
     gaps: HashMap<Arc<str>, u64>,
     close: Option<CloseRequest>,
+    /// When the oldest item now queued was queued (set by the push into an empty queue).
+    oldest: Option<tokio::time::Instant>,
+    /// `oldest` of the batch the writer took last, for the delivery-time histogram.
+    batch_oldest: Option<tokio::time::Instant>,
 }
 
 impl State {
@@ -148,6 +152,7 @@ impl State {
 
     /// Forgets what was queued (the writer took it, or the connection is closing).
     fn queue_taken(&mut self) {
+        self.batch_oldest = self.oldest.take();
         self.bytes = 0;
         self.evictable = 0;
         self.evictable_bytes = 0;
@@ -204,6 +209,10 @@ impl Outbox {
                 ..
             } => s.latest_queued += 1,
             _ => {}
+        }
+        if s.queue.is_empty() {
+            // One clock read per batch a connection's writer will take, not per item.
+            s.oldest = Some(tokio::time::Instant::now());
         }
         s.queue.push_back(item);
     }
@@ -498,6 +507,11 @@ impl Outbox {
             }
             woken.await;
         }
+    }
+
+    /// When the oldest item of the batch the writer took last was queued (once per batch).
+    pub fn take_batch_start(&self) -> Option<tokio::time::Instant> {
+        self.state.lock().batch_oldest.take()
     }
 
     /// Current depth of the queue (messages, bytes); parked `latest` values are not in it.
