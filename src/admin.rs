@@ -34,9 +34,9 @@ pub const TOP_ROOMS: usize = 10;
 
 /// Serves the admin routes on `listener` until the gateway's root shutdown token is cancelled. Spawn it with
 /// [`Gateway::spawn`] so shutdown waits for it.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<tokio_rustls::TlsAcceptor>) {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "admin listening");
+        tracing::info!(%addr, tls = tls.is_some(), "admin listening");
     }
     let permits = Arc::new(Semaphore::new(gw.config().admin.max_connections));
     loop {
@@ -58,29 +58,54 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
             continue;
         };
         let conn_gw = gw.clone();
+        let tls = tls.clone();
         gw.spawn(async move {
             let _permit = permit;
-            let svc_gw = conn_gw.clone();
-            let service = service_fn(move |req: Request<Incoming>| {
-                let gw = svc_gw.clone();
-                async move { Ok::<_, Infallible>(route(&gw, &req)) }
-            });
-            let mut builder = http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = conn_gw.shutdown().cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    // Bounded: a peer that never reads must not hold shutdown.
-                    tokio::time::timeout(HEADER_TIMEOUT, conn).await.unwrap_or(Ok(()))
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            match tls {
+                None => serve_connection(conn_gw, tcp, peer).await,
+                // The handshake (with the client-certificate check under mTLS) is bounded like the request head.
+                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_connection(conn_gw, stream, peer).await,
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "admin TLS handshake refused"),
+                    Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                },
             }
         });
+    }
+}
+
+/// The admin listener's TLS acceptor when `admin.tls_cert_file` is set (with mTLS when `admin.client_ca_file` is).
+pub fn acceptor(cfg: &crate::config::AdminConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, crate::tls::TlsError> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) else {
+        return Ok(None);
+    };
+    let config = crate::tls::load_admin_config(cert, key, cfg.client_ca_file.as_deref())?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+async fn serve_connection<IO>(gw: Arc<Gateway>, io: IO, peer: std::net::SocketAddr)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_gw = gw.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let gw = svc_gw.clone();
+        async move { Ok::<_, Infallible>(route(&gw, &req)) }
+    });
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = gw.shutdown().cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            // Bounded: a peer that never reads must not hold shutdown.
+            tokio::time::timeout(HEADER_TIMEOUT, conn).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "admin connection ended with an error");
     }
 }
 

@@ -251,6 +251,14 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// Connections open at once on the admin listener; more are closed at accept. Default 16.
     pub max_connections: usize,
+    /// Serve the admin listener over TLS with this PEM certificate chain (with `tls_key_file`). Default none (plain
+    /// HTTP).
+    pub tls_cert_file: Option<PathBuf>,
+    /// Key of `tls_cert_file` (PEM). Default none.
+    pub tls_key_file: Option<PathBuf>,
+    /// Require a client certificate issued by this CA (PEM) on the admin listener (mTLS): a scraper without one is
+    /// refused in the handshake. Needs `tls_cert_file`. Default none.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -258,6 +266,9 @@ impl Default for AdminConfig {
         Self {
             listen: None,
             max_connections: 16,
+            tls_cert_file: None,
+            tls_key_file: None,
+            client_ca_file: None,
         }
     }
 }
@@ -945,6 +956,18 @@ impl AdminConfig {
     pub fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
         if self.max_connections == 0 {
             return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid(
+                "admin.tls_cert_file",
+                "set both admin.tls_cert_file and admin.tls_key_file, or neither",
+            ));
+        }
+        if self.client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return Err(invalid(
+                "admin.client_ca_file",
+                "client certificates need admin.tls_cert_file and tls_key_file",
+            ));
         }
         if let Some(addr) = self.listen
             && addr == server.listen

@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
                 roomwire::tls::load_server_config(&config.tls)?;
             }
             roomwire::auth::Authenticator::from_config(&config.auth)?;
+            roomwire::admin::acceptor(&config.admin)?;
             check_nats_secrets(&config.nats)?;
             if print {
                 let value = masked(&config).context("serialising the configuration")?;
@@ -206,7 +207,8 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             let admin = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding admin.listen {addr}"))?;
-            gateway.spawn(roomwire::admin::serve(admin, gateway.clone()));
+            let tls = roomwire::admin::acceptor(&gateway.config().admin).context("admin TLS")?;
+            gateway.spawn(roomwire::admin::serve(admin, gateway.clone(), tls));
         }
         roomwire::run(listener, gateway).await;
         Ok(())

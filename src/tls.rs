@@ -80,6 +80,46 @@ pub fn load_server_config(cfg: &TlsConfig) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
+/// The admin listener's TLS: its own certificate, and with `client_ca` a required client certificate chaining to that
+/// CA (mTLS), checked in the handshake before any HTTP is read.
+pub fn load_admin_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerConfig, TlsError> {
+    let files = TlsConfig {
+        enabled: true,
+        cert_file: cert.to_owned(),
+        key_file: key.to_owned(),
+        ..TlsConfig::default()
+    };
+    let mut config = load_server_config(&files)?;
+    if let Some(ca) = client_ca {
+        let ca_err = |message: String| TlsError::Cert {
+            path: ca.to_owned(),
+            message,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| ca_err(e.to_string()))? {
+            roots
+                .add(c.map_err(|e| ca_err(e.to_string()))?)
+                .map_err(|e| ca_err(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| ca_err(e.to_string()))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| ca_err(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_err(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ca_err(e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    Ok(config)
+}
+
 /// The TLS acceptor in use, replaceable at run time (certificate rotation) without dropping connections: each new
 /// handshake takes the current config; established sessions keep theirs.
 #[derive(Debug)]
@@ -157,6 +197,7 @@ mod tests {
             enabled: true,
             cert_file: cert,
             key_file: key,
+            ..TlsConfig::default()
         };
         let tls = Tls::new(&cfg).unwrap();
         tls.reload().unwrap();
@@ -164,6 +205,7 @@ mod tests {
             enabled: true,
             cert_file: dir.path().join("nope.pem"),
             key_file: cfg.key_file,
+            ..TlsConfig::default()
         };
         let err = load_server_config(&missing).unwrap_err().to_string();
         assert!(err.contains("tls.cert_file") && err.contains("nope.pem"), "{err}");
