@@ -1,57 +1,60 @@
-//! One upgraded WebSocket: a reader (this task) and a writer task, with one bounded [`Outbox`] between the world and
-//! the writer.
+//! One upgraded WebSocket, served by one task: the [`Wire`] (the socket), one bounded [`Outbox`] between the world
+//! and the socket, and the connection's state ([`Conn`]).
 //!
-//! The writer alone owns the sink. It takes everything queued at once, feeds it and flushes once, under
-//! `limits.write_timeout`; it also sends the heartbeat pings. The reader parses client ops, joins and leaves rooms,
-//! forwards publishes to NATS, and watches the heartbeat and token deadlines. Every frame was already charged to the
-//! rate limits as it arrived (see [`crate::frames`]); the reader only acts on the verdict.
+//! The task's loop ([`drive`]) waits on everything at once: its cancellation, the drain, one timer, the socket (write
+//! what the outbox holds, read the next message) and the handling of the message read last. The write side alone
+//! touches the socket's output: it takes everything queued at once and hands it to one vectored write, so a burst
+//! costs one syscall rather than one per frame; room frames were built once by the fan-out and go out as they are.
+//! Handling a client op (join, publish, ...) may wait (for NATS, JetStream, queue space): it runs as a future that
+//! owns the [`Conn`] while it works and hands it back when done, so writing goes on meanwhile and no lock or second
+//! task is needed. Reading pauses while an op is handled, which keeps ops in order and lets TCP push back on a client
+//! that sends faster than its ops complete.
+//!
+//! One task instead of a reader and a writer, and state made only when needed (tungstenite's read buffer while a
+//! message is in flight, queue storage while frames wait, the publish confirmations of a publishing client), is what
+//! keeps an idle connection small (`BENCHMARKS.md`, section 1).
+//!
+//! One timer serves every deadline, re-armed to the nearest: the heartbeat ping (`limits.heartbeat_interval`), the
+//! heartbeat timeout (`limits.heartbeat_timeout` of silence), the write deadline (`limits.write_timeout` from when
+//! a write started waiting for the socket), the token's expiry warning and expiry, and the drain's moment.
 //!
 //! How a connection always ends (a task that cannot end would hold its socket and slots until restart):
-//! - the connection has one `CancellationToken` (a child of the root shutdown). The writer cancels it whenever it stops
-//!   (its socket failed, a write timed out, it sent the close frame), and closes the outbox first, so anything waiting
-//!   for queue space wakes up;
-//! - every wait of the reader (a frame, queue space, NATS, a token check) sits in a `select!` with that token;
-//! - publishes awaiting NATS confirmation are futures owned by the reader's loop, not spawned tasks: at
-//!   most `limits.max_inflight_publishes` of them (past that the reader stops reading, so TCP pushes back on the
-//!   client), each bounded by its deadline, and they are dropped with the connection;
-//! - `Conn`'s `Drop` leaves every room, closes the outbox, cancels the writer and releases the global and per-IP
-//!   slots, so even a panic in the reader gives everything back.
+//! - the connection has one `CancellationToken` (a child of the root shutdown); every wait of a handler (queue space,
+//!   NATS, a token check, JetStream) selects on it, and the loop ends on it;
+//! - publishes awaiting NATS confirmation are futures owned by the loop, not spawned tasks: at most
+//!   `limits.max_inflight_publishes` of them (past that the loop stops reading, so TCP pushes back on the client),
+//!   each bounded by its deadline, and they are dropped with the connection;
+//! - when the loop ends it closes the outbox (producers and waiters see it at once), cancels the token (a handler in
+//!   progress returns the `Conn` at its next wait), writes what the close asks for and the close frame within
+//!   `limits.write_timeout`, then leaves every room;
+//! - `Conn`'s `Drop` leaves every room, closes the outbox, cancels the token and releases the global and per-IP
+//!   slots, so even a panic gives everything back.
 //!
 //! Every way a connection ends maps to one close code (see `protocol::close` and `docs/protocol.md`); whatever ends
 //! it, the connection leaves all its rooms and a `disconnect` event is published.
 
-use std::{collections::HashMap, collections::VecDeque, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, pin::Pin, sync::Arc};
 
 use bytes::Bytes;
-use futures_util::{
-    SinkExt, StreamExt,
-    stream::{FuturesUnordered, SplitSink, SplitStream},
-};
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::Instant,
 };
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        self, Message, Utf8Bytes,
-        protocol::{CloseFrame, frame::coding::CloseCode},
-    },
-};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::{
     auth::{AuthError, Identity, Session},
     bridge::{BridgeError, Origin},
-    frames::Meter,
     gateway::Gateway,
     limits::ConnSlot,
     metrics::{Closed, SlowConsumer},
-    outbox::{CloseRequest, Item, Outbox},
+    outbox::{CloseRequest, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
     room_quota::{QuotaError, QuotaKey},
     rooms::{Hold, JoinError, Member, Room},
+    wire::{Frame, Incoming, Wire, WriteEvent},
 };
 
 mod recovery;
@@ -67,14 +70,15 @@ pub struct Accepted {
     pub identity: Identity,
     /// The connection's global permit and per-address count; released when the connection ends.
     pub slot: ConnSlot,
-    /// Rate-limit verdicts of the frames the socket wrapper charged (see [`crate::frames`]).
-    pub meter: Arc<Meter>,
 }
 
 /// A publish awaiting NATS confirmation; yields the reply frame, if the client asked for one (an `id`).
 type Confirm = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
 
-/// What handling one message asks of the reader.
+/// The handling of one client op: owns the connection's state while it runs and hands it back with the outcome.
+type Handling = Pin<Box<dyn Future<Output = (Conn, Handled)> + Send>>;
+
+/// What handling one message asks of the connection.
 enum Handled {
     /// Nothing more.
     Done,
@@ -84,50 +88,50 @@ enum Handled {
     Close(CloseRequest),
 }
 
-/// Starts serving one upgraded WebSocket: spawns its writer and returns the session, which is the connection's task.
+/// Starts serving one upgraded WebSocket; the returned future is the connection's task.
 ///
-/// Setup is synchronous on purpose: the returned future then holds only what lives as long as the connection
-/// (an async fn would also keep its arguments' slots, the whole `WebSocketStream` among them, for the connection's
-/// lifetime, which is measurable memory per idle connection).
-pub fn start<S>(gw: Arc<Gateway>, ws: WebSocketStream<S>, accepted: Accepted) -> impl Future<Output = ()> + Send
+/// Setup is synchronous on purpose: the returned future then holds only what lives as long as the connection (an
+/// async fn would also keep its arguments' slots for the connection's lifetime, measurable memory per idle
+/// connection).
+pub fn start<IO>(gw: Arc<Gateway>, wire: Wire<IO>, accepted: Accepted) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, stream) = ws.split();
     let conn = Conn::new(gw, accepted);
     // The queue is empty, so the welcome always fits.
     let welcome = protocol::welcome(&conn.conn_id, conn.gw.id(), conn.identity.user.as_deref());
-    conn.outbox.try_push_control(Utf8Bytes::from(welcome));
-    let writer = write_loop(sink, conn.outbox.clone(), conn.cancel.clone(), conn.gw.clone());
-    let writer = conn.gw.spawn(writer.instrument(tracing::Span::current()));
-    session(conn, stream, writer)
+    conn.outbox.try_push_control(Frame::text(welcome));
+    session(conn, wire)
 }
 
-/// The reader side of a connection, then the cleanup every way of ending shares.
-async fn session<S>(mut conn: Conn, stream: SplitStream<WebSocketStream<S>>, writer: tokio::task::JoinHandle<()>)
+/// The connection's loop, then the cleanup every way of ending shares.
+async fn session<IO>(conn: Conn, mut wire: Wire<IO>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let gw = conn.gw.clone();
     conn.event("connect", None).await;
     tracing::debug!(conn = %conn.conn_id, user = conn.identity.user.as_deref(), "connected");
 
-    let end = conn.read_loop(stream).await;
-    // The first close request wins: if the writer failed, its reason is the one the outbox keeps.
-    conn.outbox.close(end);
-    let end = conn
-        .outbox
-        .close_request()
-        .unwrap_or_else(|| close_req(close::NORMAL, "", true));
+    let outbox = conn.outbox.clone();
+    let cancel = conn.cancel.clone();
+    let (conn, end) = drive(conn, &mut wire).await;
+    // The first close request wins: if the outbox was closed first (a slow consumer), its reason is the one kept.
+    outbox.close(end);
+    let end = outbox.close_request().unwrap_or_else(|| close_req(close::NORMAL, "", true));
+    // A handler still running sees this at its next wait and hands the connection back.
+    cancel.cancel();
+    let mut conn = match conn {
+        Ok(conn) => conn,
+        Err(handling) => handling.await.0,
+    };
     tracing::debug!(conn = %conn.conn_id, code = end.code, reason = end.reason, "connection closing");
 
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
-    // The writer flushes (or not, per the close request) and sends the close frame; bounded by write_timeout.
-    let grace = gw.config().limits.write_timeout + Duration::from_millis(100);
-    if tokio::time::timeout(grace, writer).await.is_err() {
-        tracing::debug!(conn = %conn.conn_id, "writer did not finish in time");
-    }
+    // Flush (or not, per the close request) and send the close frame; bounded by write_timeout.
+    wire.finish(&end, gw.config().limits.write_timeout).await;
+    drop(wire);
     let (conn_id, user) = (conn.conn_id.clone(), conn.identity.user.clone());
     // Releases the global and per-IP slots and the gauges now, not after the events below.
     drop(conn);
@@ -146,7 +150,277 @@ where
     tracing::debug!(conn = %conn_id, "disconnected");
 }
 
-/// Per-connection state owned by the reader. Dropping it gives back everything the connection held (see `Drop`).
+/// The deadlines of a connection, all served by one timer (see the module doc).
+struct Deadlines {
+    /// Next heartbeat ping.
+    ping: Instant,
+    /// Last frame from the client: the heartbeat timeout counts from here.
+    last_seen: Instant,
+    /// The token's expiry warning and expiry (connections with a token).
+    warn: Option<Instant>,
+    expire: Option<Instant>,
+    /// This connection's moment to close during a drain (set once the drain starts).
+    drain: Option<Instant>,
+}
+
+/// What the timer found due.
+enum Due {
+    /// Nothing yet (re-armed).
+    Nothing,
+    /// The token's expiry warning: the handler sends it.
+    Warn,
+    /// End the connection.
+    Close(CloseRequest),
+}
+
+impl Deadlines {
+    /// The nearest deadline. The token's are left out while a handler holds the connection (`busy`): they are acted
+    /// on once it is back.
+    fn next(&self, gw: &Gateway, blocked_since: Option<Instant>, busy: bool) -> Instant {
+        let limits = &gw.config().limits;
+        let mut next = self.ping.min(self.last_seen + limits.heartbeat_timeout);
+        for t in [self.drain, blocked_since.map(|t| t + limits.write_timeout)]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(t);
+        }
+        if !busy {
+            for t in [self.warn, self.expire].into_iter().flatten() {
+                next = next.min(t);
+            }
+        }
+        next
+    }
+
+    /// Acts on what is due at `now`, in order of precedence.
+    fn due<IO>(&mut self, gw: &Gateway, wire: &mut Wire<IO>, busy: bool, now: Instant) -> Due
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let limits = &gw.config().limits;
+        if wire.blocked_since().is_some_and(|t| t + limits.write_timeout <= now) {
+            gw.metrics().slow_consumers.inc(SlowConsumer::WriteTimeout);
+            tracing::info!("write timed out: slow consumer dropped");
+            return Due::Close(close_req(close::SLOW_CONSUMER, "slow consumer", false));
+        }
+        if self.drain.is_some_and(|t| t <= now) {
+            // Flushed, then 1001 with the reason that tells the client library to reconnect elsewhere, later.
+            return Due::Close(close_req(close::GOING_AWAY, close::DRAIN_REASON, true));
+        }
+        if self.last_seen + limits.heartbeat_timeout <= now {
+            gw.metrics().closes.inc(Closed::HeartbeatTimeout);
+            return Due::Close(close_req(close::GOING_AWAY, "heartbeat timeout", false));
+        }
+        if self.ping <= now {
+            wire.queue(Frame::ping());
+            self.ping = now + limits.heartbeat_interval;
+        }
+        if !busy {
+            if self.expire.is_some_and(|t| t <= now) {
+                gw.metrics().closes.inc(Closed::TokenExpired);
+                return Due::Close(close_req(close::TOKEN_EXPIRED, "token expired", true));
+            }
+            if self.warn.is_some_and(|t| t <= now) {
+                self.warn = None;
+                return Due::Warn;
+            }
+        }
+        Due::Nothing
+    }
+}
+
+/// What woke the loop.
+enum Event {
+    Cancelled,
+    Drain,
+    Timer,
+    Io(Io),
+    Handled(Conn, Handled),
+    Confirmed(Option<String>),
+}
+
+/// What the socket did.
+enum Io {
+    Read(Result<Incoming, tungstenite::Error>),
+    Write(WriteEvent),
+}
+
+/// Writes what is queued, then reads if `reading`: one poll of the socket for the loop.
+fn poll_io<IO>(
+    cx: &mut std::task::Context<'_>,
+    wire: &mut Wire<IO>,
+    gw: &Gateway,
+    outbox: &Outbox,
+    reading: bool,
+) -> std::task::Poll<Io>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    use std::task::Poll;
+    if let Poll::Ready(event) = wire.poll_write(cx, outbox, gw.metrics()) {
+        return Poll::Ready(Io::Write(event));
+    }
+    if reading && let Poll::Ready(read) = wire.poll_read(cx, &gw.ws_config()) {
+        return Poll::Ready(Io::Read(read));
+    }
+    // Reading may have produced a pong: write it now rather than at the next wake-up.
+    if let Poll::Ready(event) = wire.poll_write(cx, outbox, gw.metrics()) {
+        return Poll::Ready(Io::Write(event));
+    }
+    Poll::Pending
+}
+
+/// The connection's loop, until something ends it. Returns the connection's state (or the handler that holds it)
+/// and how to close.
+async fn drive<IO>(conn: Conn, wire: &mut Wire<IO>) -> (Result<Conn, Handling>, CloseRequest)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let gw = conn.gw.clone();
+    let outbox = conn.outbox.clone();
+    let max_inflight = gw.config().limits.max_inflight_publishes;
+    let now = Instant::now();
+    let (warn, expire) = conn.token_deadlines();
+    let mut deadlines = Deadlines {
+        ping: now + gw.config().limits.heartbeat_interval,
+        last_seen: now,
+        warn,
+        expire,
+        drain: None,
+    };
+    let cancel = conn.cancel.clone();
+    let mut conn = Some(conn);
+    let mut handling: Option<Handling> = None;
+    // Publishes awaiting NATS confirmation, made on the first publish. Bound: `limits.max_inflight_publishes` (the
+    // loop stops reading at it).
+    let mut confirms: Option<FuturesUnordered<Confirm>> = None;
+    // Registered once, not per wake-up: a fresh wait per loop would lock the token's list twice per wake-up, and the
+    // drain token is shared by every connection.
+    let cancelled = cancel.cancelled();
+    let drain_token = gw.drain().clone();
+    let drained = drain_token.cancelled();
+    let timer = tokio::time::sleep_until(deadlines.next(&gw, None, false));
+    tokio::pin!(cancelled, drained, timer);
+    let end = loop {
+        let busy = conn.is_none();
+        let inflight = confirms.as_ref().map_or(0, FuturesUnordered::len);
+        let reading = !busy && inflight < max_inflight && !wire.peer_closed();
+        let event = tokio::select! {
+            biased;
+            _ = &mut cancelled => Event::Cancelled,
+            out = async { handling.as_mut().expect("guarded").await }, if handling.is_some() => Event::Handled(out.0, out.1),
+            _ = &mut drained, if deadlines.drain.is_none() => Event::Drain,
+            _ = &mut timer => Event::Timer,
+            io = std::future::poll_fn(|cx| poll_io(cx, wire, &gw, &outbox, reading)) => Event::Io(io),
+            Some(reply) = async { confirms.as_mut().expect("guarded").next().await }, if !busy && inflight > 0 => Event::Confirmed(reply),
+        };
+        match event {
+            Event::Cancelled => break conn_cancelled(&outbox),
+            Event::Handled(c, handled) => {
+                handling = None;
+                if c.token_changed {
+                    (deadlines.warn, deadlines.expire) = c.token_deadlines();
+                }
+                conn = Some(c);
+                match handled {
+                    Handled::Done => {}
+                    Handled::Confirm(confirm) => confirms.get_or_insert_with(FuturesUnordered::new).push(confirm),
+                    Handled::Close(req) => break req,
+                }
+            }
+            Event::Drain => {
+                deadlines.drain = Some(Instant::now() + crate::shutdown::drain_delay(gw.config().server.drain_window));
+            }
+            Event::Timer => match deadlines.due(&gw, wire, busy, Instant::now()) {
+                Due::Nothing => {}
+                Due::Close(req) => break req,
+                Due::Warn => {
+                    let c = conn.take().expect("not busy");
+                    let secs = deadlines
+                        .expire
+                        .map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
+                    handling = Some(handle(c, Work::Send(Frame::text(protocol::token_expiring(secs)))));
+                }
+            },
+            Event::Io(Io::Write(WriteEvent::Blocked)) => {}
+            Event::Io(Io::Write(WriteEvent::Close(req))) => break req,
+            Event::Io(Io::Write(WriteEvent::Failed(e))) => {
+                tracing::debug!(error = %e, "write failed: client gone");
+                break close_req(close::GOING_AWAY, "write failed", false);
+            }
+            Event::Io(Io::Read(read)) => {
+                let now = Instant::now();
+                deadlines.last_seen = now;
+                let c = conn.take().expect("reading only when not busy");
+                match read {
+                    Ok(Incoming::Message(msg, refused)) => {
+                        handling = Some(handle(c, Work::Message(msg, refused, now)));
+                    }
+                    Ok(Incoming::Closed) => {
+                        conn = Some(c);
+                        break close_req(close::NORMAL, "", true);
+                    }
+                    Err(e) => {
+                        let req = c.read_error(e, wire.abusive());
+                        conn = Some(c);
+                        break req;
+                    }
+                }
+            }
+            Event::Confirmed(reply) => {
+                if let Some(frame) = reply {
+                    let c = conn.take().expect("not busy");
+                    handling = Some(handle(c, Work::Send(Frame::text(frame))));
+                }
+            }
+        }
+        timer
+            .as_mut()
+            .reset(deadlines.next(&gw, wire.blocked_since(), conn.is_none()));
+    };
+    let conn = match (conn, handling) {
+        (Some(conn), _) => Ok(conn),
+        (None, Some(handling)) => Err(handling),
+        (None, None) => unreachable!("the connection is either here or with its handler"),
+    };
+    (conn, end)
+}
+
+/// What a handler does with the connection.
+enum Work {
+    /// Handle a message read at `arrived`, refused or not by the rate limits.
+    Message(Message, bool, Instant),
+    /// Queue a frame, waiting for queue space (a publish confirmation, the token's expiry warning).
+    Send(Frame),
+}
+
+/// Runs `work` on the connection as its handler: the future owns the connection and hands it back with the outcome,
+/// early (with `Done`) if the connection is cancelled meanwhile. Boxed: only a connection handling something pays for
+/// the handler's state.
+fn handle(conn: Conn, work: Work) -> Handling {
+    Box::pin(async move {
+        let mut conn = conn;
+        let cancel = conn.cancel.clone();
+        let handled = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Handled::Done,
+            handled = conn.work(work) => handled,
+        };
+        (conn, handled)
+    })
+}
+
+/// The close to report once the connection's token is cancelled: the outbox's reason if it closed first, otherwise
+/// a shutdown.
+fn conn_cancelled(outbox: &Outbox) -> CloseRequest {
+    outbox
+        .close_request()
+        .unwrap_or_else(|| close_req(close::GOING_AWAY, "server shutting down", true))
+}
+
+/// Per-connection state, owned by the connection's loop or by the handler working on it. Dropping it gives back
+/// everything the connection held (see `Drop`).
 struct Conn {
     gw: Arc<Gateway>,
     id: u64,
@@ -155,10 +429,8 @@ struct Conn {
     conn_id: Arc<str>,
     identity: Identity,
     outbox: Arc<Outbox>,
-    /// Ends the connection: cancelled by the writer when it stops, by the root shutdown (it is a child), and on drop.
+    /// Ends the connection's waits: cancelled when the loop ends, by the root shutdown (it is a child), and on drop.
     cancel: CancellationToken,
-    /// Verdicts of the rate limits, one per received message.
-    meter: Arc<Meter>,
     /// Joined rooms. Bound: `rooms.max_rooms_per_connection`.
     rooms: HashMap<Arc<str>, Arc<Room>>,
     /// Set by `refresh`: the token deadlines must be recomputed.
@@ -170,7 +442,7 @@ struct Conn {
 }
 
 impl Drop for Conn {
-    /// Runs however the connection ends, a panic included: rooms, outbox, writer, gauge and slots are given back.
+    /// Runs however the connection ends, a panic included: rooms, outbox, gauge and slots are given back.
     fn drop(&mut self) {
         for room in self.rooms.keys() {
             self.gw.rooms().leave(room, self.id);
@@ -196,7 +468,6 @@ impl Conn {
             peer,
             identity,
             slot,
-            meter,
         } = accepted;
         let conn_id: Arc<str> = format!("{}-{}", gw.id(), id).into();
         let outbox = Arc::new(Outbox::new(
@@ -214,7 +485,6 @@ impl Conn {
             conn_id,
             identity,
             outbox,
-            meter,
             rooms: HashMap::new(),
             token_changed: false,
             _slot: slot,
@@ -234,104 +504,10 @@ impl Conn {
         self.gw.bridge().event(kind, self.origin(), room).await;
     }
 
-    /// Reads until the client leaves, a deadline passes or the connection is cancelled; returns how to close.
-    async fn read_loop<S>(&mut self, mut stream: SplitStream<WebSocketStream<S>>) -> CloseRequest
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let cancel = self.cancel.clone();
-        let heartbeat_timeout = self.gw.config().limits.heartbeat_timeout;
-        let max_inflight = self.gw.config().limits.max_inflight_publishes;
-        // Timers are created once and re-armed, not rebuilt per frame: a busy connection costs no timer churn.
-        // `last_seen` is refreshed per frame; the heartbeat timer re-arms itself from it when it fires.
-        let mut last_seen = Instant::now();
-        let heartbeat = tokio::time::sleep_until(last_seen + heartbeat_timeout);
-        tokio::pin!(heartbeat);
-        let (mut warn_at, mut expire_at) = self.token_deadlines();
-        let far = || Instant::now() + Duration::from_secs(86_400 * 365);
-        let warn = tokio::time::sleep_until(warn_at.unwrap_or_else(far));
-        let expire = tokio::time::sleep_until(expire_at.unwrap_or_else(far));
-        tokio::pin!(warn, expire);
-        // Publishes awaiting NATS confirmation. Bound: `limits.max_inflight_publishes` (the reader stops reading at
-        // it). A local, not a field: the handlers borrow `self` across awaits, which would need these futures `Sync`.
-        let mut confirms: FuturesUnordered<Confirm> = FuturesUnordered::new();
-        // This connection's moment to close during a drain (armed only once the drain starts).
-        let drain_turn = crate::shutdown::drain_turn(self.gw.drain().clone(), self.gw.config().server.drain_window);
-        tokio::pin!(drain_turn);
-        loop {
-            if self.token_changed {
-                self.token_changed = false;
-                (warn_at, expire_at) = self.token_deadlines();
-                warn.as_mut().reset(warn_at.unwrap_or_else(far));
-                expire.as_mut().reset(expire_at.unwrap_or_else(far));
-            }
-            let reading = confirms.len() < max_inflight;
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return self.cancelled(),
-                // Flushed, then 1001 with the reason that tells the client library to reconnect elsewhere, later.
-                _ = &mut drain_turn => return close_req(close::GOING_AWAY, close::DRAIN_REASON, true),
-                _ = &mut heartbeat => {
-                    let due = last_seen + heartbeat_timeout;
-                    if due > Instant::now() {
-                        heartbeat.as_mut().reset(due);
-                        continue;
-                    }
-                    self.gw.metrics().closes.inc(Closed::HeartbeatTimeout);
-                    return close_req(close::GOING_AWAY, "heartbeat timeout", false);
-                }
-                _ = &mut expire, if expire_at.is_some() => {
-                    self.gw.metrics().closes.inc(Closed::TokenExpired);
-                    return close_req(close::TOKEN_EXPIRED, "token expired", true);
-                }
-                _ = &mut warn, if warn_at.is_some() => {
-                    let secs = expire_at.map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
-                    self.send(protocol::token_expiring(secs)).await;
-                    warn_at = None;
-                }
-                Some(reply) = confirms.next(), if !confirms.is_empty() => {
-                    if let Some(frame) = reply {
-                        self.send(frame).await;
-                    }
-                }
-                frame = stream.next(), if reading => {
-                    last_seen = Instant::now();
-                    let msg = match frame {
-                        None => return close_req(close::NORMAL, "", true),
-                        Some(Err(e)) => return self.read_error(e),
-                        Some(Ok(msg)) => msg,
-                    };
-                    let refused = self.meter.next_refused();
-                    // Boxed: the request handlers' futures are large, and inline they would be part of every idle
-                    // connection's task; boxed, only a connection handling a frame pays for them.
-                    let handled = Box::pin(self.on_message(msg, refused, last_seen));
-                    let outcome = tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return self.cancelled(),
-                        outcome = handled => outcome,
-                    };
-                    match outcome {
-                        Handled::Done => {}
-                        Handled::Confirm(confirm) => confirms.push(confirm),
-                        Handled::Close(req) => return req,
-                    }
-                }
-            }
-        }
-    }
-
-    /// The close to report once the connection's token is cancelled: the writer's reason if it stopped first,
-    /// otherwise a shutdown.
-    fn cancelled(&self) -> CloseRequest {
-        self.outbox
-            .close_request()
-            .unwrap_or_else(|| close_req(close::GOING_AWAY, "server shutting down", true))
-    }
-
-    /// Maps a read error to the close the client sees.
-    fn read_error(&self, e: tungstenite::Error) -> CloseRequest {
+    /// Maps a read error to the close the client sees; `abusive` when the rate limits ended the reading.
+    fn read_error(&self, e: tungstenite::Error, abusive: bool) -> CloseRequest {
         let m = &self.gw.metrics();
-        if self.meter.abusive() {
+        if abusive {
             m.closes.inc(Closed::RateAbuse);
             // Flushed: the client sees the `rate_limited` answers that led here (bounded by the queue).
             return close_req(close::POLICY, "rate limit exceeded repeatedly", true);
@@ -362,10 +538,22 @@ impl Conn {
 
     /// Queues a reply, waiting for queue space (which stops reading from a client that does not read its replies)
     /// but never past the connection's end.
-    async fn send(&self, frame: String) {
+    async fn send(&self, frame: impl Into<Frame>) {
+        let frame = frame.into();
         tokio::select! {
             _ = self.cancel.cancelled() => {}
-            _ = self.outbox.push_control(Utf8Bytes::from(frame)) => {}
+            _ = self.outbox.push_control(frame) => {}
+        }
+    }
+
+    /// Does what a handler was started for.
+    async fn work(&mut self, work: Work) -> Handled {
+        match work {
+            Work::Message(msg, refused, arrived) => self.on_message(msg, refused, arrived).await,
+            Work::Send(frame) => {
+                self.send(frame).await;
+                Handled::Done
+            }
         }
     }
 
@@ -710,142 +898,6 @@ pub fn read_error_close(e: &tungstenite::Error) -> Option<(u16, &'static str, Cl
     }
 }
 
-/// Stops the connection when the writer ends, however it ends (a panic included): closes the outbox, so a reader
-/// waiting for queue space wakes up, and cancels the connection, so the reader stops.
-struct WriterEnd<'a> {
-    outbox: &'a Outbox,
-    cancel: &'a CancellationToken,
-}
-
-impl Drop for WriterEnd<'_> {
-    fn drop(&mut self) {
-        self.outbox.close(close_req(close::INTERNAL, "internal error", false));
-        self.cancel.cancel();
-    }
-}
-
-/// The writer task: the only owner of the sink.
-async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
-    outbox: Arc<Outbox>,
-    cancel: CancellationToken,
-    gw: Arc<Gateway>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _end = WriterEnd {
-        outbox: &outbox,
-        cancel: &cancel,
-    };
-    let limits = &gw.config().limits;
-    let mut ping = tokio::time::interval_at(Instant::now() + limits.heartbeat_interval, limits.heartbeat_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch: VecDeque<Item> = VecDeque::new();
-    loop {
-        let close = tokio::select! {
-            close = outbox.next_batch(&mut batch) => close,
-            _ = ping.tick() => {
-                if let Err(failed) = timed_write(limits.write_timeout, sink.send(Message::Ping(Bytes::new()))).await {
-                    outbox.close(failed.close(&gw));
-                    break;
-                }
-                continue;
-            }
-            // Shutdown (the root token) reached us before the reader asked for a close: flush and say goodbye.
-            _ = cancel.cancelled(), if outbox.close_request().is_none() => {
-                outbox.close(close_req(close::GOING_AWAY, "server shutting down", true));
-                continue;
-            }
-        };
-        gw.metrics().note_depth(batch.len());
-        let queued_at = outbox.take_batch_start();
-        let mut bytes = 0u64;
-        let wrote = timed_write(limits.write_timeout, async {
-            for item in batch.drain(..) {
-                match item {
-                    Item::Control(frame) => {
-                        bytes += frame.len() as u64;
-                        sink.feed(Message::Text(frame)).await?
-                    }
-                    Item::Room { room, frame, gap, .. } => {
-                        if gap > 0 {
-                            sink.feed(Message::Text(protocol::gap(&room, gap).into())).await?;
-                        }
-                        bytes += frame.len() as u64;
-                        sink.feed(Message::Text(frame)).await?;
-                    }
-                }
-            }
-            sink.flush().await
-        })
-        .await;
-        if let Err(failed) = wrote {
-            batch.clear();
-            outbox.close(failed.close(&gw));
-            break;
-        }
-        // Per batch, not per frame: one histogram sample (the batch's oldest frame) and one counter add.
-        gw.metrics().bytes_out.inc_by(bytes);
-        if let Some(t) = queued_at {
-            gw.metrics().delivery_seconds.observe(t.elapsed().as_secs_f64());
-        }
-        if let Some(req) = close {
-            let frame = CloseFrame {
-                code: CloseCode::from(req.code),
-                reason: req.reason.into(),
-            };
-            if req.code == close::SLOW_CONSUMER {
-                tracing::info!("closing slow consumer");
-            }
-            let _ = tokio::time::timeout(limits.write_timeout, sink.send(Message::Close(Some(frame)))).await;
-            break;
-        }
-    }
-}
-
-/// Why a write to the client failed.
-enum WriteFailed {
-    /// It did not finish within `limits.write_timeout`: a slow consumer.
-    Timeout,
-    /// The socket or tungstenite refused it.
-    Error(tungstenite::Error),
-}
-
-impl WriteFailed {
-    /// Logs and counts the failure, and gives the close it stands for.
-    fn close(self, gw: &Gateway) -> CloseRequest {
-        match self {
-            WriteFailed::Timeout => {
-                gw.metrics().slow_consumers.inc(SlowConsumer::WriteTimeout);
-                tracing::info!("write timed out: slow consumer dropped");
-                close_req(close::SLOW_CONSUMER, "slow consumer", false)
-            }
-            WriteFailed::Error(tungstenite::Error::WriteBufferFull(_)) => {
-                // Config::validate makes this unreachable for frames the outbox admits; say so loudly if not.
-                gw.metrics().closes.inc(Closed::WriteBufferFull);
-                tracing::warn!("outgoing frame over limits.max_write_buffer_size: connection closed");
-                close_req(close::INTERNAL, "internal error", false)
-            }
-            WriteFailed::Error(e) => {
-                tracing::debug!(error = %e, "write failed: client gone");
-                close_req(close::GOING_AWAY, "write failed", false)
-            }
-        }
-    }
-}
-
-/// Runs a write under `write_timeout`.
-async fn timed_write(
-    timeout: Duration,
-    write: impl std::future::Future<Output = Result<(), tungstenite::Error>>,
-) -> Result<(), WriteFailed> {
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(WriteFailed::Error(e)),
-        Err(_) => Err(WriteFailed::Timeout),
-    }
-}
-
 #[cfg(test)]
 mod tests {
 
@@ -873,7 +925,6 @@ mod tests {
             peer: SocketAddr::new(ip, 4000),
             identity: Identity::anonymous(&gw.config().auth.anonymous),
             slot: gw.limits().admit_connection(ip).expect("slot"),
-            meter: Arc::default(),
         };
         let mut conn = Conn::new(gw.clone(), accepted);
         let member = Member {

@@ -2,60 +2,30 @@
 //!
 //! tungstenite hands the reader whole messages only: a client sending pings, pongs or endless empty continuation
 //! frames never produces a message the reader could charge, and a backlog read while the CPU was busy would be
-//! charged only when processed (after its sender had gone). So the upgraded socket is wrapped in [`Metered`], which
-//! scans the WebSocket frame headers in the bytes as they are read (without touching the bytes tungstenite parses) and
-//! charges each frame, whatever its opcode, one message and its length in bytes to the connection's (and user's)
-//! [`MessageLimiter`].
+//! charged only when processed (after its sender had gone). So the connection's socket reads (`crate::wire`) pass
+//! every byte through [`FrameMeter::charge`], which scans the WebSocket frame headers in the bytes as they are read
+//! (without touching the bytes tungstenite parses) and charges each frame, whatever its opcode, one message and its
+//! length in bytes to the connection's (and user's) [`MessageLimiter`].
 //!
-//! The verdicts reach the reader through [`Meter`]: one entry per message tungstenite will yield (a control frame,
-//! or the final frame of a data message), in the order it yields them, saying whether any frame of it was refused.
-//! The reader answers a refused text or binary message with `rate_limited` and does not process it. After
-//! `limits.max_rate_violations` refusals in a row the wrapper fails the read, and the reader closes with 1008.
+//! The verdicts reach the connection in order: one entry per message tungstenite will yield (a control frame, or the
+//! final frame of a data message), saying whether any frame of it was refused ([`FrameMeter::next_refused`]). The
+//! connection answers a refused text or binary message with `rate_limited` and does not process it. After
+//! `limits.max_rate_violations` refusals in a row the meter turns abusive, reads fail, and the connection closes with
+//! 1008.
+//!
+//! The meter also knows where the stream stands ([`FrameMeter::at_message_boundary`]): no frame half received and no
+//! fragmented message open, which is when `crate::wire` may drop tungstenite's read state.
 //!
 //! Bounds: the scanner keeps 14 bytes of header state; the verdict queue holds one entry per message read ahead of the
-//! reader, which is at most one read (`limits.read_buffer_size` bytes, ≥ 2 bytes per frame) plus the partial message,
-//! and is capped at [`MAX_PENDING_VERDICTS`] (beyond it the connection is treated as abusive).
+//! connection, which is at most one read (`limits.read_buffer_size` bytes, >= 2 bytes per frame) plus the partial
+//! message, and is capped at [`MAX_PENDING_VERDICTS`] (beyond it the connection is treated as abusive).
 
-use std::{
-    collections::VecDeque,
-    io,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    task::{Context, Poll},
-};
-
-use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::collections::VecDeque;
 
 use crate::limits::MessageLimiter;
 
-/// Most verdicts waiting for the reader; unreachable by a well-formed stream read in `read_buffer_size` chunks.
+/// Most verdicts waiting for the connection; unreachable by a well-formed stream read in `read_buffer_size` chunks.
 pub const MAX_PENDING_VERDICTS: usize = 65_536;
-
-/// What the reader learns about each message, shared with the [`Metered`] socket wrapper.
-#[derive(Debug, Default)]
-pub struct Meter {
-    /// One entry per message, in the order tungstenite yields them: `true` if a frame of it was refused.
-    verdicts: Mutex<VecDeque<bool>>,
-    /// Set when the connection went over `limits.max_rate_violations` refusals in a row.
-    abusive: AtomicBool,
-}
-
-impl Meter {
-    /// Whether the next message the reader received was (partly) over the rate limits. A message the scanner has
-    /// not seen (impossible for a consistent stream) counts as within limits.
-    pub fn next_refused(&self) -> bool {
-        self.verdicts.lock().pop_front().unwrap_or(false)
-    }
-
-    /// Whether the connection must be closed with 1008.
-    pub fn abusive(&self) -> bool {
-        self.abusive.load(Ordering::Relaxed)
-    }
-}
 
 /// Frame header scanner: tracks where frames start in the byte stream.
 #[derive(Debug, Default)]
@@ -138,43 +108,52 @@ impl Scanner {
             }
         }
     }
+
+    /// No frame is partly received.
+    fn at_frame_boundary(&self) -> bool {
+        self.have == 0 && self.skip == 0
+    }
 }
 
-/// The upgraded socket with every incoming frame charged to the rate limits (see the module docs).
+/// The rate-limit charge of every incoming frame, and the verdicts for the connection (see the module docs).
 #[derive(Debug)]
-pub struct Metered<S> {
-    io: S,
+pub struct FrameMeter {
     scanner: Scanner,
     limiter: MessageLimiter,
-    meter: Arc<Meter>,
+    /// One entry per message, in the order tungstenite yields them: `true` if a frame of it was refused. Allocated
+    /// only while verdicts wait (a connection reading one message at a time keeps at most a few).
+    verdicts: VecDeque<bool>,
     /// A frame of the data message being received (possibly fragmented) was refused.
     message_refused: bool,
+    /// A fragmented data message is open (its final frame not seen yet).
+    in_message: bool,
+    /// Over `limits.max_rate_violations` refusals in a row, or too many verdicts waiting: reads fail from now on.
+    abusive: bool,
 }
 
-impl<S> Metered<S> {
-    /// Wraps `io`, charging `limiter`; the returned [`Meter`] goes to the connection's reader.
-    pub fn new(io: S, limiter: MessageLimiter) -> (Self, Arc<Meter>) {
-        let meter = Arc::new(Meter::default());
-        let wrapped = Self {
-            io,
+impl FrameMeter {
+    /// A meter charging `limiter`.
+    pub fn new(limiter: MessageLimiter) -> Self {
+        Self {
             scanner: Scanner::default(),
             limiter,
-            meter: meter.clone(),
+            verdicts: VecDeque::new(),
             message_refused: false,
-        };
-        (wrapped, meter)
+            in_message: false,
+            abusive: false,
+        }
     }
 
     /// Charges the frames in freshly read `bytes`. Returns false once the connection is abusive.
-    fn charge(&mut self, bytes: &[u8]) -> bool {
+    pub fn charge(&mut self, bytes: &[u8]) -> bool {
         let Self {
             scanner,
             limiter,
-            meter,
+            verdicts,
             message_refused,
+            in_message,
             ..
         } = self;
-        let mut verdicts = meter.verdicts.lock();
         scanner.feed(bytes, |h| {
             let refused = limiter.check_frame(h.frame_len).is_err();
             if h.is_control() {
@@ -182,62 +161,40 @@ impl<S> Metered<S> {
                 verdicts.push_back(refused);
             } else {
                 *message_refused |= refused;
+                *in_message = !h.fin;
                 if h.fin {
                     verdicts.push_back(std::mem::take(message_refused));
                 }
             }
         });
-        let abusive = limiter.abusive() || verdicts.len() > MAX_PENDING_VERDICTS;
-        drop(verdicts);
-        if abusive {
-            meter.abusive.store(true, Ordering::Relaxed);
+        if limiter.abusive() || verdicts.len() > MAX_PENDING_VERDICTS {
+            self.abusive = true;
         }
-        !abusive
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.meter.abusive() {
-            return Poll::Ready(Err(io::Error::other("rate limit exceeded repeatedly")));
+        if verdicts.is_empty() && verdicts.capacity() > 16 {
+            *verdicts = VecDeque::new();
         }
-        let before = buf.filled().len();
-        let this = &mut *self;
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if !this.charge(&buf.filled()[before..]) {
-                    return Poll::Ready(Err(io::Error::other("rate limit exceeded repeatedly")));
-                }
-                Poll::Ready(Ok(()))
-            }
-            other => other,
+        !self.abusive
+    }
+
+    /// Whether the next message tungstenite yielded was (partly) over the rate limits. A message the scanner has
+    /// not seen (impossible for a consistent stream) counts as within limits.
+    pub fn next_refused(&mut self) -> bool {
+        let refused = self.verdicts.pop_front().unwrap_or(false);
+        if self.verdicts.is_empty() {
+            // The common case (one message per read) costs no storage kept between messages.
+            self.verdicts = VecDeque::new();
         }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        refused
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    /// Whether the connection must be closed with 1008.
+    pub fn abusive(&self) -> bool {
+        self.abusive
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+    /// No frame is half received and no fragmented message is open.
+    pub fn at_message_boundary(&self) -> bool {
+        self.scanner.at_frame_boundary() && !self.in_message
     }
 }
 
@@ -306,37 +263,37 @@ mod tests {
         c.limits.messages_per_second = 1;
         c.limits.messages_burst = burst;
         c.limits.max_rate_violations = violations;
-        Arc::new(crate::limits::Limits::new(&c)).message_limiter(None)
+        std::sync::Arc::new(crate::limits::Limits::new(&c)).message_limiter(None)
     }
 
     #[test]
     fn verdicts_follow_message_order_and_fragments_accumulate() {
         // Burst of 3 frames: text(1 frame), ping, then a 3-fragment text whose second fragment is over budget.
-        let (mut m, meter) = Metered::new((), limiter(3, 100));
+        let mut m = FrameMeter::new(limiter(3, 100));
         let mut bytes = frame(true, 1, 2);
         bytes.extend(frame(true, 9, 0));
         bytes.extend(frame(false, 1, 1));
         bytes.extend(frame(false, 0, 1));
         bytes.extend(frame(true, 0, 1));
         assert!(m.charge(&bytes));
-        assert!(!meter.next_refused(), "text within budget");
-        assert!(!meter.next_refused(), "ping within budget");
-        assert!(meter.next_refused(), "fragmented text with a refused fragment");
-        assert!(!meter.next_refused(), "nothing more queued");
+        assert!(!m.next_refused(), "text within budget");
+        assert!(!m.next_refused(), "ping within budget");
+        assert!(m.next_refused(), "fragmented text with a refused fragment");
+        assert!(!m.next_refused(), "nothing more queued");
     }
 
     #[test]
     fn empty_continuations_and_pings_become_abusive() {
-        let (mut m, meter) = Metered::new((), limiter(10, 20));
+        let mut m = FrameMeter::new(limiter(10, 20));
         let mut bytes = frame(false, 1, 0);
         for _ in 0..40 {
             bytes.extend(frame(false, 0, 0));
         }
         assert!(!m.charge(&bytes), "endless empty continuations are abusive");
-        assert!(meter.abusive());
-        let (mut m, meter) = Metered::new((), limiter(10, 20));
+        assert!(m.abusive());
+        let mut m = FrameMeter::new(limiter(10, 20));
         let pings: Vec<u8> = (0..40).flat_map(|_| frame(true, 9, 0)).collect();
         assert!(!m.charge(&pings), "a ping flood is abusive");
-        assert!(meter.abusive());
+        assert!(m.abusive());
     }
 }

@@ -35,20 +35,18 @@ use tokio::{
     sync::oneshot,
     time::Instant,
 };
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{handshake::derive_accept_key, protocol::Role},
-};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use tracing::Instrument;
 
 use crate::{
     auth::{self, AuthError, Identity},
     connection::Accepted,
-    frames::Metered,
+    frames::FrameMeter,
     gateway::Gateway,
     limits::{ConnSlot, ForwardedError, IpGuard, Rejection},
     metrics::Rejected,
+    wire::Wire,
 };
 
 /// Sub-protocol name a client may request; echoed when offered.
@@ -202,10 +200,19 @@ where
             return;
         }
     };
-    // Every frame the client sends is charged to its rate limits as it arrives (see `crate::frames`).
-    let limiter = gw.limits().message_limiter(upgrade.identity.user.as_deref());
-    let (io, meter) = Metered::new(TokioIo::new(upgraded), limiter);
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(gw.ws_config())).await;
+    // Back to the socket itself: hyper's upgraded IO is a boxed trait object with a replay buffer in front, a
+    // pointer and a vtable call on every read and write of the connection's life.
+    let parts = match upgraded.downcast::<TokioIo<IO>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::warn!("upgraded connection of an unexpected type: closed");
+            return;
+        }
+    };
+    // Every frame the client sends is charged to its rate limits as it arrives (see `crate::frames`), the bytes
+    // hyper read past the upgrade request included.
+    let meter = FrameMeter::new(gw.limits().message_limiter(upgrade.identity.user.as_deref()));
+    let wire = Wire::new(parts.io.into_inner(), &parts.read_buf, meter, &gw.ws_config());
     let id = gw.next_conn_id();
     let span = tracing::Span::current();
     span.record("peer", tracing::field::display(upgrade.client));
@@ -218,7 +225,6 @@ where
         peer: upgrade.client,
         identity: upgrade.identity,
         slot,
-        meter,
     };
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
     // HTTP futures, their arguments) would otherwise stay allocated for the whole life of every idle connection.
@@ -228,7 +234,7 @@ where
     let session = crate::connection::start;
     #[cfg(feature = "conformance")]
     let session = crate::conformance::echo;
-    gw.clone().spawn(session(gw, ws, accepted).instrument(span));
+    gw.clone().spawn(session(gw, wire, accepted).instrument(span));
 }
 
 /// Serves HTTP until the connection closes or is upgraded; returns the upgrade, if any. The caller bounds it by the

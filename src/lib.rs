@@ -2,7 +2,8 @@
 //!
 //! `main.rs` parses flags, starts a [`Gateway`] and calls [`run`]; the integration tests do the same. A connection's
 //! life reads in one direction, one module per step: [`server`] (the accept loop) → [`http`] (TLS, HTTP routes and the
-//! upgrade) → [`connection`] (the session: a reader and a writer task). They share [`gateway`] (the state every
+//! upgrade) → [`connection`] (the session: one task per WebSocket) over [`wire`] (its socket: tungstenite reads,
+//! pre-built frames are written). They share [`gateway`] (the state every
 //! connection needs) and depend on the concerns below, none of which depends back on them:
 //! [`config`] (schema and validation), [`tls`], [`limits`] (connection slots, rates, origins, client addresses),
 //! [`frames`] (every incoming frame charged to the rate limits), [`auth`] (JWT verification) and [`token`] (where the
@@ -38,6 +39,7 @@ pub mod shutdown;
 mod test_support;
 pub mod tls;
 pub mod token;
+pub mod wire;
 
 pub use config::Config;
 pub use gateway::Gateway;

@@ -26,10 +26,10 @@
 use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
 use parking_lot::Mutex;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::config::Overflow;
+use crate::{config::Overflow, wire::Frame};
 
 /// The outbox checked against a plain model of `docs/backpressure.md` (property test and fuzz target).
 #[cfg(any(test, fuzzing))]
@@ -39,13 +39,13 @@ pub mod model;
 #[derive(Debug)]
 pub enum Item {
     /// A reply to the client itself (ack, error, pong, notices): never dropped by a room policy.
-    Control(Utf8Bytes),
+    Control(Frame),
     /// A room message, shared by every recipient of the same NATS message.
     Room {
         /// Room name (shared `Arc`, no allocation per recipient).
         room: Arc<str>,
         /// The pre-built frame.
-        frame: Utf8Bytes,
+        frame: Frame,
         /// Messages of this room dropped just before this one; the writer sends a `gap` notice first.
         gap: u64,
         /// The room's overflow policy, so that `drop_oldest` evicts only messages of `drop_oldest` rooms and `latest`
@@ -98,7 +98,7 @@ pub enum Pushed {
 #[derive(Debug)]
 struct Parked {
     room: Arc<str>,
-    frame: Utf8Bytes,
+    frame: Frame,
     /// Messages of the room dropped just before this value.
     gap: u64,
 }
@@ -169,8 +169,9 @@ fn same_room(a: &Arc<str>, b: &Arc<str>) -> bool {
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    /// Wakes the writer when something was queued or a close was requested.
-    wake_writer: Notify,
+    /// Wakes the connection's task (its writer side) when something was queued or a close was requested. A waker
+    /// rather than a `Notify`: only the first push after the writer went idle pays for a wake-up.
+    wake_writer: AtomicWaker,
     /// Wakes producers waiting in [`Outbox::push_control`] when the writer took a batch.
     space: Notify,
     max_messages: usize,
@@ -182,7 +183,7 @@ impl Outbox {
     pub fn new(max_messages: usize, max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            wake_writer: Notify::new(),
+            wake_writer: AtomicWaker::new(),
             space: Notify::new(),
             max_messages,
             max_bytes,
@@ -218,7 +219,7 @@ impl Outbox {
     }
 
     /// Queues a new room message, carrying the drops owed to its room.
-    fn enqueue_room(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes, policy: Overflow) -> Pushed {
+    fn enqueue_room(&self, s: &mut State, room: &Arc<str>, frame: Frame, policy: Overflow) -> Pushed {
         let gap = s.take_gap(room);
         self.enqueue(
             s,
@@ -233,7 +234,7 @@ impl Outbox {
     }
 
     /// Queues a room message under `policy`. Never blocks.
-    pub fn push_room(&self, room: &Arc<str>, frame: Utf8Bytes, policy: Overflow) -> Pushed {
+    pub fn push_room(&self, room: &Arc<str>, frame: Frame, policy: Overflow) -> Pushed {
         let outcome = {
             let mut guard = self.state.lock();
             let s = &mut *guard;
@@ -248,9 +249,9 @@ impl Outbox {
             }
         };
         match outcome {
-            Pushed::Queued | Pushed::DroppedOldest(_) => self.wake_writer.notify_one(),
+            Pushed::Queued | Pushed::DroppedOldest(_) => self.wake_writer.wake(),
             Pushed::Overflowed => {
-                self.wake_writer.notify_one();
+                self.wake_writer.wake();
                 // The reader may be waiting in `push_control`: it must see the close, or it waits for space forever
                 // (the writer discards the queue without waking it) and the connection's task never ends.
                 self.space.notify_waiters();
@@ -263,7 +264,7 @@ impl Outbox {
     }
 
     /// `disconnect`: a full queue closes the connection with 4008; queued messages are never touched.
-    fn push_disconnect(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+    fn push_disconnect(&self, s: &mut State, room: &Arc<str>, frame: Frame) -> Pushed {
         if self.fits(s, frame.len()) {
             return self.enqueue_room(s, room, frame, Overflow::Disconnect);
         }
@@ -276,7 +277,7 @@ impl Outbox {
     }
 
     /// `drop_newest`: a message that does not fit is dropped and owed to its room's next gap notice.
-    fn push_drop_newest(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+    fn push_drop_newest(&self, s: &mut State, room: &Arc<str>, frame: Frame) -> Pushed {
         if self.fits(s, frame.len()) {
             return self.enqueue_room(s, room, frame, Overflow::DropNewest);
         }
@@ -287,7 +288,7 @@ impl Outbox {
     /// `drop_oldest`: evict the oldest queued messages of `drop_oldest` rooms until the new one fits. If evicting all
     /// of them would not be enough (the queue is full of other rooms' messages or control frames), evict nothing
     /// and drop the new one instead, so no drop is made in vain.
-    fn push_drop_oldest(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+    fn push_drop_oldest(&self, s: &mut State, room: &Arc<str>, frame: Frame) -> Pushed {
         let len = frame.len();
         if self.fits(s, len) {
             return self.enqueue_room(s, room, frame, Overflow::DropOldest);
@@ -344,7 +345,7 @@ impl Outbox {
 
     /// `latest`: at most one pending value per room, the newest. It replaces the room's queued value in place, or
     /// its parked value; with neither, it is queued if it fits and parked if not. It never touches another room.
-    fn push_latest(&self, s: &mut State, room: &Arc<str>, frame: Utf8Bytes) -> Pushed {
+    fn push_latest(&self, s: &mut State, room: &Arc<str>, frame: Frame) -> Pushed {
         let len = frame.len();
         if len > self.max_bytes {
             // Larger than the whole queue: it could never be delivered. Lost, and told like any other loss.
@@ -384,7 +385,7 @@ impl Outbox {
 
     /// Replaces the `latest` value queued at `pos`. Superseded values get no gap notice, but the drops owed before
     /// the new value (`gap`) add to those owed before the old one.
-    fn replace_queued(&self, s: &mut State, pos: usize, frame: Utf8Bytes, gap: u64) -> Pushed {
+    fn replace_queued(&self, s: &mut State, pos: usize, frame: Frame, gap: u64) -> Pushed {
         let (old_len, len) = (s.queue[pos].len(), frame.len());
         if s.bytes - old_len + len <= self.max_bytes {
             s.bytes = s.bytes - old_len + len;
@@ -421,7 +422,7 @@ impl Outbox {
     /// Queues a reply to the client, waiting for space if the queue is full. Waiting here is the inbound
     /// backpressure: the reader stops reading from a client that does not read its replies, and `write_timeout`
     /// eventually closes it. Returns false if the connection is closing.
-    pub async fn push_control(&self, frame: Utf8Bytes) -> bool {
+    pub async fn push_control(&self, frame: Frame) -> bool {
         loop {
             let space = self.space.notified();
             {
@@ -433,7 +434,7 @@ impl Outbox {
                 if s.queue.is_empty() || self.fits(&s, frame.len()) {
                     self.enqueue(&mut s, Item::Control(frame));
                     drop(s);
-                    self.wake_writer.notify_one();
+                    self.wake_writer.wake();
                     return true;
                 }
             }
@@ -443,14 +444,14 @@ impl Outbox {
 
     /// Queues a control frame only if it fits now, never waiting: for the welcome, and for notices a room task sends
     /// to its members (`left`), which must not wait on one slow client. Returns whether it was queued.
-    pub fn try_push_control(&self, frame: Utf8Bytes) -> bool {
+    pub fn try_push_control(&self, frame: Frame) -> bool {
         let mut s = self.state.lock();
         if s.close.is_some() || !self.fits(&s, frame.len()) {
             return false;
         }
         self.enqueue(&mut s, Item::Control(frame));
         drop(s);
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
         true
     }
 
@@ -462,7 +463,7 @@ impl Outbox {
                 s.close = Some(request);
             }
         }
-        self.wake_writer.notify_one();
+        self.wake_writer.wake();
         self.space.notify_waiters();
     }
 
@@ -471,42 +472,53 @@ impl Outbox {
         self.state.lock().close.clone()
     }
 
-    /// Moves everything queued into `batch` (which should be empty) and returns the close request if one is set.
-    /// Waits until there is something to do. Parked `latest` values then move into the emptied queue, for the next
-    /// batch; a graceful close (`flush_queued`) hands them over at once, after the queue.
-    pub async fn next_batch(&self, batch: &mut VecDeque<Item>) -> Option<CloseRequest> {
-        loop {
-            let woken = self.wake_writer.notified();
-            {
-                let mut guard = self.state.lock();
-                let s = &mut *guard;
-                if let Some(close) = s.close.clone() {
-                    if close.flush_queued {
-                        std::mem::swap(&mut s.queue, batch);
-                        batch.extend(s.parked.drain(..).map(Parked::into_item));
-                    } else {
-                        s.queue.clear();
-                        s.parked.clear();
-                    }
-                    s.queue_taken();
-                    return Some(close);
-                }
-                if s.queue.is_empty() {
-                    // Not reached while the invariants hold (a value is parked only behind a non-empty queue), but a
-                    // parked value must never wait for a push that may not come.
-                    self.unpark(s);
-                }
-                if !s.queue.is_empty() {
-                    std::mem::swap(&mut s.queue, batch);
-                    s.queue_taken();
-                    self.unpark(s);
-                    drop(guard);
-                    self.space.notify_waiters();
-                    return None;
-                }
+    /// Moves everything queued into `batch` (which should be empty) and returns the close request if one is set;
+    /// `Pending` (with the caller's waker registered) while there is nothing to do. The queue's storage moves with
+    /// the batch and the queue starts again empty, so a connection with nothing queued holds no queue storage. Parked
+    /// `latest` values then move into the emptied queue, for the next batch; a graceful close (`flush_queued`) hands
+    /// them over at once, after the queue.
+    pub fn poll_batch(&self, cx: &mut std::task::Context<'_>, batch: &mut VecDeque<Item>) -> std::task::Poll<Option<CloseRequest>> {
+        // Registered before looking, so a push after the look wakes us.
+        self.wake_writer.register(cx.waker());
+        let mut guard = self.state.lock();
+        let s = &mut *guard;
+        if let Some(close) = s.close.clone() {
+            if close.flush_queued {
+                batch.append(&mut s.queue);
+                batch.extend(s.parked.drain(..).map(Parked::into_item));
             }
-            woken.await;
+            s.queue = VecDeque::new();
+            s.parked = VecDeque::new();
+            s.queue_taken();
+            return std::task::Poll::Ready(Some(close));
         }
+        if s.queue.is_empty() {
+            // Not reached while the invariants hold (a value is parked only behind a non-empty queue), but a
+            // parked value must never wait for a push that may not come.
+            self.unpark(s);
+        }
+        if s.queue.is_empty() {
+            if s.parked.capacity() > 0 && s.parked.is_empty() {
+                s.parked = VecDeque::new();
+            }
+            return std::task::Poll::Pending;
+        }
+        if batch.is_empty() {
+            std::mem::swap(&mut s.queue, batch);
+        } else {
+            batch.append(&mut s.queue);
+        }
+        s.queue = VecDeque::new();
+        s.queue_taken();
+        self.unpark(s);
+        drop(guard);
+        self.space.notify_waiters();
+        std::task::Poll::Ready(None)
+    }
+
+    /// [`Outbox::poll_batch`] as a future (tests, the model).
+    pub async fn next_batch(&self, batch: &mut VecDeque<Item>) -> Option<CloseRequest> {
+        std::future::poll_fn(|cx| self.poll_batch(cx, batch)).await
     }
 
     /// When the oldest item of the batch the writer took last was queued (once per batch).
@@ -554,8 +566,8 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn f(s: &str) -> Utf8Bytes {
-        Utf8Bytes::from(s.to_string())
+    fn f(s: &str) -> Frame {
+        Frame::text(s)
     }
 
     async fn drain(o: &Outbox) -> Vec<(String, u64)> {

@@ -600,16 +600,33 @@ pub fn classify_payload(payload: &[u8]) -> Payload<'_> {
 /// `{"op":"message","room":R,"data":D,"from":F?,"seq":S?}` built once per NATS message; every recipient shares it.
 /// `seq` is the stream sequence of a history room's message.
 pub fn message(room: &str, payload: &[u8], from: Option<&str>, seq: Option<u64>) -> String {
-    let mut b = Vec::with_capacity(64 + room.len() + payload.len() + from.map_or(0, str::len));
+    let mut b = Vec::with_capacity(message_capacity(room, payload, from));
+    push_message(&mut b, room, payload, from, seq);
+    into_string(b)
+}
+
+/// [`message`] as a complete WebSocket frame, built in place: the fan-out builds it once per NATS message and every
+/// member of the room gets the same bytes.
+pub fn message_frame(room: &str, payload: &[u8], from: Option<&str>, seq: Option<u64>) -> crate::wire::Frame {
+    crate::wire::Frame::text_with(message_capacity(room, payload, from), |b| {
+        push_message(b, room, payload, from, seq)
+    })
+}
+
+fn message_capacity(room: &str, payload: &[u8], from: Option<&str>) -> usize {
+    64 + room.len() + payload.len() + from.map_or(0, str::len)
+}
+
+fn push_message(b: &mut Vec<u8>, room: &str, payload: &[u8], from: Option<&str>, seq: Option<u64>) {
     b.extend_from_slice(br#"{"op":"message","room":"#);
-    push_json_str(&mut b, room);
-    push_payload(&mut b, payload);
-    push_from(&mut b, from);
+    push_json_str(b, room);
+    push_payload(b, payload);
+    push_from(b, from);
     if let Some(seq) = seq {
-        b.extend_from_slice(format!(r#","seq":{seq}"#).as_bytes());
+        b.extend_from_slice(br#","seq":"#);
+        b.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     }
     b.push(b'}');
-    into_string(b)
 }
 
 fn push_from(b: &mut Vec<u8>, from: Option<&str>) {

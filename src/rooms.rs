@@ -1,9 +1,9 @@
 //! Room registry and fan-out: exactly one NATS subscription per room per gateway process, created on the first
 //! local join and dropped on the last leave, with one fan-out task per room.
 //!
-//! The hot path is [`fan_out`]: a NATS message becomes one WebSocket frame (`Utf8Bytes`, built once), and each
-//! local member gets a reference-counted clone pushed into its [`Outbox`] without awaiting anything. A member that
-//! cannot keep up is handled by the room's overflow policy inside its own outbox; the others are not delayed.
+//! The hot path is [`fan_out`]: a NATS message becomes one complete WebSocket frame ([`Frame`], header and payload,
+//! built once), and each local member gets a reference-counted clone pushed into its [`Outbox`] without awaiting
+//! anything; the members' writers put those same bytes on their sockets. A member that cannot keep up is handled by the room's overflow policy inside its own outbox; the others are not delayed.
 //!
 //! Bounds: at most `rooms.max_rooms` rooms (the map), and each room's member list holds one entry per joined
 //! connection (each connection is in at most `rooms.max_rooms_per_connection` rooms). Per user (per address for
@@ -25,7 +25,6 @@ use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -36,6 +35,7 @@ use crate::{
     outbox::{Outbox, Pushed},
     protocol,
     room_quota::{QuotaError, QuotaKey, RoomQuota},
+    wire::Frame,
 };
 
 /// One local member of a room: a connection's id, its outbox and whose room budget it draws on.
@@ -72,7 +72,7 @@ pub struct Hold {
 struct HoldState {
     holding: bool,
     /// (seq, previous seq of the room from `Nats-Last-Sequence`, frame), in arrival order.
-    frames: std::collections::VecDeque<(u64, u64, Utf8Bytes)>,
+    frames: std::collections::VecDeque<(u64, u64, Frame)>,
     max: usize,
     overflowed: bool,
 }
@@ -109,7 +109,7 @@ impl Hold {
     }
 
     /// Takes a live frame if still holding (true); false once released (the caller queues it as usual).
-    fn offer(&self, seq: u64, prev: u64, frame: &Utf8Bytes) -> bool {
+    fn offer(&self, seq: u64, prev: u64, frame: &Frame) -> bool {
         if self.released.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
@@ -131,7 +131,7 @@ impl Hold {
     /// Refuses with [`CatchUp`] when frames were dropped (overflow) or the first held frame says its room had a
     /// message after `after` that was not held (`Nats-Last-Sequence`, e.g. a replica that answered with an older
     /// last sequence): then the hold keeps holding, empty, and the caller reads the stream again.
-    pub fn release(&self, after: u64, mut push: impl FnMut(Utf8Bytes)) -> Result<(), CatchUp> {
+    pub fn release(&self, after: u64, mut push: impl FnMut(Frame)) -> Result<(), CatchUp> {
         let mut s = self.state.lock();
         if s.overflowed {
             s.overflowed = false;
@@ -159,7 +159,7 @@ impl Hold {
 
     /// Stops holding, queueing everything still held (a join that could not read the stream; its client was told
     /// it got no recovery).
-    pub fn release_all(&self, mut push: impl FnMut(Utf8Bytes)) {
+    pub fn release_all(&self, mut push: impl FnMut(Frame)) {
         let mut s = self.state.lock();
         for (_, _, frame) in s.frames.drain(..) {
             push(frame);
@@ -488,7 +488,7 @@ impl Rooms {
         }
         room.ready.send_replace(Readiness::Failed);
         self.unregister(room);
-        let frame = Utf8Bytes::from(protocol::left(&room.name, ENDED_REASON));
+        let frame = Frame::text(protocol::left(&room.name, ENDED_REASON));
         for m in members {
             m.outbox.forget_room(&room.name);
             m.outbox.try_push_control(frame.clone());
@@ -523,7 +523,7 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
     let skip = echo_skip(msg, gateway_id);
     let from = msg.headers.as_ref().and_then(|h| h.get(HDR_CONN)).map(|v| v.as_str());
     let (seq, prev) = if room.history { sequence(msg) } else { (None, 0) };
-    let frame = Utf8Bytes::from(protocol::message(&room.name, &msg.payload, from, seq));
+    let frame = protocol::message_frame(&room.name, &msg.payload, from, seq);
     let (mut delivered, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
     {
         let members = room.members.read();
@@ -579,8 +579,8 @@ mod hold_tests {
 
     use super::*;
 
-    fn frame(seq: u64) -> Utf8Bytes {
-        Utf8Bytes::from(seq.to_string())
+    fn frame(seq: u64) -> Frame {
+        Frame::text(seq.to_string())
     }
 
     proptest! {
@@ -633,7 +633,7 @@ mod hold_tests {
             let mut after = last;
             loop {
                 let mut pushed = Vec::new();
-                match hold.release(after, |f| pushed.push(f.as_str().parse::<u64>().unwrap())) {
+                match hold.release(after, |f| pushed.push(f.as_text().parse::<u64>().unwrap())) {
                     Ok(()) => { out.extend(pushed); break; }
                     Err(CatchUp { up_to }) => {
                         let up_to = if up_to == 0 { seqs[..published].last().copied().unwrap_or(0) } else { up_to };

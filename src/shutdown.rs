@@ -38,10 +38,16 @@ pub fn on_signals(drain: CancellationToken) {
 /// before that; the random point is drawn per connection, which is what spreads the reconnects.
 pub async fn drain_turn(drain: CancellationToken, window: Duration) {
     drain.cancelled().await;
-    let delay = jitter(window, rand::random::<f64>());
+    let delay = drain_delay(window);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+}
+
+/// One connection's delay after the drain starts: uniformly random within `window` (what [`drain_turn`] waits; a
+/// connection that runs its own timer adds it to the moment it saw the drain).
+pub fn drain_delay(window: Duration) -> Duration {
+    jitter(window, rand::random::<f64>())
 }
 
 /// `window` scaled by `unit` (in `[0, 1)`), saturating: the delay of one connection in the drain.

@@ -3,14 +3,13 @@
 //!
 //! The seam of a join: the member was registered with a [`Hold`], so its live frames wait while the stream is read.
 //! The ack and the replayed messages are queued first, then the hold is released, dropping held frames the replay
-//! already covered. Replayed frames go through the connection's bounded outbox like replies: the reader waits for
+//! already covered. Replayed frames go through the connection's bounded outbox like replies: the connection waits for
 //! space (and the connection's cancellation), so a recovery is paced by the client and never grows memory, and a
 //! client that stops reading is closed by `write_timeout` as always.
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::{Conn, close_req};
 use crate::{
@@ -19,6 +18,7 @@ use crate::{
     protocol::{self, ErrorCode, Since, close},
     replay::{ReplayError, Stored},
     rooms::{CatchUp, Hold, Room},
+    wire::Frame,
 };
 
 /// Times a join reads the stream again because its hold overflowed, before it gives up and closes the connection
@@ -99,9 +99,9 @@ async fn read(h: &History, subject: &str, since: Option<&Since>, floor: u64, dea
 }
 
 /// The message frame of a stored message, as live delivery would have built it.
-fn frame(room: &str, m: &Stored) -> String {
+fn frame(room: &str, m: &Stored) -> Frame {
     let from = m.headers.as_ref().and_then(|h| h.get(HDR_CONN)).map(|v| v.as_str());
-    protocol::message(room, &m.payload, from, Some(m.seq))
+    protocol::message_frame(room, &m.payload, from, Some(m.seq))
 }
 
 impl Conn {
@@ -158,7 +158,7 @@ impl Conn {
     }
 
     /// Queues a held live frame under the room's policy (it is live traffic, only late).
-    fn push_live(&self, room: &Room, frame: Utf8Bytes) {
+    fn push_live(&self, room: &Room, frame: Frame) {
         let _ = self.outbox.push_room(room.name(), frame, room.policy());
     }
 

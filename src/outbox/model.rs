@@ -19,7 +19,7 @@
 use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
 use futures_util::FutureExt;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use crate::wire::Frame;
 
 use super::{CloseRequest, Item, Outbox, Pushed};
 use crate::config::Overflow;
@@ -342,7 +342,7 @@ impl Harness {
         };
         let got = self
             .outbox
-            .push_room(&name, Utf8Bytes::from(frame.clone()), self.model.policy[room]);
+            .push_room(&name, Frame::text(&frame), self.model.policy[room]);
         let want = self.model.push_room(room, frame);
         assert_eq!(got, want, "push #{id} to room {room}");
         if got == Pushed::Overflowed {
@@ -361,11 +361,11 @@ impl Harness {
         self.next_control += 1;
         let frame = Self::frame("c", id, len);
         let admitted = if wait_allowed {
-            let got = self.outbox.push_control(Utf8Bytes::from(frame.clone())).now_or_never();
+            let got = self.outbox.push_control(Frame::text(&frame)).now_or_never();
             assert_eq!(got, self.model.push_control(frame), "push_control #{id}");
             got == Some(true)
         } else {
-            let got = self.outbox.try_push_control(Utf8Bytes::from(frame.clone()));
+            let got = self.outbox.try_push_control(Frame::text(&frame));
             assert_eq!(got, self.model.try_push_control(frame), "try_push_control #{id}");
             got
         };

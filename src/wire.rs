@@ -1,0 +1,595 @@
+//! The socket side of one upgraded WebSocket: tungstenite parses what the client sends, and the gateway writes
+//! server frames it built itself, once per message, shared by every recipient.
+//!
+//! Why not a `tokio_tungstenite::WebSocketStream`: it keeps a read buffer (`limits.read_buffer_size`) allocated for
+//! the whole life of the connection, copies and re-frames every outgoing message into a write buffer of its own that
+//! keeps its high-water capacity until close, and split into a reader and a writer it needs a lock and two tasks.
+//! Here the connection's one task owns the socket, and:
+//! - **reading** goes through tungstenite's [`WebSocketContext`] (masking, fragmentation, UTF-8, control frames,
+//!   size limits: all tungstenite's), which exists only while bytes are in flight. An idle connection has none: its
+//!   first read goes into a per-thread scratch buffer, and only when bytes arrive does a context (and its read buffer)
+//!   get made, to be dropped again as soon as the socket runs dry at a message boundary. A 64 KiB message therefore
+//!   leaves nothing behind once read;
+//! - **writing** takes [`Frame`]s: complete server frames (header and payload; server frames are never masked), so a
+//!   room message is framed once in `rooms::fan_out` and the same bytes go to every member. The writer hands up to
+//!   [`MAX_IOV`] frames to one vectored write (plain TCP: straight from the shared bytes, no copy; TLS: rustls copies
+//!   them into records, which it must), and keeps no buffer between batches. Pongs and the close reply tungstenite
+//!   produces while reading land in a small control buffer ([`MAX_CONTROL_BYTES`]) written before the next frame.
+//!
+//! Every incoming frame is still charged to the rate limits as its header arrives ([`FrameMeter`], `crate::frames`),
+//! on both read paths.
+
+use std::{
+    cell::RefCell,
+    collections::VecDeque,
+    fmt,
+    io::{self, IoSlice, Read, Write},
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::Instant,
+};
+use tokio_tungstenite::tungstenite::{
+    self, Message,
+    error::ProtocolError,
+    protocol::{Role, WebSocketConfig, WebSocketContext},
+};
+
+use crate::{
+    frames::FrameMeter,
+    metrics::Metrics,
+    outbox::{CloseRequest, Item, Outbox},
+};
+
+/// Most frames handed to one vectored write (Linux accepts 1024 slices; 64 already fills a socket buffer).
+pub const MAX_IOV: usize = 64;
+
+/// Bound of the control bytes (pongs, the close reply) tungstenite may produce before the writer takes them. Past it
+/// tungstenite keeps the newest pong itself (RFC 6455 lets a burst of pings be answered by the last one).
+pub const MAX_CONTROL_BYTES: usize = 4096;
+
+/// Room left before a frame's payload for the longest header (2 + 8 bytes: no mask on server frames).
+const HEADROOM: usize = 10;
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+
+/// A complete server-to-client WebSocket frame, header and payload in one shared buffer: cloning it is a refcount
+/// increment, so one frame serves every member of a room.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Header then payload, as written to the socket.
+    wire: Bytes,
+    /// Length of the header at the start of `wire` (2, 4 or 10).
+    header: u8,
+}
+
+impl Frame {
+    /// A text frame of `text`.
+    pub fn text(text: impl AsRef<str>) -> Frame {
+        let text = text.as_ref();
+        Self::build(OP_TEXT, text.len(), |b| b.extend_from_slice(text.as_bytes()))
+    }
+
+    /// A text frame whose payload `write` appends to the buffer it is given (which already holds the header's room):
+    /// the payload is built in place, with no copy. `write` must append valid UTF-8.
+    pub fn text_with(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Frame {
+        let frame = Self::build(OP_TEXT, capacity, write);
+        debug_assert!(std::str::from_utf8(frame.payload()).is_ok(), "text frame with invalid UTF-8");
+        frame
+    }
+
+    /// A binary frame of `data` (the conformance echo).
+    pub fn binary(data: &[u8]) -> Frame {
+        Self::build(OP_BINARY, data.len(), |b| b.extend_from_slice(data))
+    }
+
+    /// A ping with an empty payload (the heartbeat).
+    pub fn ping() -> Frame {
+        Self::build(OP_PING, 0, |_| {})
+    }
+
+    /// A close frame with `code` and `reason` (at most 123 bytes, which every reason in `protocol::close` is).
+    pub fn close(code: u16, reason: &str) -> Frame {
+        let reason = &reason.as_bytes()[..reason.len().min(123)];
+        Self::build(OP_CLOSE, 2 + reason.len(), |b| {
+            b.extend_from_slice(&code.to_be_bytes());
+            b.extend_from_slice(reason);
+        })
+    }
+
+    /// Bytes already framed elsewhere (tungstenite's pongs and close reply), written as they are.
+    fn raw(wire: Bytes) -> Frame {
+        Frame { wire, header: 0 }
+    }
+
+    fn build(opcode: u8, capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Frame {
+        let mut b = Vec::with_capacity(HEADROOM + capacity);
+        b.resize(HEADROOM, 0);
+        write(&mut b);
+        let len = b.len() - HEADROOM;
+        let (header, n) = header(opcode, len);
+        let start = HEADROOM - n;
+        b[start..HEADROOM].copy_from_slice(&header[..n]);
+        Frame {
+            wire: Bytes::from(b).slice(start..),
+            header: n as u8,
+        }
+    }
+
+    /// Payload length: what the outbox's byte bounds count.
+    pub fn len(&self) -> usize {
+        self.wire.len() - usize::from(self.header)
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload (for a text frame, its UTF-8 text).
+    pub fn payload(&self) -> &[u8] {
+        &self.wire[usize::from(self.header)..]
+    }
+
+    /// The payload as text (lossy for binary frames); for tests and logs.
+    pub fn as_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.payload())
+    }
+
+    /// Header and payload, as written.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Frame {
+        Frame::text(text)
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(text: &str) -> Frame {
+        Frame::text(text)
+    }
+}
+
+impl fmt::Display for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_text())
+    }
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Frame({:?})", self.as_text())
+    }
+}
+
+/// The header of an unmasked, final frame of `len` payload bytes, and its length.
+fn header(opcode: u8, len: usize) -> ([u8; HEADROOM], usize) {
+    let mut h = [0u8; HEADROOM];
+    h[0] = 0x80 | opcode;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if let Ok(len) = u16::try_from(len) {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&len.to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
+}
+
+thread_local! {
+    /// The read buffer of idle connections: a connection with no message in flight reads into this, so it needs
+    /// none of its own. Used only inside one synchronous `poll_read`, never across an await.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a read produced.
+pub enum Incoming {
+    /// A message, and whether a frame of it was over the rate limits.
+    Message(Message, bool),
+    /// The client closed the TCP connection after its close frame (or tungstenite finished the close handshake).
+    Closed,
+}
+
+/// What the write side needs the connection to act on.
+pub enum WriteEvent {
+    /// The outbox asks for the connection to close (a slow consumer, a requested close).
+    Close(CloseRequest),
+    /// A write started waiting for the socket: the write deadline starts now.
+    Blocked,
+    /// The socket refused a write.
+    Failed(io::Error),
+}
+
+/// The socket of one WebSocket and its read and write state; owned by the connection's task.
+pub struct Wire<IO> {
+    io: IO,
+    /// tungstenite's read state, only while a message is in flight (see the module doc). Boxed: an idle connection
+    /// pays one pointer for it.
+    ctx: Option<Box<WebSocketContext>>,
+    meter: FrameMeter,
+    /// Pongs and the close reply tungstenite wrote, waiting to go out before the next frame. Bound:
+    /// [`MAX_CONTROL_BYTES`].
+    control: Vec<u8>,
+    /// Frames taken from the outbox (or queued by the connection itself), oldest first. Freed once written, so an
+    /// idle connection holds no queue storage; bound: one outbox batch plus a heartbeat ping and the close frame.
+    batch: VecDeque<Item>,
+    /// Bytes of the first frame in `batch` already written.
+    written: usize,
+    /// Since when the current write waits for the socket (the write deadline, `limits.write_timeout`).
+    blocked_since: Option<Instant>,
+    /// Payload bytes of the batch written so far, and when its oldest frame was queued: counted once per batch.
+    batch_bytes: u64,
+    batch_queued_at: Option<Instant>,
+    /// The client's close frame arrived; tungstenite wrote the reply, so no other close frame may follow.
+    peer_closed: bool,
+    /// `limits.read_buffer_size`: bytes asked of the socket per read.
+    read_size: usize,
+    /// `limits.write_buffer_size`: bytes handed to one vectored write (at least one frame).
+    write_size: usize,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
+    /// The wire over an upgraded socket. `pending` is what the HTTP layer read past the upgrade request (a client
+    /// may send its first frames without waiting for the 101); it is charged and parsed first.
+    pub fn new(io: IO, pending: &[u8], meter: FrameMeter, config: &WebSocketConfig) -> Self {
+        let mut wire = Wire {
+            io,
+            ctx: None,
+            meter,
+            control: Vec::new(),
+            batch: VecDeque::new(),
+            written: 0,
+            blocked_since: None,
+            batch_bytes: 0,
+            batch_queued_at: None,
+            peer_closed: false,
+            read_size: config.read_buffer_size.max(64),
+            write_size: config.write_buffer_size.max(1),
+        };
+        if !pending.is_empty() {
+            wire.meter.charge(pending);
+            wire.ctx = Some(Box::new(WebSocketContext::from_partially_read(
+                pending.to_vec(),
+                Role::Server,
+                Some(*config),
+            )));
+        }
+        wire
+    }
+
+    /// Whether the client went over `limits.max_rate_violations` refusals in a row (close 1008).
+    pub fn abusive(&self) -> bool {
+        self.meter.abusive()
+    }
+
+    /// Whether the client's close frame was received (and answered by tungstenite).
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// Since when a write waits for the socket, if one does.
+    pub fn blocked_since(&self) -> Option<Instant> {
+        self.blocked_since
+    }
+
+    /// Queues a frame of the connection's own (the heartbeat ping) after what is queued.
+    pub fn queue(&mut self, frame: Frame) {
+        self.batch.push_back(Item::Control(frame));
+    }
+
+    /// Reads the next message. `Pending` with the socket's waker registered when nothing complete has arrived.
+    pub fn poll_read(&mut self, cx: &mut Context<'_>, config: &WebSocketConfig) -> Poll<Result<Incoming, tungstenite::Error>> {
+        if self.meter.abusive() {
+            return Poll::Ready(Err(abuse()));
+        }
+        if self.ctx.is_none() {
+            let part = ready!(read_idle(&mut self.io, cx, self.read_size))?;
+            if part.is_empty() {
+                // What tungstenite reports for a TCP end without a close frame, so both paths close alike.
+                return Poll::Ready(Err(tungstenite::Error::Protocol(
+                    ProtocolError::ResetWithoutClosingHandshake,
+                )));
+            }
+            if !self.meter.charge(&part) {
+                return Poll::Ready(Err(abuse()));
+            }
+            self.ctx = Some(Box::new(WebSocketContext::from_partially_read(
+                part,
+                Role::Server,
+                Some(*config),
+            )));
+        }
+        let Some(ctx) = self.ctx.as_mut() else {
+            unreachable!("made above");
+        };
+        let mut io = SyncIo {
+            io: &mut self.io,
+            cx,
+            meter: &mut self.meter,
+            control: &mut self.control,
+        };
+        match ctx.read(&mut io) {
+            Ok(msg) => {
+                if let Message::Close(_) = msg {
+                    // tungstenite queued its reply: move it to `control` now (it then reports the end, ignored).
+                    self.peer_closed = true;
+                    let _ = ctx.flush(&mut io);
+                }
+                let refused = self.meter.next_refused();
+                Poll::Ready(Ok(Incoming::Message(msg, refused)))
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Dry at a message boundary, with every pong handed over: the context holds nothing worth keeping.
+                if io.meter.at_message_boundary() && ctx.flush(&mut io).is_ok() {
+                    self.ctx = None;
+                }
+                Poll::Pending
+            }
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                Poll::Ready(Ok(Incoming::Closed))
+            }
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Writes what is queued, taking more from `outbox` whenever the batch is written. `Pending` when everything is
+    /// written (the outbox's waker registered) or the socket is full (the socket's waker registered).
+    pub fn poll_write(&mut self, cx: &mut Context<'_>, outbox: &Outbox, metrics: &Metrics) -> Poll<WriteEvent> {
+        loop {
+            match self.poll_drain(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(WriteEvent::Failed(e)),
+                Poll::Pending => {
+                    if self.blocked_since.is_none() {
+                        self.blocked_since = Some(Instant::now());
+                        return Poll::Ready(WriteEvent::Blocked);
+                    }
+                    return Poll::Pending;
+                }
+            }
+            self.blocked_since = None;
+            self.batch_done(metrics);
+            // Written: the storage goes back (an idle connection holds none) and the outbox starts a fresh one.
+            self.batch = VecDeque::new();
+            let close = ready!(outbox.poll_batch(cx, &mut self.batch));
+            metrics.note_depth(self.batch.len());
+            self.batch_queued_at = outbox.take_batch_start();
+            self.expand_gaps();
+            if let Some(close) = close {
+                return Poll::Ready(WriteEvent::Close(close));
+            }
+        }
+    }
+
+    /// Writes `batch` and `control` until both are empty and the socket is flushed.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.written == 0 && !self.control.is_empty() {
+                // At a frame boundary: tungstenite's frames go next, whole.
+                let control = Bytes::from(std::mem::take(&mut self.control));
+                self.batch.push_front(Item::Control(Frame::raw(control)));
+            }
+            if self.batch.is_empty() {
+                return Pin::new(&mut self.io).poll_flush(cx);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            let mut bytes = 0;
+            for (i, item) in self.batch.iter().enumerate() {
+                let wire = item_frame(item).wire();
+                let wire = if i == 0 { &wire[self.written..] } else { wire };
+                if count == MAX_IOV || (count > 0 && bytes + wire.len() > self.write_size) {
+                    break;
+                }
+                slices[count] = IoSlice::new(wire);
+                count += 1;
+                bytes += wire.len();
+            }
+            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(n);
+        }
+    }
+
+    /// Forgets the first `n` written bytes of the batch.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.batch.front() else { break };
+            let left = item_frame(front).wire().len() - self.written;
+            if n < left {
+                self.written += n;
+                return;
+            }
+            n -= left;
+            self.written = 0;
+            if let Some(item) = self.batch.pop_front() {
+                self.batch_bytes += item_frame(&item).len() as u64;
+            }
+        }
+    }
+
+    /// Counts a fully written batch: one counter add and one histogram sample (its oldest frame), not one per frame.
+    fn batch_done(&mut self, metrics: &Metrics) {
+        if self.batch_bytes > 0 {
+            metrics.bytes_out.inc_by(std::mem::take(&mut self.batch_bytes));
+        }
+        if let Some(t) = self.batch_queued_at.take() {
+            metrics.delivery_seconds.observe(t.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Puts a `gap` notice before every room message that carries dropped messages (rare: only when the outbox's
+    /// policy dropped some, so the batch is rebuilt only then).
+    fn expand_gaps(&mut self) {
+        if !self
+            .batch
+            .iter()
+            .any(|i| matches!(i, Item::Room { gap, .. } if *gap > 0))
+        {
+            return;
+        }
+        let mut expanded = VecDeque::with_capacity(self.batch.len() + 1);
+        for item in self.batch.drain(..) {
+            if let Item::Room { room, gap, .. } = &item
+                && *gap > 0
+            {
+                expanded.push_back(Item::Control(Frame::text(crate::protocol::gap(room, *gap))));
+            }
+            expanded.push_back(item);
+        }
+        self.batch = expanded;
+    }
+
+    /// Ends the connection's output: writes what is queued if `req.flush_queued` (a frame already begun is always
+    /// finished, so the stream stays well-formed), then the close frame unless the client's close was answered
+    /// already; all of it within `timeout`.
+    pub async fn finish(&mut self, req: &CloseRequest, timeout: Duration) {
+        if !req.flush_queued {
+            let begun = if self.written > 0 { self.batch.pop_front() } else { None };
+            self.batch.clear();
+            self.batch.extend(begun);
+        }
+        if !self.peer_closed {
+            self.queue(Frame::close(req.code, req.reason));
+        }
+        let drained = tokio::time::timeout(timeout, std::future::poll_fn(|cx| self.poll_drain(cx))).await;
+        if !matches!(drained, Ok(Ok(()))) {
+            tracing::debug!("close frame not written in time");
+        }
+    }
+
+    /// Writes one frame and everything queued before it, within `timeout` (the conformance echo).
+    #[cfg(feature = "conformance")]
+    pub async fn send(&mut self, frame: Frame, timeout: Duration) -> bool {
+        self.queue(frame);
+        self.send_control(timeout).await
+    }
+
+    /// Writes what is queued (tungstenite's pongs among it), within `timeout` (the conformance echo).
+    #[cfg(feature = "conformance")]
+    pub async fn send_control(&mut self, timeout: Duration) -> bool {
+        let drained = tokio::time::timeout(timeout, std::future::poll_fn(|cx| self.poll_drain(cx))).await;
+        matches!(drained, Ok(Ok(())))
+    }
+}
+
+fn item_frame(item: &Item) -> &Frame {
+    match item {
+        Item::Control(frame) | Item::Room { frame, .. } => frame,
+    }
+}
+
+fn abuse() -> tungstenite::Error {
+    tungstenite::Error::Io(io::Error::other("rate limit exceeded repeatedly"))
+}
+
+/// One read of an idle connection, into the thread's scratch buffer; the bytes read come back in a buffer sized for
+/// the context that will parse them (`read_size`, or more).
+fn read_idle<IO: AsyncRead + Unpin>(io: &mut IO, cx: &mut Context<'_>, read_size: usize) -> Poll<io::Result<Vec<u8>>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < read_size {
+            scratch.resize(read_size, 0);
+        }
+        let mut buf = ReadBuf::new(&mut scratch[..read_size]);
+        ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+        let read = buf.filled();
+        let mut part = Vec::with_capacity(read_size.max(read.len()));
+        part.extend_from_slice(read);
+        Poll::Ready(Ok(part))
+    })
+}
+
+/// The blocking-style stream tungstenite reads from: reads poll the socket (`Pending` becomes `WouldBlock`, with the
+/// waker registered) and charge the frames they bring; writes (pongs, the close reply) go to the control buffer.
+struct SyncIo<'a, 'b, IO> {
+    io: &'a mut IO,
+    cx: &'a mut Context<'b>,
+    meter: &'a mut FrameMeter,
+    control: &'a mut Vec<u8>,
+}
+
+impl<IO: AsyncRead + Unpin> Read for SyncIo<'_, '_, IO> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.meter.abusive() {
+            return Err(io::Error::other("rate limit exceeded repeatedly"));
+        }
+        let mut read = ReadBuf::new(buf);
+        match Pin::new(&mut *self.io).poll_read(self.cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if !self.meter.charge(read.filled()) {
+                    return Err(io::Error::other("rate limit exceeded repeatedly"));
+                }
+                Ok(n)
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl<IO> Write for SyncIo<'_, '_, IO> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.control.len() >= MAX_CONTROL_BYTES {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.control.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_the_shortest_header_for_their_length() {
+        for (len, header) in [(0, 2), (125, 2), (126, 4), (65_535, 4), (65_536, 10)] {
+            let text = "x".repeat(len);
+            let f = Frame::text(&text);
+            assert_eq!(f.len(), len);
+            assert_eq!(f.wire().len(), len + header, "header of a {len}-byte payload");
+            assert_eq!(f.wire()[0], 0x81, "final text frame");
+            assert_eq!(f.payload(), text.as_bytes());
+            // tungstenite parses what we framed into the same payload.
+            let mut cursor = io::Cursor::new(f.wire().to_vec());
+            let (h, n) = tungstenite::protocol::frame::FrameHeader::parse(&mut cursor)
+                .expect("parse")
+                .expect("complete header");
+            assert_eq!((h.is_final, h.mask, n), (true, None, len as u64));
+        }
+        let close = Frame::close(4008, "slow consumer");
+        assert_eq!(close.wire()[0], 0x88);
+        assert_eq!(&close.payload()[..2], &4008u16.to_be_bytes());
+        assert_eq!(Frame::ping().wire(), &[0x89, 0]);
+    }
+
+    #[test]
+    fn text_with_builds_in_place() {
+        let f = Frame::text_with(8, |b| b.extend_from_slice(b"{\"a\":1}"));
+        assert_eq!(f.to_string(), "{\"a\":1}");
+        assert_eq!(f.wire()[1], 7);
+    }
+}
