@@ -89,44 +89,233 @@ enum Handled {
 }
 
 /// Starts serving one upgraded WebSocket; the returned future is the connection's task.
-///
-/// Setup is synchronous on purpose: the returned future then holds only what lives as long as the connection (an
-/// async fn would also keep its arguments' slots for the connection's lifetime, measurable memory per idle
-/// connection).
-pub fn start<IO>(gw: Arc<Gateway>, wire: Wire<IO>, accepted: Accepted) -> impl Future<Output = ()> + Send
+pub fn start<IO>(gw: Arc<Gateway>, wire: Wire<IO>, accepted: Accepted) -> ConnTask<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Conn::new(gw, accepted);
+    let conn = Conn::new(gw.clone(), accepted);
     // The queue is empty, so the welcome always fits.
-    let welcome = protocol::welcome(&conn.conn_id, conn.gw.id(), conn.identity.user.as_deref());
+    let welcome = protocol::welcome(&conn.conn_id, gw.id(), conn.identity.user.as_deref());
     conn.outbox.try_push_control(Frame::text(welcome));
-    session(conn, wire)
-}
-
-/// The connection's loop, then the cleanup every way of ending shares.
-async fn session<IO>(conn: Conn, mut wire: Wire<IO>)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let gw = conn.gw.clone();
-    conn.event("connect", None).await;
     tracing::debug!(conn = %conn.conn_id, user = conn.identity.user.as_deref(), "connected");
-
+    let now = Instant::now();
+    let (warn, expire) = conn.token_deadlines();
+    let deadlines = Deadlines {
+        ping: now + gw.config().limits.heartbeat_interval,
+        last_seen: now,
+        warn,
+        expire,
+        drain: None,
+    };
     let outbox = conn.outbox.clone();
     let cancel = conn.cancel.clone();
-    let (conn, end) = drive(conn, &mut wire).await;
-    // The first close request wins: if the outbox was closed first (a slow consumer), its reason is the one kept.
-    outbox.close(end);
-    let end = outbox.close_request().unwrap_or_else(|| close_req(close::NORMAL, "", true));
-    // A handler still running sees this at its next wait and hands the connection back.
-    cancel.cancel();
-    let mut conn = match conn {
-        Ok(conn) => conn,
-        Err(handling) => handling.await.0,
-    };
-    tracing::debug!(conn = %conn.conn_id, code = end.code, reason = end.reason, "connection closing");
+    ConnTask {
+        timer: tokio::time::sleep_until(deadlines.next(&gw, None, false)),
+        cancelled: cancel.clone().cancelled_owned(),
+        drained: gw.drain().clone().cancelled_owned(),
+        deadlines,
+        // The first handler publishes the `connect` event: no op of the client's is handled (and no other event
+        // published) before it, while the welcome is written meanwhile.
+        handling: Some(handle(conn, Work::Event("connect"))),
+        conn: None,
+        confirms: None,
+        wire: Some(wire),
+        ending: None,
+        gw,
+        outbox,
+        cancel,
+    }
+}
 
+pin_project_lite::pin_project! {
+    #[project = ConnTaskProj]
+    /// One connection's task: a future written out by hand rather than an `async fn`, so that what an idle
+    /// connection keeps is exactly these fields (an `async fn` with a `select!` loop kept several times as much:
+    /// moved-from arguments, select branches and outputs each get slots of their own). It polls, in order: the
+    /// connection's cancellation, the handler, the drain, the timer, the socket (write, then read), and publish
+    /// confirmations; once something ends the connection it runs the boxed end ([`close`]).
+    pub struct ConnTask<IO> {
+        // The connection's state; `None` while a handler holds it.
+        conn: Option<Conn>,
+        // `None` once handed to the end.
+        wire: Option<Wire<IO>>,
+        // The op being handled, which owns `conn` meanwhile.
+        handling: Option<Handling>,
+        // Publishes awaiting NATS confirmation, made on the first publish. Bound: `limits.max_inflight_publishes`
+        // (reading stops at it).
+        confirms: Option<FuturesUnordered<Confirm>>,
+        deadlines: Deadlines,
+        #[pin]
+        timer: tokio::time::Sleep,
+        // Registered once, not per wake-up: a fresh wait would lock the token's waiter list twice per wake-up, and
+        // the drain token is shared by every connection.
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFutureOwned,
+        #[pin]
+        drained: tokio_util::sync::WaitForCancellationFutureOwned,
+        // The end, once the loop is over.
+        ending: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+        gw: Arc<Gateway>,
+        outbox: Arc<Outbox>,
+        cancel: CancellationToken,
+    }
+}
+
+impl<IO> Future for ConnTask<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut this = self.project();
+        if this.ending.is_none() {
+            let end = std::task::ready!(poll_loop(&mut this, cx));
+            // The first close request wins: if the outbox was closed first (a slow consumer), its reason is kept.
+            this.outbox.close(end);
+            let end = this
+                .outbox
+                .close_request()
+                .unwrap_or_else(|| close_req(close::NORMAL, "", true));
+            // A handler still running sees this at its next wait and hands the connection back.
+            this.cancel.cancel();
+            let conn = this.conn.take();
+            let handling = this.handling.take();
+            let wire = this.wire.take().expect("the wire is handed over once");
+            *this.ending = Some(Box::pin(async move {
+                let conn = match (conn, handling) {
+                    (Some(conn), _) => conn,
+                    (None, Some(handling)) => handling.await.0,
+                    (None, None) => unreachable!("the connection is either here or with its handler"),
+                };
+                close(conn, wire, end).await;
+            }));
+        }
+        match this.ending.as_mut() {
+            Some(ending) => ending.as_mut().poll(cx),
+            None => unreachable!("set above"),
+        }
+    }
+}
+
+/// The connection's loop: acts on whatever is ready, until something ends the connection; returns how to close.
+fn poll_loop<IO>(this: &mut ConnTaskProj<'_, IO>, cx: &mut std::task::Context<'_>) -> std::task::Poll<CloseRequest>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    use std::task::Poll;
+    let gw: &Gateway = this.gw;
+    let wire = this.wire.as_mut().expect("the wire stays until the end");
+    loop {
+        if this.cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(conn_cancelled(this.outbox));
+        }
+        if let Some(handling) = this.handling.as_mut()
+            && let Poll::Ready((c, handled)) = handling.as_mut().poll(cx)
+        {
+            *this.handling = None;
+            if c.token_changed {
+                (this.deadlines.warn, this.deadlines.expire) = c.token_deadlines();
+            }
+            *this.conn = Some(c);
+            match handled {
+                Handled::Done => {}
+                Handled::Confirm(confirm) => this.confirms.get_or_insert_with(FuturesUnordered::new).push(confirm),
+                Handled::Close(req) => return Poll::Ready(req),
+            }
+            rearm(this.timer.as_mut(), this.deadlines, gw, wire, this.conn.is_none());
+            continue;
+        }
+        if this.deadlines.drain.is_none() && this.drained.as_mut().poll(cx).is_ready() {
+            this.deadlines.drain = Some(Instant::now() + crate::shutdown::drain_delay(gw.config().server.drain_window));
+            rearm(this.timer.as_mut(), this.deadlines, gw, wire, this.conn.is_none());
+            continue;
+        }
+        if this.timer.as_mut().poll(cx).is_ready() {
+            match this.deadlines.due(gw, wire, this.conn.is_none(), Instant::now()) {
+                Due::Nothing => {}
+                Due::Close(req) => return Poll::Ready(req),
+                Due::Warn => {
+                    let c = this.conn.take().expect("not busy");
+                    let secs = this
+                        .deadlines
+                        .expire
+                        .map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
+                    *this.handling = Some(handle(c, Work::Send(Frame::text(protocol::token_expiring(secs)))));
+                }
+            }
+            rearm(this.timer.as_mut(), this.deadlines, gw, wire, this.conn.is_none());
+            continue;
+        }
+        let inflight = this.confirms.as_ref().map_or(0, FuturesUnordered::len);
+        let reading = this.conn.is_some() && inflight < gw.config().limits.max_inflight_publishes && !wire.peer_closed();
+        if let Poll::Ready(io) = poll_io(cx, wire, gw, this.outbox, reading) {
+            match io {
+                // The write deadline starts: the timer must know.
+                Io::Write(WriteEvent::Blocked) => {}
+                Io::Write(WriteEvent::Close(req)) => return Poll::Ready(req),
+                Io::Write(WriteEvent::Failed(e)) => {
+                    tracing::debug!(error = %e, "write failed: client gone");
+                    return Poll::Ready(close_req(close::GOING_AWAY, "write failed", false));
+                }
+                Io::Read(read) => {
+                    let now = Instant::now();
+                    this.deadlines.last_seen = now;
+                    let Some(c) = this.conn.take() else {
+                        unreachable!("reading only when not busy");
+                    };
+                    match read {
+                        Ok(Incoming::Message(msg, refused)) => {
+                            *this.handling = Some(handle(c, Work::Message(msg, refused, now)));
+                        }
+                        Ok(Incoming::Closed) => {
+                            *this.conn = Some(c);
+                            return Poll::Ready(close_req(close::NORMAL, "", true));
+                        }
+                        Err(e) => {
+                            let req = c.read_error(e, wire.abusive());
+                            *this.conn = Some(c);
+                            return Poll::Ready(req);
+                        }
+                    }
+                }
+            }
+            rearm(this.timer.as_mut(), this.deadlines, gw, wire, this.conn.is_none());
+            continue;
+        }
+        if this.conn.is_some()
+            && inflight > 0
+            && let Some(confirms) = this.confirms.as_mut()
+            && let Poll::Ready(Some(reply)) = confirms.poll_next_unpin(cx)
+        {
+            if let Some(frame) = reply {
+                let c = this.conn.take().expect("not busy");
+                *this.handling = Some(handle(c, Work::Send(Frame::text(frame))));
+            }
+            continue;
+        }
+        return Poll::Pending;
+    }
+}
+
+/// Re-arms the timer to the nearest deadline.
+fn rearm<IO>(timer: Pin<&mut tokio::time::Sleep>, deadlines: &Deadlines, gw: &Gateway, wire: &Wire<IO>, busy: bool)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let next = deadlines.next(gw, wire.blocked_since(), busy);
+    if next != timer.deadline() {
+        timer.reset(next);
+    }
+}
+
+/// Ends the connection: leaves every room, writes the close, releases the slots and publishes the events.
+async fn close<IO>(mut conn: Conn, mut wire: Wire<IO>, end: CloseRequest)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let gw = conn.gw.clone();
+    tracing::debug!(conn = %conn.conn_id, code = end.code, reason = end.reason, "connection closing");
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
     // Flush (or not, per the close request) and send the close frame; bounded by write_timeout.
@@ -230,16 +419,6 @@ impl Deadlines {
     }
 }
 
-/// What woke the loop.
-enum Event {
-    Cancelled,
-    Drain,
-    Timer,
-    Io(Io),
-    Handled(Conn, Handled),
-    Confirmed(Option<String>),
-}
-
 /// What the socket did.
 enum Io {
     Read(Result<Incoming, tungstenite::Error>),
@@ -271,124 +450,10 @@ where
     Poll::Pending
 }
 
-/// The connection's loop, until something ends it. Returns the connection's state (or the handler that holds it)
-/// and how to close.
-async fn drive<IO>(conn: Conn, wire: &mut Wire<IO>) -> (Result<Conn, Handling>, CloseRequest)
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
-    let gw = conn.gw.clone();
-    let outbox = conn.outbox.clone();
-    let max_inflight = gw.config().limits.max_inflight_publishes;
-    let now = Instant::now();
-    let (warn, expire) = conn.token_deadlines();
-    let mut deadlines = Deadlines {
-        ping: now + gw.config().limits.heartbeat_interval,
-        last_seen: now,
-        warn,
-        expire,
-        drain: None,
-    };
-    let cancel = conn.cancel.clone();
-    let mut conn = Some(conn);
-    let mut handling: Option<Handling> = None;
-    // Publishes awaiting NATS confirmation, made on the first publish. Bound: `limits.max_inflight_publishes` (the
-    // loop stops reading at it).
-    let mut confirms: Option<FuturesUnordered<Confirm>> = None;
-    // Registered once, not per wake-up: a fresh wait per loop would lock the token's list twice per wake-up, and the
-    // drain token is shared by every connection.
-    let cancelled = cancel.cancelled();
-    let drain_token = gw.drain().clone();
-    let drained = drain_token.cancelled();
-    let timer = tokio::time::sleep_until(deadlines.next(&gw, None, false));
-    tokio::pin!(cancelled, drained, timer);
-    let end = loop {
-        let busy = conn.is_none();
-        let inflight = confirms.as_ref().map_or(0, FuturesUnordered::len);
-        let reading = !busy && inflight < max_inflight && !wire.peer_closed();
-        let event = tokio::select! {
-            biased;
-            _ = &mut cancelled => Event::Cancelled,
-            out = async { handling.as_mut().expect("guarded").await }, if handling.is_some() => Event::Handled(out.0, out.1),
-            _ = &mut drained, if deadlines.drain.is_none() => Event::Drain,
-            _ = &mut timer => Event::Timer,
-            io = std::future::poll_fn(|cx| poll_io(cx, wire, &gw, &outbox, reading)) => Event::Io(io),
-            Some(reply) = async { confirms.as_mut().expect("guarded").next().await }, if !busy && inflight > 0 => Event::Confirmed(reply),
-        };
-        match event {
-            Event::Cancelled => break conn_cancelled(&outbox),
-            Event::Handled(c, handled) => {
-                handling = None;
-                if c.token_changed {
-                    (deadlines.warn, deadlines.expire) = c.token_deadlines();
-                }
-                conn = Some(c);
-                match handled {
-                    Handled::Done => {}
-                    Handled::Confirm(confirm) => confirms.get_or_insert_with(FuturesUnordered::new).push(confirm),
-                    Handled::Close(req) => break req,
-                }
-            }
-            Event::Drain => {
-                deadlines.drain = Some(Instant::now() + crate::shutdown::drain_delay(gw.config().server.drain_window));
-            }
-            Event::Timer => match deadlines.due(&gw, wire, busy, Instant::now()) {
-                Due::Nothing => {}
-                Due::Close(req) => break req,
-                Due::Warn => {
-                    let c = conn.take().expect("not busy");
-                    let secs = deadlines
-                        .expire
-                        .map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
-                    handling = Some(handle(c, Work::Send(Frame::text(protocol::token_expiring(secs)))));
-                }
-            },
-            Event::Io(Io::Write(WriteEvent::Blocked)) => {}
-            Event::Io(Io::Write(WriteEvent::Close(req))) => break req,
-            Event::Io(Io::Write(WriteEvent::Failed(e))) => {
-                tracing::debug!(error = %e, "write failed: client gone");
-                break close_req(close::GOING_AWAY, "write failed", false);
-            }
-            Event::Io(Io::Read(read)) => {
-                let now = Instant::now();
-                deadlines.last_seen = now;
-                let c = conn.take().expect("reading only when not busy");
-                match read {
-                    Ok(Incoming::Message(msg, refused)) => {
-                        handling = Some(handle(c, Work::Message(msg, refused, now)));
-                    }
-                    Ok(Incoming::Closed) => {
-                        conn = Some(c);
-                        break close_req(close::NORMAL, "", true);
-                    }
-                    Err(e) => {
-                        let req = c.read_error(e, wire.abusive());
-                        conn = Some(c);
-                        break req;
-                    }
-                }
-            }
-            Event::Confirmed(reply) => {
-                if let Some(frame) = reply {
-                    let c = conn.take().expect("not busy");
-                    handling = Some(handle(c, Work::Send(Frame::text(frame))));
-                }
-            }
-        }
-        timer
-            .as_mut()
-            .reset(deadlines.next(&gw, wire.blocked_since(), conn.is_none()));
-    };
-    let conn = match (conn, handling) {
-        (Some(conn), _) => Ok(conn),
-        (None, Some(handling)) => Err(handling),
-        (None, None) => unreachable!("the connection is either here or with its handler"),
-    };
-    (conn, end)
-}
-
 /// What a handler does with the connection.
 enum Work {
+    /// Publish a lifecycle event of the connection (`connect`).
+    Event(&'static str),
     /// Handle a message read at `arrived`, refused or not by the rate limits.
     Message(Message, bool, Instant),
     /// Queue a frame, waiting for queue space (a publish confirmation, the token's expiry warning).
@@ -549,6 +614,10 @@ impl Conn {
     /// Does what a handler was started for.
     async fn work(&mut self, work: Work) -> Handled {
         match work {
+            Work::Event(kind) => {
+                self.event(kind, None).await;
+                Handled::Done
+            }
             Work::Message(msg, refused, arrived) => self.on_message(msg, refused, arrived).await,
             Work::Send(frame) => {
                 self.send(frame).await;
@@ -951,5 +1020,34 @@ mod tests {
         assert!(!over_capacity(), "global slot");
         assert!(gw.limits().admit(ip).is_ok(), "per-IP slot");
         assert!(cancel.is_cancelled(), "writer told to stop");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// What an idle connection costs the heap is mostly its task: the future [`start`] returns, stored in the task
+    /// for the connection's whole life. Everything rare or large (the handlers, the close, the events) is boxed so it
+    /// costs only while it runs; this keeps it that way.
+    #[tokio::test]
+    async fn an_idle_connections_task_stays_small() {
+        let (_nats, gw) = crate::test_support::gateway(|_| {}).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let meter = crate::frames::FrameMeter::new(gw.limits().message_limiter(None));
+        let wire = Wire::new(tcp, &[], meter, &gw.ws_config());
+        let accepted = Accepted {
+            id: gw.next_conn_id(),
+            peer,
+            identity: Identity::anonymous(&gw.config().auth.anonymous),
+            slot: gw.limits().admit_connection(peer.ip()).expect("slot"),
+        };
+        let task = start(gw.clone(), wire, accepted);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("connection future: {size} bytes (Conn {}, Wire {})", std::mem::size_of::<Conn>(), std::mem::size_of::<Wire<tokio::net::TcpStream>>());
+        assert!(size <= 1280, "an idle connection's task holds {size} bytes");
     }
 }
