@@ -40,7 +40,7 @@ where
     loop {
         let read = tokio::select! {
             _ = cancel.cancelled() => {
-                wire.finish(&end(close::GOING_AWAY, "server shutting down"), write_timeout).await;
+                wire.finish(None, &end(close::GOING_AWAY, "server shutting down"), &config, write_timeout).await;
                 return;
             }
             read = std::future::poll_fn(|cx| wire.poll_read(cx, &config)) => read,
@@ -50,7 +50,7 @@ where
             Ok(Incoming::Message(Message::Binary(data), _)) => Frame::binary(&data),
             // The close reply tungstenite queued is written by `finish`, which adds no close frame of its own.
             Ok(Incoming::Message(Message::Close(_), _)) | Ok(Incoming::Closed) => {
-                wire.finish(&end(close::NORMAL, ""), write_timeout).await;
+                wire.finish(None, &end(close::NORMAL, ""), &config, write_timeout).await;
                 return;
             }
             // Pings are answered by tungstenite while reading; the pong goes out with the next write.
@@ -64,7 +64,7 @@ where
                 let (code, reason) =
                     read_error_close(&e).map_or((close::NORMAL, ""), |(code, reason, _)| (code, reason));
                 tracing::debug!(error = %e, code, "echo: read error");
-                wire.finish(&end(code, reason), write_timeout).await;
+                wire.finish(None, &end(code, reason), &config, write_timeout).await;
                 return;
             }
         };

@@ -54,6 +54,7 @@ use crate::{
     protocol::{self, ClientOp, ErrorCode, close},
     room_quota::{QuotaError, QuotaKey},
     rooms::{Hold, JoinError, Member, Room},
+    shutdown::Stop,
     wire::{Frame, Incoming, Wire, WriteEvent},
 };
 
@@ -111,8 +112,9 @@ where
     let cancel = conn.cancel.clone();
     ConnTask {
         timer: tokio::time::sleep_until(deadlines.next(&gw, None, false)),
-        cancelled: cancel.clone().cancelled_owned(),
-        drained: gw.drain().clone().cancelled_owned(),
+        stop: gw.stop_signal().changed(),
+        stop_armed: false,
+        stop_seen: Stop::Running,
         deadlines,
         // The first handler publishes the `connect` event: no op of the client's is handled (and no other event
         // published) before it, while the welcome is written meanwhile.
@@ -132,8 +134,9 @@ pin_project_lite::pin_project! {
     /// One connection's task: a future written out by hand rather than an `async fn`, so that what an idle
     /// connection keeps is exactly these fields (an `async fn` with a `select!` loop kept several times as much:
     /// moved-from arguments, select branches and outputs each get slots of their own). It polls, in order: the
-    /// connection's cancellation, the handler, the drain, the timer, the socket (write, then read), and publish
-    /// confirmations; once something ends the connection it runs the boxed end ([`close`]).
+    /// gateway's stop state, the handler, the timer, the socket (write, then read), and publish
+    /// confirmations; once something ends the connection it runs the boxed end ([`close`]). The gateway's drain and
+    /// shutdown reach it through `shutdown::StopSignal`.
     pub struct ConnTask<IO> {
         // The connection's state; `None` while a handler holds it.
         conn: Option<Conn>,
@@ -147,12 +150,12 @@ pin_project_lite::pin_project! {
         deadlines: Deadlines,
         #[pin]
         timer: tokio::time::Sleep,
-        // Registered once, not per wake-up: a fresh wait would lock the token's waiter list twice per wake-up, and
-        // the drain token is shared by every connection.
+        // The gateway's drain and shutdown (`shutdown::StopSignal`): registered once, then one atomic load per
+        // wake-up (the tokens themselves cost a lock, shared by every connection, on every poll).
         #[pin]
-        cancelled: tokio_util::sync::WaitForCancellationFutureOwned,
-        #[pin]
-        drained: tokio_util::sync::WaitForCancellationFutureOwned,
+        stop: tokio::sync::futures::OwnedNotified,
+        stop_armed: bool,
+        stop_seen: Stop,
         // The end, once the loop is over.
         ending: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
         gw: Arc<Gateway>,
@@ -207,8 +210,26 @@ where
     let gw: &Gateway = this.gw;
     let wire = this.wire.as_mut().expect("the wire stays until the end");
     loop {
-        if this.cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(conn_cancelled(this.outbox));
+        if !*this.stop_armed {
+            // Registers the wait; it is ready only if the state changed since it was made, which the read below sees.
+            let _ = this.stop.as_mut().poll(cx);
+            *this.stop_armed = true;
+        }
+        let stop = gw.stop_signal().get();
+        if stop != *this.stop_seen {
+            *this.stop_seen = stop;
+            this.stop.set(gw.stop_signal().changed());
+            *this.stop_armed = false;
+            match stop {
+                Stop::Stopping => return Poll::Ready(conn_cancelled(this.outbox)),
+                Stop::Draining => {
+                    let delay = crate::shutdown::drain_delay(gw.config().server.drain_window);
+                    this.deadlines.drain = Some(Instant::now() + delay);
+                    rearm(this.timer.as_mut(), this.deadlines, gw, wire, this.conn.is_none());
+                }
+                Stop::Running => {}
+            }
+            continue;
         }
         if let Some(handling) = this.handling.as_mut()
             && let Poll::Ready((c, handled)) = handling.as_mut().poll(cx)
@@ -226,13 +247,8 @@ where
             rearm(this.timer.as_mut(), this.deadlines, gw, wire, this.conn.is_none());
             continue;
         }
-        if this.deadlines.drain.is_none() && this.drained.as_mut().poll(cx).is_ready() {
-            this.deadlines.drain = Some(Instant::now() + crate::shutdown::drain_delay(gw.config().server.drain_window));
-            rearm(this.timer.as_mut(), this.deadlines, gw, wire, this.conn.is_none());
-            continue;
-        }
         if this.timer.as_mut().poll(cx).is_ready() {
-            match this.deadlines.due(gw, wire, this.conn.is_none(), Instant::now()) {
+            match this.deadlines.due(gw, wire, this.outbox, this.conn.is_none(), Instant::now()) {
                 Due::Nothing => {}
                 Due::Close(req) => return Poll::Ready(req),
                 Due::Warn => {
@@ -319,7 +335,7 @@ where
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
     // Flush (or not, per the close request) and send the close frame; bounded by write_timeout.
-    wire.finish(&end, gw.config().limits.write_timeout).await;
+    wire.finish(Some(&conn.outbox), &end, &gw.ws_config(), gw.config().limits.write_timeout).await;
     drop(wire);
     let (conn_id, user) = (conn.conn_id.clone(), conn.identity.user.clone());
     // Releases the global and per-IP slots and the gauges now, not after the events below.
@@ -383,7 +399,7 @@ impl Deadlines {
     }
 
     /// Acts on what is due at `now`, in order of precedence.
-    fn due<IO>(&mut self, gw: &Gateway, wire: &mut Wire<IO>, busy: bool, now: Instant) -> Due
+    fn due<IO>(&mut self, gw: &Gateway, wire: &mut Wire<IO>, outbox: &Outbox, busy: bool, now: Instant) -> Due
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
@@ -402,6 +418,7 @@ impl Deadlines {
             return Due::Close(close_req(close::GOING_AWAY, "heartbeat timeout", false));
         }
         if self.ping <= now {
+            wire.shrink_if_idle(outbox);
             wire.queue(Frame::ping());
             self.ping = now + limits.heartbeat_interval;
         }

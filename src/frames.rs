@@ -192,6 +192,11 @@ impl FrameMeter {
         self.abusive
     }
 
+    /// Storage held for waiting verdicts.
+    pub fn retained_bytes(&self) -> usize {
+        self.verdicts.capacity()
+    }
+
     /// No frame is half received and no fragmented message is open.
     pub fn at_message_boundary(&self) -> bool {
         self.scanner.at_frame_boundary() && !self.in_message

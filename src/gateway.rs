@@ -67,6 +67,8 @@ pub struct Gateway {
     /// Cancelled on the first SIGTERM/SIGINT: stop accepting, not ready, close connections over
     /// `server.drain_window` (`crate::shutdown`).
     drain: CancellationToken,
+    /// `drain` and `shutdown` as one atomic for the connections (see [`StopSignal`]).
+    stop: Arc<crate::shutdown::StopSignal>,
     /// Every task spawned for connections and rooms; shutdown waits for them, bounded by `server.shutdown_grace`.
     tracker: TaskTracker,
     next_conn: AtomicU64,
@@ -112,6 +114,9 @@ impl Gateway {
             .max_message_size(Some(l.max_message_size))
             .max_frame_size(Some(l.max_frame_size));
         tracing::info!(gateway = %id, tls = config.tls.enabled, "gateway started");
+        let drain = CancellationToken::new();
+        let stop = Arc::new(crate::shutdown::StopSignal::default());
+        tracker.spawn(stop.clone().watch(drain.clone(), shutdown.clone()));
         Ok(Arc::new(Self {
             next_conn: AtomicU64::new(1),
             config,
@@ -125,7 +130,8 @@ impl Gateway {
             tls,
             ws_config,
             shutdown,
-            drain: CancellationToken::new(),
+            drain,
+            stop,
             tracker,
         }))
     }
@@ -189,6 +195,11 @@ impl Gateway {
     /// moment within `server.drain_window`; [`crate::run`] then cancels the root token and returns.
     pub fn drain(&self) -> &CancellationToken {
         &self.drain
+    }
+
+    /// The drain and shutdown state as connections read it on every wake-up (one atomic, no lock).
+    pub fn stop_signal(&self) -> &crate::shutdown::StopSignal {
+        &self.stop
     }
 
     /// Spawns a task that shutdown waits for (bounded by `server.shutdown_grace`).

@@ -174,6 +174,8 @@ pub struct Outbox {
     wake_writer: AtomicWaker,
     /// Wakes producers waiting in [`Outbox::push_control`] when the writer took a batch.
     space: Notify,
+    /// Someone waits on `space`: only then does taking a batch pay for `notify_waiters` (a lock).
+    space_wanted: std::sync::atomic::AtomicBool,
     max_messages: usize,
     max_bytes: usize,
 }
@@ -185,6 +187,7 @@ impl Outbox {
             state: Mutex::new(State::default()),
             wake_writer: AtomicWaker::new(),
             space: Notify::new(),
+            space_wanted: std::sync::atomic::AtomicBool::new(false),
             max_messages,
             max_bytes,
         }
@@ -235,21 +238,26 @@ impl Outbox {
 
     /// Queues a room message under `policy`. Never blocks.
     pub fn push_room(&self, room: &Arc<str>, frame: Frame, policy: Overflow) -> Pushed {
-        let outcome = {
+        let (outcome, first) = {
             let mut guard = self.state.lock();
             let s = &mut *guard;
             if s.close.is_some() {
                 return Pushed::Closed;
             }
-            match policy {
+            let was_empty = s.queue.is_empty();
+            let outcome = match policy {
                 Overflow::Disconnect => self.push_disconnect(s, room, frame),
                 Overflow::DropNewest => self.push_drop_newest(s, room, frame),
                 Overflow::DropOldest => self.push_drop_oldest(s, room, frame),
                 Overflow::Latest => self.push_latest(s, room, frame),
-            }
+            };
+            (outcome, was_empty && !s.queue.is_empty())
         };
         match outcome {
-            Pushed::Queued | Pushed::DroppedOldest(_) => self.wake_writer.wake(),
+            // Only the push that makes the queue non-empty wakes the writer: until it takes the batch, the later
+            // ones find it woken already (the hot path's most expensive step was a wake per push).
+            Pushed::Queued | Pushed::DroppedOldest(_) if first => self.wake_writer.wake(),
+            Pushed::Queued | Pushed::DroppedOldest(_) => {}
             Pushed::Overflowed => {
                 self.wake_writer.wake();
                 // The reader may be waiting in `push_control`: it must see the close, or it waits for space forever
@@ -425,16 +433,21 @@ impl Outbox {
     pub async fn push_control(&self, frame: Frame) -> bool {
         loop {
             let space = self.space.notified();
+            // Before looking: a batch taken after the look then wakes this wait (it was made before the flag).
+            self.space_wanted.store(true, std::sync::atomic::Ordering::SeqCst);
             {
                 let mut s = self.state.lock();
                 if s.close.is_some() {
                     return false;
                 }
                 // A control frame is always admitted into an empty queue, whatever its size.
-                if s.queue.is_empty() || self.fits(&s, frame.len()) {
+                let first = s.queue.is_empty();
+                if first || self.fits(&s, frame.len()) {
                     self.enqueue(&mut s, Item::Control(frame));
                     drop(s);
-                    self.wake_writer.wake();
+                    if first {
+                        self.wake_writer.wake();
+                    }
                     return true;
                 }
             }
@@ -449,9 +462,12 @@ impl Outbox {
         if s.close.is_some() || !self.fits(&s, frame.len()) {
             return false;
         }
+        let first = s.queue.is_empty();
         self.enqueue(&mut s, Item::Control(frame));
         drop(s);
-        self.wake_writer.wake();
+        if first {
+            self.wake_writer.wake();
+        }
         true
     }
 
@@ -473,8 +489,8 @@ impl Outbox {
     }
 
     /// Moves everything queued into `batch` (which should be empty) and returns the close request if one is set;
-    /// `Pending` (with the caller's waker registered) while there is nothing to do. The queue's storage moves with
-    /// the batch and the queue starts again empty, so a connection with nothing queued holds no queue storage. Parked
+    /// `Pending` (with the caller's waker registered) while there is nothing to do. The queue and the batch swap
+    /// their storage. Parked
     /// `latest` values then move into the emptied queue, for the next batch; a graceful close (`flush_queued`) hands
     /// them over at once, after the queue.
     pub fn poll_batch(&self, cx: &mut std::task::Context<'_>, batch: &mut VecDeque<Item>) -> std::task::Poll<Option<CloseRequest>> {
@@ -503,22 +519,60 @@ impl Outbox {
             }
             return std::task::Poll::Pending;
         }
+        // The writer's drained batch becomes the queue: a busy connection allocates no queue storage per batch (the
+        // writer gives back storage that grew for a burst, and an idle connection's at its heartbeat).
         if batch.is_empty() {
             std::mem::swap(&mut s.queue, batch);
         } else {
             batch.append(&mut s.queue);
         }
-        s.queue = VecDeque::new();
         s.queue_taken();
         self.unpark(s);
         drop(guard);
-        self.space.notify_waiters();
+        if self.space_wanted.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.space.notify_waiters();
+        }
         std::task::Poll::Ready(None)
+    }
+
+    /// What a closed outbox still hands over, without waiting: everything queued (and parked) if the close request
+    /// says to flush it, nothing otherwise. The connection calls it once, when it writes its close.
+    pub fn take_remaining(&self, batch: &mut VecDeque<Item>) {
+        let mut guard = self.state.lock();
+        let s = &mut *guard;
+        if s.close.as_ref().is_some_and(|c| c.flush_queued) {
+            batch.append(&mut s.queue);
+            batch.extend(s.parked.drain(..).map(Parked::into_item));
+        }
+        s.queue = VecDeque::new();
+        s.parked = VecDeque::new();
+        s.queue_taken();
     }
 
     /// [`Outbox::poll_batch`] as a future (tests, the model).
     pub async fn next_batch(&self, batch: &mut VecDeque<Item>) -> Option<CloseRequest> {
         std::future::poll_fn(|cx| self.poll_batch(cx, batch)).await
+    }
+
+    /// Gives back the queue's storage if nothing is queued (the writer calls it when the connection is idle, at its
+    /// heartbeat), so storage that grew for a burst does not stay for the connection's life.
+    pub fn shrink_if_idle(&self) {
+        let mut s = self.state.lock();
+        if s.queue.is_empty() && s.queue.capacity() > 0 {
+            s.queue = VecDeque::new();
+        }
+        if s.parked.is_empty() && s.parked.capacity() > 0 {
+            s.parked = VecDeque::new();
+        }
+        if s.gaps.is_empty() && s.gaps.capacity() > 0 {
+            s.gaps = HashMap::new();
+        }
+    }
+
+    /// Queue storage held, in items (tests).
+    pub fn capacity(&self) -> usize {
+        let s = self.state.lock();
+        s.queue.capacity() + s.parked.capacity()
     }
 
     /// When the oldest item of the batch the writer took last was queued (once per batch).

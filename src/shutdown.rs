@@ -44,6 +44,61 @@ pub async fn drain_turn(drain: CancellationToken, window: Duration) {
     }
 }
 
+/// The gateway's stop state for its connections: one atomic they read on every wake-up, and one `Notify` they
+/// register with once. A `CancellationToken` costs a mutex to ask (`is_cancelled`) and another to poll its wait, and
+/// the drain token is shared by every connection, so each wake-up of each connection would take a lock every other
+/// connection takes too. One watcher task per gateway ([`StopSignal::watch`]) turns the two tokens into this.
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    /// [`Stop`] as a number; only ever grows.
+    state: std::sync::atomic::AtomicU8,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Where the gateway is in its life, as its connections see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Stop {
+    /// Serving.
+    Running = 0,
+    /// Draining: each connection closes at its own moment within `server.drain_window`.
+    Draining = 1,
+    /// Shutting down: every connection closes now.
+    Stopping = 2,
+}
+
+impl StopSignal {
+    /// The state now: one atomic load.
+    pub fn get(&self) -> Stop {
+        match self.state.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => Stop::Running,
+            1 => Stop::Draining,
+            _ => Stop::Stopping,
+        }
+    }
+
+    /// A wait for the next change. Register it (poll it once) before reading [`StopSignal::get`]: the state is set
+    /// before the waiters are woken, so a change is never missed.
+    pub fn changed(&self) -> tokio::sync::futures::OwnedNotified {
+        self.notify.clone().notified_owned()
+    }
+
+    fn set(&self, stop: Stop) {
+        self.state.fetch_max(stop as u8, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Follows `drain` and `shutdown` until shutdown; the gateway spawns this once.
+    pub async fn watch(self: std::sync::Arc<Self>, drain: CancellationToken, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = drain.cancelled() => self.set(Stop::Draining),
+            _ = shutdown.cancelled() => {}
+        }
+        shutdown.cancelled().await;
+        self.set(Stop::Stopping);
+    }
+}
+
 /// One connection's delay after the drain starts: uniformly random within `window` (what [`drain_turn`] waits; a
 /// connection that runs its own timer adds it to the moment it saw the drain).
 pub fn drain_delay(window: Duration) -> Duration {
