@@ -461,7 +461,9 @@ where
         return Poll::Ready(Io::Read(read));
     }
     // Reading may have produced a pong: write it now rather than at the next wake-up.
-    if let Poll::Ready(event) = wire.poll_write(cx, outbox, gw.metrics()) {
+    if wire.has_control()
+        && let Poll::Ready(event) = wire.poll_write(cx, outbox, gw.metrics())
+    {
         return Poll::Ready(Io::Write(event));
     }
     Poll::Pending

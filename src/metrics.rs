@@ -377,7 +377,12 @@ impl Metrics {
     /// Raises the queue high-water gauge if `depth` is above it (one atomic `fetch_max`, no lost update).
     pub fn note_depth(&self, depth: usize) {
         let depth = i64::try_from(depth).unwrap_or(i64::MAX);
-        self.queue_high_water.inner().fetch_max(depth, Ordering::Relaxed);
+        // A load first: every connection's writer calls this per batch, and a write to one shared cache line from
+        // every core is what it must not cost when the mark does not move.
+        let mark = self.queue_high_water.inner();
+        if depth > mark.load(Ordering::Relaxed) {
+            mark.fetch_max(depth, Ordering::Relaxed);
+        }
     }
 
     /// The Prometheus text exposition.

@@ -493,7 +493,12 @@ impl Outbox {
     /// their storage. Parked
     /// `latest` values then move into the emptied queue, for the next batch; a graceful close (`flush_queued`) hands
     /// them over at once, after the queue.
-    pub fn poll_batch(&self, cx: &mut std::task::Context<'_>, batch: &mut VecDeque<Item>) -> std::task::Poll<Option<CloseRequest>> {
+    /// Also returns when the batch's oldest item was queued (for the delivery-time histogram; one clock read per batch).
+    pub fn poll_batch(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        batch: &mut VecDeque<Item>,
+    ) -> std::task::Poll<(Option<CloseRequest>, Option<tokio::time::Instant>)> {
         // Registered before looking, so a push after the look wakes us.
         self.wake_writer.register(cx.waker());
         let mut guard = self.state.lock();
@@ -506,7 +511,7 @@ impl Outbox {
             s.queue = VecDeque::new();
             s.parked = VecDeque::new();
             s.queue_taken();
-            return std::task::Poll::Ready(Some(close));
+            return std::task::Poll::Ready((Some(close), s.batch_oldest.take()));
         }
         if s.queue.is_empty() {
             // Not reached while the invariants hold (a value is parked only behind a non-empty queue), but a
@@ -527,12 +532,13 @@ impl Outbox {
             batch.append(&mut s.queue);
         }
         s.queue_taken();
+        let queued_at = s.batch_oldest.take();
         self.unpark(s);
         drop(guard);
         if self.space_wanted.swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.space.notify_waiters();
         }
-        std::task::Poll::Ready(None)
+        std::task::Poll::Ready((None, queued_at))
     }
 
     /// What a closed outbox still hands over, without waiting: everything queued (and parked) if the close request
@@ -551,7 +557,7 @@ impl Outbox {
 
     /// [`Outbox::poll_batch`] as a future (tests, the model).
     pub async fn next_batch(&self, batch: &mut VecDeque<Item>) -> Option<CloseRequest> {
-        std::future::poll_fn(|cx| self.poll_batch(cx, batch)).await
+        std::future::poll_fn(|cx| self.poll_batch(cx, batch)).await.0
     }
 
     /// Gives back the queue's storage if nothing is queued (the writer calls it when the connection is idle, at its
@@ -575,10 +581,6 @@ impl Outbox {
         s.queue.capacity() + s.parked.capacity()
     }
 
-    /// When the oldest item of the batch the writer took last was queued (once per batch).
-    pub fn take_batch_start(&self) -> Option<tokio::time::Instant> {
-        self.state.lock().batch_oldest.take()
-    }
 
     /// Current depth of the queue (messages, bytes); parked `latest` values are not in it.
     pub fn depth(&self) -> (usize, usize) {

@@ -454,10 +454,13 @@ impl Rooms {
         };
         room.ready.send_replace(Readiness::Ready);
         tracing::debug!(room = %room.name, "room subscribed");
+        // Pinned once: a fresh wait per message would lock the token twice per message.
+        let cancelled = room.cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
                 biased;
-                _ = room.cancel.cancelled() => break,
+                _ = &mut cancelled => break,
                 msg = sub.next() => match msg {
                     Some(msg) => fan_out(&room, &msg, self.bridge.gateway_id(), &self.metrics),
                     None => {

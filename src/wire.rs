@@ -295,6 +295,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         self.meter.abusive()
     }
 
+    /// Whether tungstenite produced control frames (pongs) that wait to be written.
+    pub fn has_control(&self) -> bool {
+        !self.control.is_empty()
+    }
+
     /// Whether the client's close frame was received (and answered by tungstenite).
     pub fn peer_closed(&self) -> bool {
         self.peer_closed
@@ -399,9 +404,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
                 // Grown for a burst: given back now, not kept for the connection's life.
                 self.batch = VecDeque::new();
             }
-            let close = ready!(outbox.poll_batch(cx, &mut self.batch));
+            let (close, queued_at) = ready!(outbox.poll_batch(cx, &mut self.batch));
             metrics.note_depth(self.batch.len());
-            self.batch_queued_at = outbox.take_batch_start();
+            self.batch_queued_at = queued_at;
             self.expand_gaps();
             if let Some(close) = close {
                 return Poll::Ready(WriteEvent::Close(close));
