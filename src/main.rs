@@ -85,6 +85,18 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Large transient buffers (a room message of 64 KiB or more, built once and shared by every member) get pages of
+/// their own, returned to the system when the message is gone: in glibc's heap they would leave holes that keep the
+/// process's RSS at its high-water mark long after a burst (BENCHMARKS.md, section 1). A `mallopt` knob of glibc; other
+/// allocators return such memory themselves.
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called once, before the runtime starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+    }
+}
+
 /// Resolves the NATS secret sources (`nats.password`, `nats.token`) and checks that `nats.creds_file` is readable, as
 /// the gateway would at start: a missing variable or file is an error now rather than at the first connection.
 fn check_nats_secrets(nats: &roomwire::config::NatsConfig) -> anyhow::Result<()> {
@@ -193,6 +205,7 @@ where
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     init_logging(&config.log);
+    return_large_buffers_to_the_system();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.server.listen)

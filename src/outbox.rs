@@ -519,6 +519,14 @@ impl Outbox {
             self.unpark(s);
         }
         if s.queue.is_empty() {
+            // Nothing more to write: the connection is idle, so neither the writer's batch nor the queue keeps
+            // storage (a busy writer always finds more queued and swaps instead, allocating nothing per batch).
+            if batch.is_empty() && batch.capacity() > 0 {
+                *batch = VecDeque::new();
+            }
+            if s.queue.capacity() > 0 {
+                s.queue = VecDeque::new();
+            }
             if s.parked.capacity() > 0 && s.parked.is_empty() {
                 s.parked = VecDeque::new();
             }

@@ -111,6 +111,14 @@ struct Args {
     /// `recover` scenario: messages published to each room while its clients are away.
     #[arg(long, default_value_t = 100)]
     missed: u64,
+    /// `idle` scenario, Roomwire and nats-ws: after measuring, publish one message of this many payload bytes to every
+    /// room (so every client receives one), wait until all arrived, idle `--burst-idle` seconds and measure RSS
+    /// again: whether buffers that grew for a burst are given back. 0 = no burst.
+    #[arg(long, default_value_t = 0)]
+    burst: usize,
+    /// Seconds to idle after the burst before measuring.
+    #[arg(long, default_value_t = 30.0)]
+    burst_idle: f64,
     /// Free text copied into the result (e.g. "run 2").
     #[arg(long)]
     label: Option<String>,
@@ -960,6 +968,10 @@ struct Report {
     rss_each_kib: Vec<(Option<u64>, Option<u64>)>,
     /// Kernel slab growth per connection, both loopback ends together (system-wide, so roughly 2 sockets' worth).
     kernel_slab_kib_per_conn: Option<f64>,
+    /// `--burst`: RSS growth per connection (from before connecting) after the burst and `--burst-idle` seconds.
+    rss_after_burst_kib_per_conn: Option<f64>,
+    /// `--burst`: clients that received the burst.
+    burst_delivered: u64,
     steps: Vec<Step>,
     best: Option<Step>,
     closed: u64,
@@ -1015,6 +1027,24 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
 
     let mut steps = Vec::new();
     let mut closed = 0;
+    let (mut rss_after_burst, mut burst_delivered) = (None, 0);
+    if args.scenario == Scenario::Idle && args.burst > 0 && matches!(args.target, Target::Roomwire | Target::NatsWs) {
+        for w in &mut workers {
+            closed += w.snapshot().await?.closed; // counts from here
+        }
+        publish_burst(&args).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while burst_delivered < ready.connected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for w in &mut workers {
+                let snap = w.snapshot().await?;
+                burst_delivered += snap.delivered;
+                closed += snap.closed;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs_f64(args.burst_idle)).await;
+        rss_after_burst = pid.and_then(rss_kib);
+    }
     if args.scenario == Scenario::Idle {
         tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
         for w in &mut workers {
@@ -1137,10 +1167,38 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         rss_kib_per_conn: per_conn(rss_before, rss_after),
         rss_each_kib,
         kernel_slab_kib_per_conn: per_conn(slab_before, slab_after),
+        rss_after_burst_kib_per_conn: per_conn(rss_before, rss_after_burst),
+        burst_delivered,
         steps,
         best,
         closed,
     })
+}
+
+/// `--burst`: one message of `--burst` payload bytes (carrying a timestamp, like every measured message) to each
+/// room, over NATS, flushed with a PING.
+async fn publish_burst(args: &Args) -> anyhow::Result<()> {
+    let url = args.pub_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+    let addr = url.trim_start_matches("nats://");
+    let addr = tokio::net::lookup_host(addr).await?.next().context("NATS address")?;
+    let mut tcp = tcp_connect(addr, None).await?;
+    let mut out = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\n".to_vec();
+    let pad = "x".repeat(args.burst.saturating_sub(35).max(1));
+    for room in 0..args.rooms.max(1) {
+        let payload = format!(r#"{{"ts":{},"pad":"{pad}"}}"#, now_ns());
+        out.extend_from_slice(format!("PUB rooms.r{room} {}\r\n{payload}\r\n", payload.len()).as_bytes());
+    }
+    out.extend_from_slice(b"PING\r\n");
+    tcp.write_all(&out).await?;
+    let (mut parser, mut buf, mut pong) = (NatsParser::default(), vec![0u8; 4096], false);
+    while !pong {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 {
+            bail!("NATS closed the burst connection");
+        }
+        parser.feed(&buf[..n], |ev| pong |= matches!(ev, NatsEvent::Pong));
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
