@@ -74,7 +74,7 @@ def main():
             if key.split()[0] != scenario:
                 continue
             cells = {t: groups.get((key, t)) for t in TARGETS}
-            for variant in ["ws", "wss"] if scenario == "idle" else [None]:
+            for variant in ["ws", "wss"] if scenario.startswith("idle") else [None]:
                 if variant and f" {variant} " not in f" {key} ":
                     continue
                 rows_out.append((key, cells))
@@ -107,6 +107,19 @@ def main():
         ],
         "RSS from /proc/<pid>/status VmRSS before connecting and after every client joined one of 100 rooms "
         "(Roomwire's figure is Roomwire alone, not the nats-server behind it). Roomwire is also measured over wss.",
+    )
+    table(
+        "1b. Buffers given back after a burst",
+        "idle-burst",
+        [
+            ("server RSS KiB per connection, idle", lambda r: r.get("rss_kib_per_conn"), "lower is better"),
+            ("... after a 64 KiB message to every client and 30 s idle",
+             lambda r: r.get("rss_after_burst_kib_per_conn"), "target: within 1 KiB of idle"),
+            ("clients that received the 64 KiB message", lambda r: r.get("burst_delivered"), "should be n"),
+        ],
+        "Roomwire only (the burst is published over NATS). Every client joins one of 100 rooms, one 64 KiB message "
+        "goes to each room, and RSS is read again 30 s after the last client got it (the heartbeat, 25 s, gives back "
+        "what the idle path kept).",
     )
     table(
         "2. Fan-out, one room",
