@@ -715,13 +715,18 @@ pub struct LimitsConfig {
     pub max_message_size: usize,
     /// Largest single WebSocket frame from a client. Default 65536.
     pub max_frame_size: usize,
-    /// tokio-tungstenite read buffer per connection. Small, because every idle connection holds it (tungstenite's
-    /// default of 128 KiB would cost that much per connection); a larger frame grows it as needed. Default 2048.
+    /// Bytes asked of the socket per read, and the starting size of tungstenite's read buffer while a message is
+    /// in flight. An idle connection holds no read buffer at all: it reads into a per-thread scratch buffer, and
+    /// tungstenite's state is made when bytes arrive and dropped when the socket runs dry at a message boundary
+    /// (`crate::wire`). A larger frame grows the buffer while it is read. Default 2048.
     pub read_buffer_size: usize,
-    /// Bytes tungstenite batches before writing to the socket. Default 16384.
+    /// Most bytes handed to one vectored write to the socket (at least one whole frame). Default 16384.
     pub write_buffer_size: usize,
-    /// Hard bound on tungstenite's own write buffer. Must be at least `write_buffer_size + max_pending_bytes + 14`
-    /// so the largest message the outbox admits can always be written. Default 1114112 (1 MiB + 64 KiB).
+    /// Bound of tungstenite's own write buffer, which carries only what tungstenite writes itself (pongs and the
+    /// reply to a client's close): room messages and replies are written by the gateway from the shared, pre-built
+    /// frames, with no per-connection copy. Must be at least `write_buffer_size + max_pending_bytes + 14` (the rule
+    /// of the earlier design, when tungstenite wrote every frame; kept so configurations validate as before).
+    /// Default 1114112 (1 MiB + 64 KiB).
     pub max_write_buffer_size: usize,
     /// Outbound queue bound, in messages, per connection. Default 1024.
     pub max_pending_messages: usize,
@@ -1158,9 +1163,9 @@ impl LimitsConfig {
         if !(256..=1024 * 1024).contains(&self.read_buffer_size) {
             return Err(invalid("limits.read_buffer_size", "must be between 256 and 1048576"));
         }
-        // The writer feeds tungstenite one frame at a time, and tungstenite holds up to `write_buffer_size` bytes
-        // before it writes, so the largest frame the outbox can admit (`max_pending_bytes`, plus a frame header)
-        // must fit on top of that; otherwise every such message fails with "write buffer full".
+        // Written when tungstenite wrote every frame (it had to hold the largest frame the outbox admits on top of
+        // `write_buffer_size`). The gateway now writes frames itself, but the rule stays: a configuration that was
+        // valid stays valid and one that was refused stays refused.
         let largest_frame = self.max_pending_bytes.saturating_add(MAX_FRAME_HEADER);
         let needed = self.write_buffer_size.saturating_add(largest_frame);
         if self.max_write_buffer_size < needed {

@@ -153,7 +153,8 @@ pub async fn handshake(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadl
     let _ = tcp.set_nodelay(true);
     match gw.tls() {
         Some(tls) => {
-            let accept = tls.acceptor().accept(tcp);
+            // rustls's unbuffered API: no TLS buffer stays with an idle connection (`crate::tls_stream`).
+            let accept = crate::tls_stream::TlsStream::accept(tcp, tls.current());
             match tokio::time::timeout_at(deadline, accept).await {
                 Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, slot).await,
                 Ok(Err(e)) => {

@@ -38,6 +38,7 @@ pub mod shutdown;
 #[cfg(test)]
 mod test_support;
 pub mod tls;
+pub mod tls_stream;
 pub mod token;
 pub mod wire;
 

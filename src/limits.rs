@@ -520,7 +520,7 @@ impl Drop for IpGuard {
 }
 
 /// Rate limits of one connection (message count and bytes), also charging its user's shared budget. Owned by the
-/// connection's reader task.
+/// connection's task.
 pub struct MessageLimiter {
     limits: Arc<Limits>,
     user: Option<Arc<str>>,

@@ -1,9 +1,12 @@
-//! The one bounded queue between the world and a connection's writer task, with the overflow policies of
-//! `docs/backpressure.md`.
+//! The one bounded queue between the world and a connection's writer (the write side of its task, `crate::wire`),
+//! with the overflow policies of `docs/backpressure.md`.
 //!
-//! Producers (room fan-out tasks, the connection's own reader) call [`Outbox::push_room`] / [`Outbox::push_control`];
-//! neither ever awaits the client. The writer takes everything queued in one go ([`Outbox::next_batch`]), feeds it to
-//! the socket and flushes once, so a burst costs one syscall rather than one per frame.
+//! Producers (room fan-out tasks, the connection's own handlers) call [`Outbox::push_room`] /
+//! [`Outbox::push_control`]; neither ever awaits the client. Only the push that makes the queue non-empty wakes the
+//! writer, which takes everything queued in one go ([`Outbox::poll_batch`]) and hands it to vectored writes, so a burst
+//! costs one wake-up and one syscall per 64 frames rather than one per frame. The writer's drained batch becomes the
+//! next queue (no allocation per batch while busy), and when nothing is queued both give their storage back (an idle
+//! connection holds none).
 //!
 //! Why a `VecDeque` behind a mutex rather than a `tokio::mpsc` channel: `drop_oldest` must remove from the head and
 //! `latest` must replace a queued message in place, which a channel cannot do from the producer side. The lock is

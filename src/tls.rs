@@ -138,9 +138,14 @@ impl Tls {
         })
     }
 
-    /// An acceptor for one handshake.
+    /// An acceptor for one handshake (tokio-rustls).
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// The config a new handshake uses now (the public listener's `crate::tls_stream`).
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
     }
 
     /// What the certificate and key files look like now (size and modification time of each, symlinks followed),
