@@ -14,7 +14,6 @@ use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 
@@ -136,11 +135,6 @@ impl Tls {
             config: config.clone(),
             current: ArcSwap::from_pointee(server),
         })
-    }
-
-    /// An acceptor for one handshake (tokio-rustls).
-    pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.load_full())
     }
 
     /// The config a new handshake uses now (the public listener's `crate::tls_stream`).
