@@ -849,7 +849,7 @@ impl Conn {
         self.ack(id).await;
     }
 
-    /// Hands a publish to NATS in order and returns its confirmation, which the reader polls beside reading. Both
+    /// Hands a publish to NATS in order and returns its confirmation, which the connection polls beside reading. Both
     /// steps are bounded by `nats.publish_timeout` from the frame's arrival, so every reply honours it.
     async fn publish(
         &mut self,

@@ -12,6 +12,11 @@
 //!
 //! rustls does all of TLS (handshake, records, alerts, key updates, tickets); this module only moves bytes between
 //! its states and the socket. The admin listener, which is not on the hot path, keeps tokio-rustls.
+//!
+//! Bounds: `incoming` holds at most one incomplete record plus one read ([`READ_SIZE`]): rustls refuses a record
+//! header over its maximum at once, and a handshake message over 64 KiB; `plaintext` holds what one pass over
+//! `incoming` decrypted, and more is read only once it is taken; `outgoing` holds one write's records (a write first
+//! waits for the previous ones to reach the socket) or one handshake flight.
 
 use std::{
     cell::RefCell,
@@ -145,15 +150,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                     }
                     None
                 }
-                ConnectionState::ReadEarlyData(mut early) => {
-                    // Early data is not enabled in the config; should a record come, it is read like any other.
-                    while let Some(record) = early.next_record() {
-                        let AppDataRecord { discard: more, payload } = record.map_err(tls_error)?;
-                        discard += more;
-                        plaintext.extend_from_slice(payload);
-                    }
-                    None
-                }
+                // The config never enables early data (`max_early_data_size` is 0), so rustls never yields it.
+                ConnectionState::ReadEarlyData(_) => return Err(io::Error::other("unexpected TLS early data")),
                 ConnectionState::EncodeTlsData(mut encode) => {
                     append(outgoing, 2048, |buf| match encode.encode(buf) {
                         Ok(n) => Ok(n),
