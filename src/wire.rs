@@ -244,6 +244,9 @@ pub struct Wire<IO> {
     batch_queued_at: Option<Instant>,
     /// The client's close frame arrived; tungstenite wrote the reply, so no other close frame may follow.
     peer_closed: bool,
+    /// A read failed: tungstenite's state after an error is not to be read from again (the lingering close then
+    /// only drains the socket).
+    read_failed: bool,
     /// `limits.read_buffer_size`: bytes asked of the socket per read.
     read_size: usize,
     /// `limits.write_buffer_size`: bytes handed to one vectored write (at least one frame).
@@ -265,6 +268,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             batch_bytes: 0,
             batch_queued_at: None,
             peer_closed: false,
+            read_failed: false,
             read_size: config.read_buffer_size.max(64),
             write_size: config.write_buffer_size.max(1),
         };
@@ -330,6 +334,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
 
     /// Reads the next message. `Pending` with the socket's waker registered when nothing complete has arrived.
     pub fn poll_read(&mut self, cx: &mut Context<'_>, config: &WebSocketConfig) -> Poll<Result<Incoming, tungstenite::Error>> {
+        let read = self.poll_read_inner(cx, config);
+        if let Poll::Ready(Err(_)) = &read {
+            // Whatever failed, tungstenite's state is not read from again.
+            self.read_failed = true;
+            self.ctx = None;
+        }
+        read
+    }
+
+    fn poll_read_inner(&mut self, cx: &mut Context<'_>, config: &WebSocketConfig) -> Poll<Result<Incoming, tungstenite::Error>> {
+        if self.read_failed {
+            return Poll::Ready(Err(tungstenite::Error::AlreadyClosed));
+        }
         if self.meter.abusive() {
             return Poll::Ready(Err(abuse()));
         }
@@ -524,7 +541,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         }
         let linger = async {
             loop {
-                if self.meter.abusive() {
+                if self.meter.abusive() || self.read_failed {
                     // Its frames are not parsed any more: read and drop bytes until it goes.
                     match std::future::poll_fn(|cx| read_idle(&mut self.io, cx, self.read_size)).await {
                         Ok(bytes) if !bytes.is_empty() => continue,
@@ -534,8 +551,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
                 match std::future::poll_fn(|cx| self.poll_read(cx, config)).await {
                     Ok(Incoming::Message(Message::Close(_), _)) | Ok(Incoming::Closed) => break,
                     Ok(Incoming::Message(..)) => continue,
-                    Err(_) if self.meter.abusive() => continue,
-                    Err(_) => break,
+                    // Over the limits or unparsable from here on (`read_failed` is set): drained raw above.
+                    Err(_) => continue,
                 }
             }
         };
@@ -712,6 +729,49 @@ mod tests {
         wire.shrink_if_idle(&outbox);
         assert_eq!(wire.retained_bytes(), 0, "the batch's storage was not given back");
         assert_eq!(outbox.capacity(), 0, "the outbox's storage was not given back");
+    }
+
+    /// After a read error tungstenite's state is never read again: the close lingers on raw reads. It used to read
+    /// on from the failed context, which tripped a debug assertion in tungstenite (a panic in every Autobahn case
+    /// closed for size) and, in release, could take the next read for the end of the stream.
+    #[tokio::test]
+    async fn a_failed_read_closes_without_reading_tungstenite_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let config = crate::Config::default();
+        let limits = std::sync::Arc::new(crate::limits::Limits::new(&config));
+        let ws = WebSocketConfig::default()
+            .read_buffer_size(config.limits.read_buffer_size)
+            .max_message_size(Some(config.limits.max_message_size))
+            .max_frame_size(Some(config.limits.max_frame_size));
+        let mut wire = Wire::new(server, &[], FrameMeter::new(limits.message_limiter(None)), &ws);
+        // A binary frame announcing 1 MiB (over `max_frame_size`), then some of it.
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[0; 4]);
+        frame.extend(std::iter::repeat_n(0u8, 4096));
+        client.write_all(&frame).await.expect("send");
+        let read = std::future::poll_fn(|cx| wire.poll_read(cx, &ws)).await;
+        assert!(matches!(read, Err(tungstenite::Error::Capacity(_))), "{:?}", read.err());
+        // The client keeps sending while the gateway closes; the close frame still arrives, and nothing panics.
+        client.write_all(&[0u8; 8192]).await.expect("send more");
+        let req = CloseRequest {
+            code: crate::protocol::close::TOO_BIG,
+            reason: "message too big",
+            flush_queued: false,
+        };
+        let closing = tokio::spawn(async move {
+            wire.finish(None, &req, &ws, Duration::from_secs(2)).await;
+        });
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).await.expect("the close frame");
+        assert_eq!(got, [0x88, 17, 0x03, 0xF1], "close 1009 with its reason");
+        drop(client);
+        closing.await.expect("finish did not panic");
     }
 
     #[test]
