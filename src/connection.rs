@@ -53,7 +53,7 @@ use crate::{
     outbox::{CloseRequest, Outbox},
     protocol::{self, ClientOp, ErrorCode, close},
     room_quota::{QuotaError, QuotaKey},
-    rooms::{Hold, JoinError, Member, Room},
+    rooms::{Hold, JoinError, Member, Membership},
     shutdown::Stop,
     wire::{Frame, Incoming, Wire, WriteEvent},
 };
@@ -248,7 +248,10 @@ where
             continue;
         }
         if this.timer.as_mut().poll(cx).is_ready() {
-            match this.deadlines.due(gw, wire, this.outbox, this.conn.is_none(), Instant::now()) {
+            match this
+                .deadlines
+                .due(gw, wire, this.outbox, this.conn.is_none(), Instant::now())
+            {
                 Due::Nothing => {}
                 Due::Close(req) => return Poll::Ready(req),
                 Due::Warn => {
@@ -264,7 +267,8 @@ where
             continue;
         }
         let inflight = this.confirms.as_ref().map_or(0, FuturesUnordered::len);
-        let reading = this.conn.is_some() && inflight < gw.config().limits.max_inflight_publishes && !wire.peer_closed();
+        let reading =
+            this.conn.is_some() && inflight < gw.config().limits.max_inflight_publishes && !wire.peer_closed();
         if let Poll::Ready(io) = poll_io(cx, wire, gw, this.outbox, reading) {
             match io {
                 // The write deadline starts: the timer must know.
@@ -335,7 +339,13 @@ where
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
     // Flush (or not, per the close request) and send the close frame; bounded by write_timeout.
-    wire.finish(Some(&conn.outbox), &end, &gw.ws_config(), gw.config().limits.write_timeout).await;
+    wire.finish(
+        Some(&conn.outbox),
+        &end,
+        &gw.ws_config(),
+        gw.config().limits.write_timeout,
+    )
+    .await;
     drop(wire);
     let (conn_id, user) = (conn.conn_id.clone(), conn.identity.user.clone());
     // Releases the global and per-IP slots and the gauges now, not after the events below.
@@ -515,8 +525,8 @@ struct Conn {
     outbox: Arc<Outbox>,
     /// Ends the connection's waits: cancelled when the loop ends, by the root shutdown (it is a child), and on drop.
     cancel: CancellationToken,
-    /// Joined rooms. Bound: `rooms.max_rooms_per_connection`.
-    rooms: HashMap<Arc<str>, Arc<Room>>,
+    /// Joined rooms: dropping a [`Membership`] leaves its room. Bound: `rooms.max_rooms_per_connection`.
+    rooms: HashMap<Arc<str>, Membership>,
     /// Set by `refresh`: the token deadlines must be recomputed.
     token_changed: bool,
     /// End of the session (`auth.max_session` from the upgrade) and the `refresh` budget.
@@ -528,9 +538,7 @@ struct Conn {
 impl Drop for Conn {
     /// Runs however the connection ends, a panic included: rooms, outbox, gauge and slots are given back.
     fn drop(&mut self) {
-        for room in self.rooms.keys() {
-            self.gw.rooms().leave(room, self.id);
-        }
+        self.rooms.clear();
         self.outbox.close(close_req(close::INTERNAL, "internal error", false));
         self.cancel.cancel();
         self.gw.metrics().connections_open.dec();
@@ -730,11 +738,7 @@ impl Conn {
 
     /// Leaves every joined room (no events); returns their names.
     fn leave_all(&mut self) -> Vec<Arc<str>> {
-        let rooms: Vec<Arc<str>> = self.rooms.drain().map(|(name, _)| name).collect();
-        for room in &rooms {
-            self.gw.rooms().leave(room, self.id);
-        }
-        rooms
+        self.rooms.drain().map(|(name, _membership)| name).collect()
     }
 
     /// Leaves one joined room: registry, pending gap count, and the `leave` event.
@@ -742,7 +746,6 @@ impl Conn {
         if self.rooms.remove(room).is_none() {
             return false;
         }
-        self.gw.rooms().leave(room, self.id);
         self.outbox.forget_room(room);
         self.event("leave", Some(room)).await;
         true
@@ -796,7 +799,7 @@ impl Conn {
         match self.gw.rooms().join(room, member).await {
             Ok(entry) => {
                 match hold {
-                    Some(hold) => self.join_history(id, &entry, hold, since).await,
+                    Some(hold) => self.join_history(id, entry.room(), hold, since).await,
                     // No history here: nothing to recover, and the client must know it.
                     None if since.is_some() => self.send(protocol::ack_join(id, room, Some(false), None)).await,
                     None => self.ack(id).await,
@@ -1066,7 +1069,11 @@ mod size_tests {
         };
         let task = start(gw.clone(), wire, accepted);
         let size = std::mem::size_of_val(&task);
-        eprintln!("connection future: {size} bytes (Conn {}, Wire {})", std::mem::size_of::<Conn>(), std::mem::size_of::<Wire<tokio::net::TcpStream>>());
+        eprintln!(
+            "connection future: {size} bytes (Conn {}, Wire {})",
+            std::mem::size_of::<Conn>(),
+            std::mem::size_of::<Wire<tokio::net::TcpStream>>()
+        );
         assert!(size <= 1280, "an idle connection's task holds {size} bytes");
     }
 }

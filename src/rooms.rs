@@ -231,6 +231,40 @@ pub enum JoinError {
     Quota(#[from] QuotaError),
 }
 
+/// One connection's place in one room, from the moment [`Rooms::join`] registered it. Dropping it is the only way to
+/// leave: it takes the member out of this exact room instance (a newer room of the same name is never touched),
+/// gives back the user's room quota, and drops the room with its NATS subscription when it was the last member. So
+/// a member cannot outlive its connection whichever way that ends: a `leave`, the connection's end, a join cancelled
+/// while it waited for the subscription or for a history read, a panic.
+#[derive(Debug)]
+pub struct Membership {
+    rooms: Arc<Rooms>,
+    room: Arc<Room>,
+    id: u64,
+}
+
+impl Membership {
+    /// The room joined.
+    pub fn room(&self) -> &Arc<Room> {
+        &self.room
+    }
+}
+
+impl std::ops::Deref for Membership {
+    type Target = Room;
+
+    fn deref(&self) -> &Room {
+        &self.room
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // Nothing to do when the room already let its members go (`end_room`).
+        self.rooms.detach(&self.room, self.id);
+    }
+}
+
 /// A room's members, and whether it is closing (it emptied or its subscription ended): a closing room takes no new
 /// member, and a join that finds it still in the map retries until the closer has removed it.
 #[derive(Debug, Default)]
@@ -283,7 +317,11 @@ impl Rooms {
     ///
     /// Charges `member.key`: one more distinct room unless the key is in it already (`rooms.max_rooms_per_user`),
     /// and a room creation when this join makes the room (`rooms.room_creations_per_second`).
-    pub async fn join(self: &Arc<Self>, room: &str, member: Member) -> Result<Arc<Room>, JoinError> {
+    ///
+    /// The member is registered before the wait for the subscription and is owned by the returned [`Membership`]
+    /// from that moment: if this future is dropped while it waits (the connection closed mid-join), the guard
+    /// takes the member out again, with its quota and, if it was the last, the room and its subscription.
+    pub async fn join(self: &Arc<Self>, room: &str, member: Member) -> Result<Membership, JoinError> {
         let id = member.id;
         let mut member = Some(member);
         let (entry, created) = loop {
@@ -341,23 +379,35 @@ impl Rooms {
             self.metrics.rooms.set(map.len() as i64);
             break (r, true);
         };
+        // No await between the member's registration above and this guard.
+        let membership = Membership {
+            rooms: self.clone(),
+            room: entry,
+            id,
+        };
         if created {
             let rooms = self.clone();
-            let room = entry.clone();
+            let room = membership.room.clone();
             self.tracker.spawn(async move { rooms.room_task(room).await });
         }
-        let mut ready = entry.ready.subscribe();
+        let mut ready = membership.room.ready.subscribe();
         let state = ready
             .wait_for(|r| *r != Readiness::Pending)
             .await
             .map(|r| *r)
             .unwrap_or(Readiness::Failed);
         if state == Readiness::Ready {
-            Ok(entry)
+            Ok(membership)
         } else {
-            self.detach(&entry, id);
+            // Dropping the guard detaches the member.
             Err(JoinError::Nats(BridgeError::Disconnected))
         }
+    }
+
+    /// Local members of `room` on this gateway (0 when the room is not held).
+    pub fn members_of(&self, room: &str) -> usize {
+        let entry = self.map.lock().get(room).cloned();
+        entry.map_or(0, |r| r.members.read().list.len())
     }
 
     /// Distinct rooms the user (or address) `key` is in on this gateway.
@@ -368,15 +418,6 @@ impl Rooms {
     /// Keys tracked by the per-user room accounting (tests assert this stays bounded).
     pub fn tracked_keys(&self) -> usize {
         self.quota.tracked_keys()
-    }
-
-    /// Removes member `id` from `room`. Returns whether it was a member.
-    pub fn leave(&self, room: &str, id: u64) -> bool {
-        let entry = self.map.lock().get(room).cloned();
-        match entry {
-            Some(r) => self.detach(&r, id),
-            None => false,
-        }
     }
 
     /// Removes member `id` from this exact room instance; drops the room (and its subscription) when it empties.
@@ -441,7 +482,16 @@ impl Rooms {
             (Some(h), true) => h.live_subject(&room.name),
             _ => protocol::room_subject(&self.config.subject_prefix, &room.name),
         };
-        let mut sub = match self.bridge.subscribe(subject, &room.name).await {
+        // The room may empty while its subscription is made (its only join cancelled): stop waiting then.
+        let subscribed = tokio::select! {
+            biased;
+            _ = room.cancel.cancelled() => {
+                room.ready.send_replace(Readiness::Failed);
+                return;
+            }
+            s = self.bridge.subscribe(subject, &room.name) => s,
+        };
+        let mut sub = match subscribed {
             Ok(sub) => sub,
             Err(e) => {
                 tracing::warn!(room = %room.name, error = %e, "room subscription failed");
@@ -676,33 +726,35 @@ mod tests {
         let (_nats, gw) = crate::test_support::gateway(|_| {}).await;
         let rooms = gw.rooms().clone();
         let big = rooms.join("big", member(1)).await.expect("join big");
-        rooms.join("small", member(2)).await.expect("join small");
+        let small = rooms.join("small", member(2)).await.expect("join small");
 
         let fanning_out = big.members.read();
         let blocked = {
             let rooms = rooms.clone();
-            tokio::spawn(async move { rooms.join("big", member(3)).await.map(|_| ()) })
+            tokio::spawn(async move { rooms.join("big", member(3)).await })
         };
         // Give the blocked join time to take whatever it takes before waiting for the room lock.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let others = {
             let rooms = rooms.clone();
             tokio::spawn(async move {
-                let left = rooms.leave("small", 2);
-                rooms.join("other", member(4)).await.map(|_| left)
+                drop(small);
+                let left = rooms.members_of("small") == 0;
+                rooms.join("other", member(4)).await.map(|other| (left, other))
             })
         };
         let done = tokio::time::timeout(Duration::from_secs(3), others).await;
         drop(fanning_out);
-        assert!(
-            matches!(done, Ok(Ok(Ok(true)))),
-            "another room's leave and join finished while a fan-out held its room: {done:?}"
-        );
-        blocked
+        let _other = match done {
+            Ok(Ok(Ok((true, other)))) => other,
+            done => panic!("another room's leave and join finished while a fan-out held its room: {done:?}"),
+        };
+        let _joined = blocked
             .await
             .expect("task")
             .expect("the join of the busy room completes once it is free");
         assert_eq!(rooms.len(), 2, "big and other");
+        drop(big);
     }
 
     /// The map and the rooms agree under concurrent joins and leaves of a few rooms: every room in the map has
@@ -717,8 +769,9 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 for i in 0..30u64 {
                     let name = format!("r{}", (id + i) % 3);
-                    rooms.join(&name, member(id)).await.expect("join");
-                    assert!(rooms.leave(&name, id), "left {name}");
+                    let joined = rooms.join(&name, member(id)).await.expect("join");
+                    assert!(rooms.members_of(&name) >= 1, "in {name}");
+                    drop(joined);
                 }
             }));
         }
@@ -726,5 +779,118 @@ mod tests {
             t.await.expect("task");
         }
         assert!(rooms.is_empty(), "{} rooms left with no member", rooms.len());
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    //! Membership against a plain model (issue 22): whatever mix of completed joins, joins dropped after any number
+    //! of polls (a connection closed mid-join), leaves and disconnects, over several rooms and connections, every
+    //! room's member count equals the connections holding a membership of it, the registry holds exactly the rooms
+    //! with members, and each user's room quota counts exactly their rooms.
+    use std::collections::HashMap;
+
+    use proptest::{prelude::*, test_runner::TestRunner};
+
+    use super::*;
+
+    const CONNS: u8 = 4;
+    const ROOMS: u8 = 3;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Join(u8, u8),
+        /// A join whose future is dropped after this many polls (0: never polled).
+        CancelledJoin(u8, u8, u8),
+        Leave(u8, u8),
+        Disconnect(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..CONNS, 0..ROOMS).prop_map(|(c, r)| Op::Join(c, r)),
+            (0..CONNS, 0..ROOMS, 0..4u8).prop_map(|(c, r, p)| Op::CancelledJoin(c, r, p)),
+            (0..CONNS, 0..ROOMS).prop_map(|(c, r)| Op::Leave(c, r)),
+            (0..CONNS).prop_map(Op::Disconnect),
+        ]
+    }
+
+    fn name(r: u8) -> String {
+        format!("model-{r}")
+    }
+
+    fn key(c: u8) -> QuotaKey {
+        QuotaKey::User(format!("user-{c}").into())
+    }
+
+    fn member(c: u8) -> Member {
+        Member {
+            id: u64::from(c),
+            outbox: Arc::new(Outbox::new(16, 1 << 20)),
+            key: key(c),
+            hold: None,
+        }
+    }
+
+    async fn run(rooms: &Arc<Rooms>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mut held: HashMap<(u8, u8), Membership> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Join(c, r) if !held.contains_key(&(c, r)) => {
+                    let m = rooms
+                        .join(&name(r), member(c))
+                        .await
+                        .map_err(|e| TestCaseError::fail(format!("join: {e}")))?;
+                    held.insert((c, r), m);
+                }
+                Op::CancelledJoin(c, r, polls) if !held.contains_key(&(c, r)) => {
+                    let room = name(r);
+                    let mut join = std::pin::pin!(rooms.join(&room, member(c)));
+                    for _ in 0..polls {
+                        if futures_util::poll!(join.as_mut()).is_ready() {
+                            break; // completed: its membership (or error) is dropped with the future's output
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Op::Leave(c, r) => drop(held.remove(&(c, r))),
+                Op::Disconnect(c) => held.retain(|(held_by, _), _| *held_by != c),
+                _ => {}
+            }
+            for r in 0..ROOMS {
+                let want = held.keys().filter(|(_, in_room)| *in_room == r).count();
+                prop_assert_eq!(rooms.members_of(&name(r)), want, "members of room {}", r);
+            }
+            let live: std::collections::HashSet<u8> = held.keys().map(|(_, r)| *r).collect();
+            prop_assert_eq!(rooms.len(), live.len(), "rooms held");
+            for c in 0..CONNS {
+                let want = held.keys().filter(|(by, _)| *by == c).count();
+                prop_assert_eq!(rooms.rooms_of(&key(c)), want, "room quota of user {}", c);
+            }
+        }
+        drop(held);
+        prop_assert!(rooms.is_empty(), "rooms left after every connection went");
+        Ok(())
+    }
+
+    #[test]
+    fn member_counts_equal_the_live_connections_that_joined() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (_nats, gw) = rt.block_on(crate::test_support::gateway(|c| {
+            c.rooms.room_creations_per_second = 1_000_000;
+            c.rooms.room_creations_burst = 1_000_000;
+        }));
+        let rooms = gw.rooms().clone();
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(64));
+        let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+            rt.block_on(run(&rooms, ops))
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
     }
 }

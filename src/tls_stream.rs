@@ -358,7 +358,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
 }
 
 /// Appends what `write` produces to `out`, growing the room it is given to what it asks for (`Err(Some(size))`).
-fn append(out: &mut Vec<u8>, first: usize, mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>) -> io::Result<()> {
+fn append(
+    out: &mut Vec<u8>,
+    first: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+) -> io::Result<()> {
     let mut room = first;
     for _ in 0..4 {
         let start = out.len();

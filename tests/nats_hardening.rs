@@ -444,7 +444,7 @@ async fn room_creation_is_rate_limited() {
 async fn memory_per_room() {
     use roomwire::{
         outbox::Outbox,
-        rooms::{Member, Room},
+        rooms::{Member, Membership},
     };
     const ROOMS: usize = 20_000;
     let nats = NatsServer::start().await;
@@ -467,7 +467,7 @@ async fn memory_per_room() {
         async move { rooms.join(&format!("room-{i:06}"), member).await.expect("join") }
     };
     // Warm up allocator and NATS client buffers, then measure.
-    let mut held: Vec<std::sync::Arc<Room>> = Vec::with_capacity(ROOMS + 1000);
+    let mut held: Vec<Membership> = Vec::with_capacity(ROOMS + 1000);
     for i in 0..1000 {
         held.push(join(ROOMS + i).await);
     }
