@@ -1,16 +1,22 @@
-//! The admin listener (`[admin] listen`): plain HTTP/1.1 for operators and their tools, apart from the public
-//! listener so that metrics and connection details need not be exposed to clients.
+//! The admin listener (`[admin] listen`): HTTP/1.1 for operators and their tools, apart from the public listener so
+//! that metrics and connection details need not be exposed to clients.
 //!
 //! Routes: `/metrics` (Prometheus text), `/healthz` (200 while the process runs), `/readyz` (200 only while connected
 //! to NATS and not draining: it stays reachable here during a drain, when the public listener has stopped accepting),
 //! and `/connz` (a JSON summary: connections, rooms, the top rooms by members, the NATS state).
 //!
-//! No TLS and no authentication (client-certificate verification is not implemented): bind it to loopback or a
-//! private network. Connections are capped by `admin.max_connections` (more are closed at accept), and each request
-//! head must arrive within [`HEADER_TIMEOUT`]. The listener runs until the root shutdown token is cancelled, i.e.
-//! through the whole drain.
+//! Plain HTTP unless `admin.tls_cert_file`/`tls_key_file` are set (tokio-rustls); with `admin.client_ca_file` too,
+//! a client certificate from that CA is required in the handshake (mTLS). No other authentication: without mTLS, bind
+//! it to loopback or a private network.
+//!
+//! Bounds, so that no client can hold the listener shut (a readiness probe must get through): at most
+//! `admin.max_connections` connections, and `admin.max_connections_per_ip` from one address (more are closed at
+//! accept); each connection lives at most `admin.connection_timeout` from accept, whatever it sends (hyper's header
+//! timeout restarts with every request on a keep-alive connection, so alone it let a client that sends a request every
+//! few seconds keep its slot forever); each request head must arrive within [`HEADER_TIMEOUT`]. The listener runs
+//! until the root shutdown token is cancelled, i.e. through the whole drain.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::HashMap, convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -39,6 +45,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<tokio_ru
         tracing::info!(%addr, tls = tls.is_some(), "admin listening");
     }
     let permits = Arc::new(Semaphore::new(gw.config().admin.max_connections));
+    let per_ip = PerIp::new(gw.config().admin.max_connections_per_ip);
     loop {
         let accepted = tokio::select! {
             _ = gw.shutdown().cancelled() => break,
@@ -57,20 +64,80 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<tokio_ru
             tracing::debug!(%peer, "admin connection refused: admin.max_connections reached");
             continue;
         };
+        let Some(held) = per_ip.admit(peer.ip()) else {
+            tracing::debug!(%peer, "admin connection refused: admin.max_connections_per_ip reached");
+            continue;
+        };
         let conn_gw = gw.clone();
         let tls = tls.clone();
+        let deadline = tokio::time::Instant::now() + gw.config().admin.connection_timeout;
         gw.spawn(async move {
-            let _permit = permit;
-            match tls {
-                None => serve_connection(conn_gw, tcp, peer).await,
-                // The handshake (with the client-certificate check under mTLS) is bounded like the request head.
-                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_connection(conn_gw, stream, peer).await,
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "admin TLS handshake refused"),
-                    Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
-                },
+            let (_permit, _held) = (permit, held);
+            let serve = async {
+                match tls {
+                    None => serve_connection(conn_gw, tcp, peer).await,
+                    // The handshake (the client-certificate check under mTLS) is bounded like the request head.
+                    Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(conn_gw, stream, peer).await,
+                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "admin TLS handshake refused"),
+                        Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                    },
+                }
+            };
+            // Dropping the connection at the deadline closes it, whatever it was doing.
+            if tokio::time::timeout_at(deadline, serve).await.is_err() {
+                tracing::debug!(%peer, "admin connection closed at admin.connection_timeout");
             }
         });
+    }
+}
+
+/// Admin connections per address, each at most `max`. Bound: one entry per open admin connection's address, so at
+/// most `admin.max_connections` entries.
+#[derive(Clone)]
+struct PerIp {
+    open: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    max: usize,
+}
+
+/// One admin connection's place in [`PerIp`], given back on drop.
+struct PerIpSlot {
+    open: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn new(max: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max,
+        }
+    }
+
+    /// A slot for one more connection from `ip`, unless it holds `max` already.
+    fn admit(&self, ip: IpAddr) -> Option<PerIpSlot> {
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpSlot {
+            open: self.open.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -251,6 +251,14 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// Connections open at once on the admin listener; more are closed at accept. Default 16.
     pub max_connections: usize,
+    /// Admin connections open at once from one address; more are closed at accept, so one client cannot hold every
+    /// `max_connections` slot. Default 4.
+    pub max_connections_per_ip: usize,
+    /// How long one admin connection may live, absolute from accept: it covers the TLS handshake and every request
+    /// on a keep-alive connection (a client that sends a request every few seconds cannot keep its slot). A scraper
+    /// simply reconnects. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
     /// Serve the admin listener over TLS with this PEM certificate chain (with `tls_key_file`). Default none (plain
     /// HTTP).
     pub tls_cert_file: Option<PathBuf>,
@@ -266,6 +274,8 @@ impl Default for AdminConfig {
         Self {
             listen: None,
             max_connections: 16,
+            max_connections_per_ip: 4,
+            connection_timeout: Duration::from_secs(30),
             tls_cert_file: None,
             tls_key_file: None,
             client_ca_file: None,
@@ -461,8 +471,8 @@ pub struct ServerConfig {
     /// once. `server.shutdown_grace` applies after it. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
-    /// Serve `/metrics` on the public listener too. Default true, so existing scrapes keep working; production should
-    /// set it false and scrape the admin listener (`[admin] listen`).
+    /// Serve `/metrics` on the public listener too. Default false: metrics tell an attacker the gateway's load and
+    /// limits, so they are served publicly only when asked for; scrape the admin listener (`[admin] listen`).
     pub public_metrics: bool,
     /// Allowed `Origin` values for the upgrade: exact origins (`https://app.example.com`) or `*.example.com` /
     /// `https://*.example.com` wildcards. Empty (default) = any origin, including none.
@@ -516,7 +526,7 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             shutdown_grace: Duration::from_secs(10),
             drain_window: Duration::from_secs(10),
-            public_metrics: true,
+            public_metrics: false,
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::XForwardedFor,
@@ -961,6 +971,12 @@ impl AdminConfig {
     pub fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
         if self.max_connections == 0 {
             return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if self.max_connections_per_ip == 0 {
+            return Err(invalid("admin.max_connections_per_ip", "must be at least 1"));
+        }
+        if self.connection_timeout.is_zero() {
+            return Err(invalid("admin.connection_timeout", "must be more than 0s"));
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(invalid(

@@ -307,7 +307,7 @@ async fn route(
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        // Off when `server.public_metrics = false`: then it is a 404 like any unknown path, served by the admin
+        // Off unless `server.public_metrics = true`: then it is a 404 like any unknown path, served by the admin
         // listener instead.
         "/metrics" if gw.config().server.public_metrics => crate::admin::metrics(gw),
         p if p == gw.config().server.ws_path && over_capacity => {

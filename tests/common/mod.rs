@@ -292,6 +292,8 @@ pub fn test_config(nats_url: &str, ca: &TestCa) -> Config {
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.server.gateway_id = Some("gwtest".into());
     c.server.shutdown_grace = Duration::from_secs(5);
+    // Tests read the gateway's metrics over the public listener (the default is off).
+    c.server.public_metrics = true;
     c.tls.enabled = true;
     c.tls.cert_file = ca.cert_file.clone();
     c.tls.key_file = ca.key_file.clone();
