@@ -884,7 +884,7 @@ impl Conn {
         let history = self.gw.history().filter(|h| h.covers(room)).cloned();
         let stored_id = history
             .as_ref()
-            .map(|h| h.msg_id(self.identity.user.as_deref(), &self.conn_id, msg_id));
+            .map(|h| h.msg_id(self.identity.user.as_deref(), &self.conn_id, room, msg_id));
         let store = history.as_ref().zip(stored_id.as_deref()).map(|(h, m)| (h.js(), m));
         // Handing the message to the NATS client happens here, in order; only the confirmation runs apart.
         let published = match self

@@ -141,13 +141,15 @@ impl History {
         self.epoch.read().clone()
     }
 
-    /// A message id for a publish: the client's `msg_id` scoped to its user (or, for an anonymous client, to its
-    /// connection, so one anonymous client cannot suppress another's messages by guessing ids), else a fresh one.
-    pub fn msg_id(&self, user: Option<&str>, conn: &str, client_id: Option<&str>) -> String {
-        match (client_id, user) {
-            (Some(m), Some(user)) => format!("u:{user}:{m}"),
-            (Some(m), None) => format!("c:{conn}:{m}"),
-            (None, _) => format!("g:{conn}:{}", self.next_id.fetch_add(1, Relaxed)),
+    /// A message id for a publish to `room`: the client's `msg_id` scoped to its user (or, for an anonymous client,
+    /// to its connection, so one anonymous client cannot suppress another's messages by guessing ids) and to the
+    /// room, else a fresh one. JetStream dedupes on this id across the whole stream, so the scope must be part of it
+    /// and must be unambiguous: every scope part is length-prefixed (`u:5:alice:5:lobby:m1`), since users, rooms and
+    /// `msg_id`s may all contain `:` (`alice` + `x:m1` and `alice:x` + `m1` used to make the same id).
+    pub fn msg_id(&self, user: Option<&str>, conn: &str, room: &str, client_id: Option<&str>) -> String {
+        match client_id {
+            Some(m) => scoped_msg_id(user, conn, room, m),
+            None => format!("g:{conn}:{}", self.next_id.fetch_add(1, Relaxed)),
         }
     }
 
@@ -309,4 +311,57 @@ fn differences(have: &StreamConfig, want: &StreamConfig) -> Vec<String> {
 
 fn fmt_duration(d: Duration) -> String {
     format!("{d:?}")
+}
+
+/// A client's `msg_id` scoped to its user (else its connection) and room, each scope part length-prefixed so that no
+/// two different (scope, room, id) give the same string.
+fn scoped_msg_id(user: Option<&str>, conn: &str, room: &str, m: &str) -> String {
+    match user {
+        Some(user) => format!("u:{}:{user}:{}:{room}:{m}", user.len(), room.len()),
+        None => format!("c:{}:{conn}:{}:{room}:{m}", conn.len(), room.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::scoped_msg_id;
+
+    #[test]
+    fn the_issues_collisions_are_gone() {
+        assert_ne!(
+            scoped_msg_id(Some("alice"), "gw-1", "lobby", "x:m1"),
+            scoped_msg_id(Some("alice:x"), "gw-1", "lobby", "m1"),
+            "user alice with x:m1 against user alice:x with m1"
+        );
+        assert_ne!(
+            scoped_msg_id(Some("alice"), "gw-1", "a", "m1"),
+            scoped_msg_id(Some("alice"), "gw-1", "b", "m1"),
+            "one user's msg_id reused in a second room"
+        );
+        assert_ne!(
+            scoped_msg_id(Some("gw-1"), "gw-1", "a", "m1"),
+            scoped_msg_id(None, "gw-1", "a", "m1"),
+            "a user named like a connection"
+        );
+    }
+
+    proptest! {
+        /// Different scopes, rooms or ids never make the same id, whatever `:` they contain.
+        #[test]
+        fn scoped_ids_are_injective(
+            a in (proptest::option::of("[a:]{0,4}"), "[a:]{1,4}", "[a:]{1,4}", "[a:]{1,4}"),
+            b in (proptest::option::of("[a:]{0,4}"), "[a:]{1,4}", "[a:]{1,4}", "[a:]{1,4}"),
+        ) {
+            let id = |(u, c, r, m): &(Option<String>, String, String, String)| {
+                // The connection only scopes anonymous clients.
+                let scope = match u { Some(u) => (Some(u.clone()), String::new()), None => (None, c.clone()) };
+                (scope, r.clone(), m.clone(), scoped_msg_id(u.as_deref(), c, r, m))
+            };
+            let (sa, ra, ma, ia) = id(&a);
+            let (sb, rb, mb, ib) = id(&b);
+            prop_assert_eq!(ia == ib, (sa, ra, ma) == (sb, rb, mb));
+        }
+    }
 }

@@ -421,3 +421,32 @@ async fn without_jetstream_on_the_server_the_gateway_runs_without_history() {
     let m = c.recv_op("message").await;
     assert!(m.get("seq").is_none(), "{m}");
 }
+
+/// Issue 22, finding 6: JetStream dedupes a `msg_id` across the whole stream, so the id must carry the room. The same
+/// client reusing a `msg_id` in a second room used to get the first room's seq, and its message was dropped.
+#[tokio::test]
+async fn a_msg_id_reused_in_another_room_is_a_new_message() {
+    let (nats, _store) = nats_js().await;
+    let gw = TestGateway::start(&nats, history).await;
+    let mut c = gw.client().await;
+    join(&mut c, "h-one", None, 1).await;
+    join(&mut c, "h-two", None, 2).await;
+    let mut reader = gw.client().await;
+    join(&mut reader, "h-two", None, 1).await;
+    let one = c
+        .request(json!({"op":"publish","room":"h-one","data":{"n":1},"msg_id":"m-1"}), 3)
+        .await;
+    let two = c
+        .request(json!({"op":"publish","room":"h-two","data":{"n":2},"msg_id":"m-1"}), 4)
+        .await;
+    let (s1, s2) = (one["seq"].as_u64().expect("seq"), two["seq"].as_u64().expect("seq"));
+    assert_ne!(
+        s1, s2,
+        "the second room's message was taken for a duplicate: {one} {two}"
+    );
+    assert_eq!(
+        messages(&mut reader, "h-two", 1).await,
+        vec![(2, s2)],
+        "delivered to the second room"
+    );
+}
