@@ -611,7 +611,8 @@ impl Conn {
                 close_req(code, reason, false)
             }
             None => {
-                tracing::debug!(error = %e, "read error");
+                tracing::debug!(error = %e, "client gone without a close frame");
+                m.closes.inc(Closed::ClientGone);
                 close_req(close::NORMAL, "", false)
             }
         }
@@ -979,9 +980,12 @@ impl Conn {
 }
 
 /// The close a read error from tungstenite stands for, as (code, reason, metrics reason); `None` when the client is
-/// simply gone. Shared with the conformance echo, so Autobahn checks the codes real clients get.
+/// simply gone (its TCP connection ended or was reset, with or without a close frame: nothing can reach it any more,
+/// and it broke no rule). Shared with the conformance echo, so Autobahn checks the codes real clients get.
 pub fn read_error_close(e: &tungstenite::Error) -> Option<(u16, &'static str, Closed)> {
+    use tungstenite::error::ProtocolError;
     match e {
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "message too big", Closed::TooBig)),
         tungstenite::Error::Protocol(_) => Some((close::PROTOCOL, "protocol error", Closed::ProtocolError)),
         tungstenite::Error::Utf8(_) => Some((close::INVALID_DATA, "invalid UTF-8", Closed::InvalidUtf8)),

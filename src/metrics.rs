@@ -123,6 +123,9 @@ pub enum Closed {
     InvalidUtf8,
     /// An outgoing frame over `limits.max_write_buffer_size` (1011; `Config::validate` makes it unreachable).
     WriteBufferFull,
+    /// The client's connection ended without a close frame (TCP closed or reset: a tab closed, a network lost). An
+    /// ordinary disconnect, counted apart so that `protocol_error` counts only real violations.
+    ClientGone,
 }
 
 impl Reason for Closed {
@@ -135,6 +138,7 @@ impl Reason for Closed {
             Closed::ProtocolError => "protocol_error",
             Closed::InvalidUtf8 => "invalid_utf8",
             Closed::WriteBufferFull => "write_buffer_full",
+            Closed::ClientGone => "client_gone",
         }
     }
 }

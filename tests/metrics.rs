@@ -6,13 +6,13 @@ use common::{NatsServer, TestGateway, nats_barrier};
 use serde_json::json;
 
 /// The value of the first sample line starting with `name` (e.g. `roomwire_rooms ` or
-/// `roomwire_delivery_seconds_count`).
+/// `roomwire_delivery_seconds_count`). A missing metric fails the test: a renamed metric must not read as 0.
 fn value(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no metric {name:?} in:\n{text}"))
 }
 
 #[tokio::test]
@@ -62,4 +62,44 @@ async fn a_scripted_session_moves_the_metrics() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Issue 22, finding 7: a client whose TCP connection ends without a close frame (closed, or reset) is an ordinary
+/// disconnect: counted as `client_gone`, never as `protocol_error` (which used to count every such disconnect, so the
+/// counter an operator alerts on grew with normal traffic).
+#[tokio::test]
+async fn a_client_that_drops_tcp_is_client_gone_not_a_protocol_error() {
+    use roomwire::metrics::Closed;
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |_| {}).await;
+    let closed = gw.client().await;
+    let reset = gw.client().await;
+    // Reset: SO_LINGER 0 makes the close an RST.
+    reset
+        .ws
+        .get_ref()
+        .get_ref()
+        .0
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(closed);
+    drop(reset);
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while gw.gw.metrics().connections_open.get() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "connections not ended");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let closes = &gw.gw.metrics().closes;
+    assert_eq!(
+        closes.get(Closed::ProtocolError),
+        0,
+        "a disconnect counted as a protocol error"
+    );
+    assert_eq!(closes.get(Closed::ClientGone), 2);
+    let (_, text) = gw.get("/metrics").await.unwrap();
+    assert_eq!(
+        value(&text, r#"roomwire_closes_total{reason="client_gone"}"#),
+        2.0,
+        "{text}"
+    );
 }
