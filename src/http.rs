@@ -322,7 +322,7 @@ async fn route(
                 reject.response()
             }
         },
-        "/client/check" => token_check(gw, &req).await,
+        "/client/check" => token_check(gw, &req, peer).await,
         _ => crate::assets::serve(path, req.method(), req.headers(), gw.config().server.demo)
             .unwrap_or_else(|| Reject::NotFound.response()),
     }
@@ -332,8 +332,19 @@ async fn route(
 /// answer). Browsers never see the status of a refused WebSocket upgrade, only a close 1006, so the client library asks
 /// here after a connection failed before opening, to tell a refused token (stop retrying, show why) from a network
 /// failure (retry). It costs what a refused upgrade costs (one signature check, bounded by
-/// `auth.max_concurrent_verifications`), which a client can already repeat on a keep-alive connection.
-async fn token_check(gw: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// `auth.max_concurrent_verifications`), so every request is charged like an upgrade to its client address's
+/// connection rate (`limits.connections_per_second_per_ip`; 429 past it), before any token work: eight keep-alive
+/// connections asking in a loop used to take 1.5 cores.
+async fn token_check(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    let charged = gw
+        .limits()
+        .client_ip(peer, req.headers())
+        .map_err(Reject::Forwarded)
+        .and_then(|ip| gw.limits().charge_check(ip).map_err(Reject::Limited));
+    if let Err(reject) = charged {
+        gw.metrics().rejections.inc(reject.reason());
+        return reject.response();
+    }
     let origin_ok = gw.limits().origin_allowed(req.headers());
     let verdict = if origin_ok {
         let token = auth::extract_token(req.headers(), req.uri(), gw.config().auth.cookie.as_deref());

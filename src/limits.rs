@@ -366,6 +366,18 @@ impl Limits {
         })
     }
 
+    /// Charges one request that costs what an upgrade costs (a token check: `/client/check`) to `ip`'s connection
+    /// rate (`limits.connections_per_second_per_ip`), as every request, not only a connection's first.
+    pub fn charge_check(&self, ip: IpAddr) -> Result<(), Rejection> {
+        let allowed = self.conn_rate.check(&ip_key(ip), 1);
+        self.conn_rate.prune(0);
+        if allowed {
+            Ok(())
+        } else {
+            Err(Rejection::ConnectionRate)
+        }
+    }
+
     /// Admits a new TCP connection from `peer` at accept, before any TLS work: like [`Limits::admit`] keyed by the
     /// peer address, except for peers in `server.trusted_proxies`, which get `Ok(None)` (their clients are counted
     /// by forwarded address at the upgrade). The guard is the connection's per-address slot: it moves with the

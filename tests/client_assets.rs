@@ -88,3 +88,57 @@ async fn token_check_answers_what_the_upgrade_would() {
             .contains("access-control-allow-origin: https://app.example.com")
     );
 }
+
+/// Issue 22, finding 8: every `/client/check` costs a token check, so each is charged to its address's connection
+/// rate like an upgrade, not only a connection's first request: a keep-alive loop of checks is answered 429 past the
+/// burst, with no token work.
+#[tokio::test]
+async fn token_checks_on_a_keep_alive_connection_are_rate_limited() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |c| {
+        c.limits.connections_per_second_per_ip = 1;
+        c.limits.connections_burst_per_ip = 5;
+    })
+    .await;
+    let mut tls = gw.tls().await; // the accept took one of the burst
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        tls.write_all(b"GET /client/check?token=not-a-jwt HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        // One response: its head, then Content-Length bytes of body.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let status = loop {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection was closed after {statuses:?}");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("content-length");
+            if body.len() >= len {
+                break head.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap();
+            }
+        };
+        statuses.push(status);
+    }
+    // The burst (5) was partly spent by this connection and the readiness probes of the start: a few 401s (the
+    // token checked and refused), then 429s only (at 1/s nothing comes back within this loop).
+    let first_429 = statuses
+        .iter()
+        .position(|&s| s == 429)
+        .expect("no check was rate-limited");
+    assert!(first_429 >= 1, "the first check is served: {statuses:?}");
+    assert!(statuses[..first_429].iter().all(|&s| s == 401), "{statuses:?}");
+    assert!(statuses[first_429..].iter().all(|&s| s == 429), "{statuses:?}");
+}
