@@ -74,7 +74,8 @@ async fn a_client_that_drops_tcp_is_client_gone_not_a_protocol_error() {
     let gw = TestGateway::start(&nats, |_| {}).await;
     let closed = gw.client().await;
     let reset = gw.client().await;
-    // Reset: SO_LINGER 0 makes the close an RST.
+    // Reset: SO_LINGER 0 makes the close an RST (a zero linger never blocks, which is what the deprecation is about).
+    #[allow(deprecated)]
     reset
         .ws
         .get_ref()
