@@ -62,35 +62,7 @@ pub enum BridgeError {
     Other(String),
 }
 
-/// What kind of NATS failure a client publish met (`roomwire_publish_failures_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// Could not connect.
-    Connect,
-    /// NATS is away.
-    Disconnected,
-    /// NATS did not accept it in time.
-    Timeout,
-    /// Over the server's `max_payload` or the byte budget.
-    TooLarge,
-    /// The server refused it.
-    Refused,
-    /// Any other client error.
-    Error,
-}
-
-impl crate::metrics::Reason for Failure {
-    fn as_str(self) -> &'static str {
-        match self {
-            Failure::Connect => "connect",
-            Failure::Disconnected => "disconnected",
-            Failure::Timeout => "timeout",
-            Failure::TooLarge => "too_large",
-            Failure::Refused => "refused",
-            Failure::Error => "error",
-        }
-    }
-}
+pub use crate::metrics::Failure;
 
 impl BridgeError {
     /// Its kind, for metrics.

@@ -643,19 +643,7 @@ impl Default for NatsConfig {
     }
 }
 
-/// What to do when a connection's outbound queue is full. See `docs/backpressure.md`.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Overflow {
-    /// Close the connection with 4008 "slow consumer".
-    Disconnect,
-    /// Drop the oldest queued message of the room; a `gap` notice tells the client.
-    DropOldest,
-    /// Drop the message that does not fit; a `gap` notice tells the client.
-    DropNewest,
-    /// Keep only the newest pending message of the room (conflation).
-    Latest,
-}
+pub use crate::outbox::Overflow;
 
 /// One `[[rooms.policy]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1075,7 +1063,7 @@ impl NatsConfig {
         if self.password.is_some() && self.user.is_none() {
             return Err(invalid("nats.password", "needs `nats.user`"));
         }
-        if !crate::protocol::valid_subject_prefix(&self.events_prefix) {
+        if !crate::room_name::valid_subject_prefix(&self.events_prefix) {
             return Err(invalid(
                 "nats.events_prefix",
                 "must be dot-separated tokens of [A-Za-z0-9_-]",
@@ -1088,7 +1076,7 @@ impl NatsConfig {
 impl RoomsConfig {
     /// Checks `[rooms]` and its `[[rooms.policy]]` entries.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !crate::protocol::valid_subject_prefix(&self.subject_prefix) {
+        if !crate::room_name::valid_subject_prefix(&self.subject_prefix) {
             return Err(invalid(
                 "rooms.subject_prefix",
                 "must be dot-separated tokens of [A-Za-z0-9_-]",
@@ -1221,7 +1209,7 @@ impl AuthConfig {
             return Err(invalid("auth.personal_room", "must contain {sub}"));
         }
         if let Some(t) = &self.personal_room
-            && !crate::protocol::valid_room(&t.replace("{sub}", "u"))
+            && !crate::room_name::valid_room(&t.replace("{sub}", "u"))
         {
             return Err(invalid(
                 "auth.personal_room",

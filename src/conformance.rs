@@ -15,10 +15,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     connection::{Accepted, read_error_close},
+    frame::Frame,
     gateway::Gateway,
     outbox::CloseRequest,
     protocol::close,
-    wire::{Frame, Incoming, Wire},
+    wire::{Incoming, Wire},
 };
 
 /// Echoes one WebSocket until it closes; this is the connection's task. Takes what `connection::start` takes, so

@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::{AuthError, Identity, Session},
     bridge::{BridgeError, Origin},
+    frame::Frame,
     gateway::Gateway,
     limits::ConnSlot,
     metrics::{Closed, SlowConsumer},
@@ -55,7 +56,7 @@ use crate::{
     room_quota::{QuotaError, QuotaKey},
     rooms::{Hold, JoinError, Member, Membership},
     shutdown::Stop,
-    wire::{Frame, Incoming, Wire, WriteEvent},
+    wire::{Incoming, Wire, WriteEvent},
 };
 
 mod recovery;

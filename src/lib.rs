@@ -8,8 +8,9 @@
 //! [`config`] (schema and validation), [`tls`], [`limits`] (connection slots, rates, origins, client addresses),
 //! [`frames`] (every incoming frame charged to the rate limits), [`auth`] (JWT verification) and [`token`] (where the
 //! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
-//! fan-out) with [`room_quota`] and [`room_pattern`], [`bridge`] (NATS), [`protocol`] (wire format), [`metrics`] and
-//! [`shutdown`]. [`history`] keeps room history in a JetStream stream; [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
+//! fan-out) with [`room_quota`], [`room_pattern`] and [`room_name`] (the naming rules), [`bridge`] (NATS),
+//! [`protocol`] (wire format), [`frame`] (one server frame, built once and shared), [`metrics`] and [`shutdown`].
+//! No module imports another in a circle (`scripts/modgraph`, run by `scripts/test`). [`history`] keeps room history in a JetStream stream; [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod connection;
+pub mod frame;
 pub mod frames;
 pub mod gateway;
 pub mod history;
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod replay;
+pub mod room_name;
 pub mod room_pattern;
 pub mod room_quota;
 pub mod rooms;

@@ -143,6 +143,36 @@ impl Reason for Closed {
     }
 }
 
+/// What kind of NATS failure a client publish met (`roomwire_publish_failures_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Could not connect.
+    Connect,
+    /// NATS is away.
+    Disconnected,
+    /// NATS did not accept it in time.
+    Timeout,
+    /// Over the server's `max_payload` or the byte budget.
+    TooLarge,
+    /// The server refused it.
+    Refused,
+    /// Any other client error.
+    Error,
+}
+
+impl Reason for Failure {
+    fn as_str(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Disconnected => "disconnected",
+            Failure::Timeout => "timeout",
+            Failure::TooLarge => "too_large",
+            Failure::Refused => "refused",
+            Failure::Error => "error",
+        }
+    }
+}
+
 /// How a recovering join (`since`) was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recovery {
@@ -180,13 +210,13 @@ impl Reason for SlowConsumer {
 }
 
 /// Room messages are dropped by the room's overflow policy.
-impl Reason for crate::config::Overflow {
+impl Reason for crate::outbox::Overflow {
     fn as_str(self) -> &'static str {
         match self {
-            crate::config::Overflow::Disconnect => "disconnect",
-            crate::config::Overflow::DropOldest => "drop_oldest",
-            crate::config::Overflow::DropNewest => "drop_newest",
-            crate::config::Overflow::Latest => "latest",
+            crate::outbox::Overflow::Disconnect => "disconnect",
+            crate::outbox::Overflow::DropOldest => "drop_oldest",
+            crate::outbox::Overflow::DropNewest => "drop_newest",
+            crate::outbox::Overflow::Latest => "latest",
         }
     }
 }
@@ -215,13 +245,13 @@ pub struct Metrics {
     /// Client publishes forwarded to NATS.
     pub publishes: Counter,
     /// Client publishes answered `unavailable` or `too_large`, by reason (`disconnected`, `timeout`, `error`, ...).
-    pub publish_failures: ByReason<crate::bridge::Failure>,
+    pub publish_failures: ByReason<Failure>,
     /// NATS messages fanned out to local members.
     pub room_messages: Counter,
     /// Frames queued for clients by fan-out (one per recipient).
     pub deliveries: Counter,
     /// Room messages not delivered, by policy (`drop_newest`, `drop_oldest`, `latest`).
-    pub dropped: ByReason<crate::config::Overflow>,
+    pub dropped: ByReason<crate::outbox::Overflow>,
     /// Connections closed because they could not keep up (4008), by cause (`queue_full`, `write_timeout`).
     pub slow_consumers: ByReason<SlowConsumer>,
     /// Highest outbound queue depth (messages) any connection reached.

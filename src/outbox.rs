@@ -32,7 +32,21 @@ use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::{config::Overflow, wire::Frame};
+use crate::frame::Frame;
+
+/// What to do when a connection's outbound queue is full. See `docs/backpressure.md`.
+#[derive(Debug, Clone, Copy, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Close the connection with 4008 "slow consumer".
+    Disconnect,
+    /// Drop the oldest queued message of the room; a `gap` notice tells the client.
+    DropOldest,
+    /// Drop the message that does not fit; a `gap` notice tells the client.
+    DropNewest,
+    /// Keep only the newest pending message of the room (conflation).
+    Latest,
+}
 
 /// The outbox checked against a plain model of `docs/backpressure.md` (property test and fuzz target).
 #[cfg(any(test, fuzzing))]

@@ -11,8 +11,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// Longest room name, in bytes (all allowed characters are ASCII).
-pub const MAX_ROOM_LEN: usize = 128;
+pub use crate::room_name::{MAX_ROOM_LEN, room_subject, valid_room, valid_subject_prefix};
 /// Longest `id` a client may attach to an op, in bytes of its JSON text.
 pub const MAX_ID_LEN: usize = 64;
 /// Longest error text a refused frame produces, in bytes: the fixed wording plus a short prefix of what the client
@@ -387,36 +386,6 @@ pub fn compact_json(raw: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| raw.to_owned()))
 }
 
-/// Whether a room name is in the safe set: 1 to 128 bytes of `A-Z a-z 0-9 _ - : @ = +`.
-///
-/// Each of these is an ordinary character inside one NATS subject token: none is a wildcard (`*`, `>`), a token
-/// separator (`.`), whitespace or a control character, and `$` (system subjects) is excluded. Because the room is one
-/// token appended to a fixed prefix, the mapping room → subject is one-to-one.
-pub fn valid_room(room: &str) -> bool {
-    !room.is_empty()
-        && room.len() <= MAX_ROOM_LEN
-        && room
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'@' | b'=' | b'+'))
-}
-
-/// Whether a configured subject prefix is dot-separated non-empty tokens of `[A-Za-z0-9_-]`.
-pub fn valid_subject_prefix(prefix: &str) -> bool {
-    !prefix.is_empty()
-        && prefix
-            .split('.')
-            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
-}
-
-/// The NATS subject of a (valid) room.
-pub fn room_subject(prefix: &str, room: &str) -> String {
-    let mut s = String::with_capacity(prefix.len() + 1 + room.len());
-    s.push_str(prefix);
-    s.push('.');
-    s.push_str(room);
-    s
-}
-
 // ---- outgoing frames -------------------------------------------------------------------------------------------
 
 fn push_json_str(buf: &mut Vec<u8>, s: &str) {
@@ -607,8 +576,8 @@ pub fn message(room: &str, payload: &[u8], from: Option<&str>, seq: Option<u64>)
 
 /// [`message`] as a complete WebSocket frame, built in place: the fan-out builds it once per NATS message and every
 /// member of the room gets the same bytes.
-pub fn message_frame(room: &str, payload: &[u8], from: Option<&str>, seq: Option<u64>) -> crate::wire::Frame {
-    crate::wire::Frame::text_with(message_capacity(room, payload, from), |b| {
+pub fn message_frame(room: &str, payload: &[u8], from: Option<&str>, seq: Option<u64>) -> crate::frame::Frame {
+    crate::frame::Frame::text_with(message_capacity(room, payload, from), |b| {
         push_message(b, room, payload, from, seq)
     })
 }

@@ -30,12 +30,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bridge::{Bridge, BridgeError, HDR_CONN, HDR_ECHO, HDR_GATEWAY},
     config::{Overflow, RoomsConfig},
+    frame::Frame,
     history::History,
     metrics::{Metrics, SlowConsumer},
     outbox::{Outbox, Pushed},
     protocol,
     room_quota::{QuotaError, QuotaKey, RoomQuota},
-    wire::Frame,
 };
 
 /// One local member of a room: a connection's id, its outbox and whose room budget it draws on.

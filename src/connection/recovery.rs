@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use super::{Conn, close_req};
 use crate::{
     bridge::HDR_CONN,
+    frame::Frame,
     history::History,
     protocol::{self, ErrorCode, Since, close},
     replay::{ReplayError, Stored},
     rooms::{CatchUp, Hold, Room},
-    wire::Frame,
 };
 
 /// Times a join reads the stream again because its hold overflowed, before it gives up and closes the connection

@@ -18,11 +18,11 @@
 
 use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
-use crate::wire::Frame;
+use crate::frame::Frame;
 use futures_util::FutureExt;
 
 use super::{CloseRequest, Item, Outbox, Pushed};
-use crate::config::Overflow;
+use crate::outbox::Overflow;
 
 /// Rooms in a run: enough for two rooms of one policy next to rooms of the others.
 const ROOMS: usize = 5;
