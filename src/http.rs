@@ -81,6 +81,16 @@ pub enum Reject {
     Unauthorized(AuthError),
 }
 
+impl From<AuthError> for Reject {
+    /// A refused token is 401; saturated checks or a shutdown are not the client's fault, so 503.
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Busy | AuthError::Cancelled => Reject::Capacity,
+            e => Reject::Unauthorized(e),
+        }
+    }
+}
+
 impl Reject {
     /// HTTP status of this refusal.
     pub fn status(&self) -> StatusCode {
@@ -348,11 +358,11 @@ async fn token_check(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr) ->
     let origin_ok = gw.limits().origin_allowed(req.headers());
     let verdict = if origin_ok {
         let token = auth::extract_token(req.headers(), req.uri(), gw.config().auth.cookie.as_deref());
-        match gw.auth().authenticate_bounded(token.as_deref(), gw.shutdown()).await {
-            Ok(_) => Ok(()),
-            Err(AuthError::Busy | AuthError::Cancelled) => Err(Reject::Capacity),
-            Err(e) => Err(Reject::Unauthorized(e)),
-        }
+        gw.auth()
+            .authenticate_bounded(token.as_deref(), gw.shutdown())
+            .await
+            .map(drop)
+            .map_err(Reject::from)
     } else {
         Err(Reject::Origin)
     };
@@ -428,15 +438,16 @@ async fn upgrade(
     };
     let token = auth::extract_token(req.headers(), req.uri(), gw.config().auth.cookie.as_deref());
     // The signature check runs off the async workers, bounded (auth.max_concurrent_verifications).
-    let identity = match gw.auth().authenticate_bounded(token.as_deref(), gw.shutdown()).await {
-        Ok(identity) => identity,
-        // Checks saturated, or shutting down: not the client's fault, so 503 rather than 401.
-        Err(AuthError::Busy | AuthError::Cancelled) => return Err(Reject::Capacity),
-        Err(e) => {
-            tracing::info!(uri = %auth::redact_uri(req.uri()), reason = %e, "authentication failed");
-            return Err(Reject::Unauthorized(e));
-        }
-    };
+    let identity = gw
+        .auth()
+        .authenticate_bounded(token.as_deref(), gw.shutdown())
+        .await
+        .map_err(Reject::from)
+        .inspect_err(|reject| {
+            if let Reject::Unauthorized(e) = reject {
+                tracing::info!(uri = %auth::redact_uri(req.uri()), reason = %e, "authentication failed");
+            }
+        })?;
     let subprotocol = header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
 
     let Some(tx) = tx.lock().take() else {

@@ -11,7 +11,7 @@
 //! A second signal during the drain exits the process at once (status 1): an operator who presses Ctrl-C twice, or an
 //! orchestrator that gave up waiting, is not kept waiting for the window.
 
-use std::time::Duration;
+use std::{pin::Pin, task::Context, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
@@ -96,6 +96,53 @@ impl StopSignal {
         }
         shutdown.cancelled().await;
         self.set(Stop::Stopping);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One connection's watch on the [`StopSignal`]: registered once, then one atomic load per wake-up.
+    #[derive(Debug)]
+    pub struct StopWatch {
+        #[pin]
+        wait: tokio::sync::futures::OwnedNotified,
+        // Whether `wait` is registered (polled once since it was made).
+        armed: bool,
+        // The state last reported.
+        seen: Stop,
+    }
+}
+
+impl StopWatch {
+    /// A watch on `signal` that has seen nothing but [`Stop::Running`].
+    pub fn new(signal: &StopSignal) -> Self {
+        Self {
+            wait: signal.changed(),
+            armed: false,
+            seen: Stop::Running,
+        }
+    }
+
+    /// The state if it changed since the last call, else `None` with a wake-up registered for the next change. The
+    /// wait is registered before the state is read (the signal sets its state before it wakes its waiters), so no
+    /// change is missed; the state only grows, so this loops at most three times.
+    pub fn poll_change(self: Pin<&mut Self>, signal: &StopSignal, cx: &mut Context<'_>) -> Option<Stop> {
+        let mut this = self.project();
+        let mut changed = None;
+        loop {
+            if !*this.armed {
+                // Ready only if the state changed since the wait was made, which the read below sees.
+                let _ = this.wait.as_mut().poll(cx);
+                *this.armed = true;
+            }
+            let now = signal.get();
+            if now == *this.seen {
+                return changed;
+            }
+            *this.seen = now;
+            changed = Some(now);
+            this.wait.set(signal.changed());
+            *this.armed = false;
+        }
     }
 }
 

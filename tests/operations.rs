@@ -656,7 +656,7 @@ listen = "127.0.0.1:9090"
         // Effective: defaults filled in, the file's values kept, secret sources shown by name.
         assert_eq!(v["server"]["drain_window"], "3s", "{format}: {v}");
         assert_eq!(v["server"]["shutdown_grace"], "10s", "{format}: {v}");
-        assert_eq!(v["server"]["public_metrics"], true);
+        assert_eq!(v["server"]["public_metrics"], false, "off by default");
         assert_eq!(v["admin"]["listen"], "127.0.0.1:9090");
         assert_eq!(v["log"]["format"], "json");
         assert_eq!(

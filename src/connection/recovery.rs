@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Conn, close_req};
+use super::{Conn, ending::close_req};
 use crate::{
     bridge::HDR_CONN,
     frame::Frame,
