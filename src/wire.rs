@@ -903,6 +903,57 @@ mod tests {
         closing.await.expect("finish did not panic");
     }
 
+    /// The lingering close drops at most `limits.close_linger_bytes` of a flood that does not stop: past it the
+    /// socket is closed at once, not after `limits.close_linger`; and the client that reads meanwhile finds the close
+    /// frame, then the end of the stream (the half-close), while its flood is still being written.
+    #[tokio::test]
+    async fn an_endless_flood_is_dropped_up_to_the_byte_budget() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let mut config = crate::Config::default();
+        config.limits.close_linger = Duration::from_secs(60);
+        config.limits.close_linger_bytes = 256 * 1024;
+        let limits = std::sync::Arc::new(crate::limits::Limits::new(&config));
+        let ws = WebSocketConfig::default()
+            .max_message_size(Some(config.limits.max_message_size))
+            .max_frame_size(Some(config.limits.max_frame_size));
+        let mut wire = Wire::new(server, &[], FrameMeter::new(limits.message_limiter(None)), &ws);
+        // A frame over `max_frame_size` fails the read: from then on the flood is dropped unparsed.
+        let (mut rd, mut wr) = client.into_split();
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[0; 4]);
+        wr.write_all(&frame).await.expect("send");
+        let read = std::future::poll_fn(|cx| wire.poll_read(cx, &ws)).await;
+        assert!(matches!(read, Err(tungstenite::Error::Capacity(_))), "{:?}", read.err());
+        let flood = tokio::spawn(async move {
+            let chunk = [0u8; 16 * 1024];
+            let mut sent = 0usize;
+            while wr.write_all(&chunk).await.is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        let req = CloseRequest {
+            code: crate::protocol::close::TOO_BIG,
+            reason: "message too big",
+            flush_queued: false,
+        };
+        let started = Instant::now();
+        let closing = tokio::spawn(async move { wire.finish(None, &req, &ws, &config.limits).await });
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.expect("the close frame, then the end of the stream");
+        assert_eq!(&got[..4], &[0x88, 17, 0x03, 0xF1], "close 1009 with its reason");
+        closing.await.expect("finish");
+        assert!(started.elapsed() < Duration::from_secs(30), "the byte budget ended the linger");
+        let sent = flood.await.expect("flood");
+        assert!(sent >= 256 * 1024, "only {sent} bytes sent: the budget was not spent");
+    }
+
     #[test]
     fn text_with_builds_in_place() {
         let f = Frame::text_with(8, |b| b.extend_from_slice(b"{\"a\":1}"));

@@ -974,6 +974,43 @@ async fn blind_floods_of_every_kind_end_with_the_close_frame_20_of_20() {
     h.by.assert_receiving().await;
 }
 
+/// Issue 22, finding 8: an open fragmented message holds tungstenite's reassembly and read buffers (about 2 x
+/// `max_message_size` at worst), and pings between fragments kept it open for as long as the client liked. It may
+/// now stay open `limits.fragment_timeout` from its first frame: the next frame after that closes the connection
+/// with 1008 `message not completed in time`. A message completed in time, pings between its fragments, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_message_kept_open_by_pings_is_closed_at_its_deadline() {
+    const DEADLINE: Duration = Duration::from_millis(400);
+    let h = Harness::start(|c| c.limits.fragment_timeout = DEADLINE).await;
+    let mut ws = RawWs::connect(&h.gw).await;
+    // In time: fragments with a ping between them, answered as one message.
+    ws.send(&frame(false, 0, TEXT, true, br#"{"op":"#)).await;
+    ws.send(&client(PING, b"p")).await;
+    ws.send(&frame(true, 0, CONT, true, br#""ping","id":1}"#)).await;
+    assert_eq!(ws.next_json().await, json!({"op":"pong","id":1}));
+    // Kept open: a ping every 50 ms (the attacker's pace), each answered, until the gateway closes.
+    let opened = Instant::now();
+    ws.send(&frame(false, 0, TEXT, true, &[b' '; 1000])).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let (code, reason) = loop {
+        tick.tick().await;
+        assert!(opened.elapsed() < WAIT, "the message is still open after {WAIT:?}");
+        ws.send(&client(PING, b"p")).await;
+        let f = ws.next_frame().await.expect("a pong or the close frame");
+        match f.opcode {
+            PONG => continue,
+            CLOSE => break f.close_code(),
+            _ => panic!("unexpected frame {f:?}"),
+        }
+    };
+    let took = opened.elapsed();
+    assert_eq!((code, reason.as_str()), (1008, "message not completed in time"));
+    assert!(took >= DEADLINE, "closed after {took:?}, before the deadline");
+    let (_, ended) = read_until_closed(&mut ws.rd).await;
+    assert!(ended < WAIT, "TCP not closed after the close frame");
+    h.by.assert_receiving().await;
+}
+
 // ---- JSON content ------------------------------------------------------------------------------------------------
 
 /// Sends `text` as one text frame and returns the next JSON frame.
