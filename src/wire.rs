@@ -93,7 +93,10 @@ impl Frame {
     /// the payload is built in place, with no copy. `write` must append valid UTF-8.
     pub fn text_with(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Frame {
         let frame = Self::build(OP_TEXT, capacity, write);
-        debug_assert!(std::str::from_utf8(frame.payload()).is_ok(), "text frame with invalid UTF-8");
+        debug_assert!(
+            std::str::from_utf8(frame.payload()).is_ok(),
+            "text frame with invalid UTF-8"
+        );
         frame
     }
 
@@ -338,7 +341,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             .ctx
             .as_ref()
             .map_or(0, |_| std::mem::size_of::<Reading>() + self.read_size);
-        ctx + self.control.capacity() + self.batch.capacity() * std::mem::size_of::<Item>() + self.meter.retained_bytes()
+        ctx + self.control.capacity()
+            + self.batch.capacity() * std::mem::size_of::<Item>()
+            + self.meter.retained_bytes()
     }
 
     /// Whether the client went over `limits.max_rate_violations` refusals in a row (close 1008).
@@ -380,7 +385,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     }
 
     /// Reads the next message. `Pending` with the socket's waker registered when nothing complete has arrived.
-    pub fn poll_read(&mut self, cx: &mut Context<'_>, config: &WebSocketConfig) -> Poll<Result<Incoming, tungstenite::Error>> {
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        config: &WebSocketConfig,
+    ) -> Poll<Result<Incoming, tungstenite::Error>> {
         let read = self.poll_read_inner(cx, config);
         if let Poll::Ready(Err(_)) = &read {
             // Whatever failed, tungstenite's state is not read from again.
@@ -390,7 +399,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         read
     }
 
-    fn poll_read_inner(&mut self, cx: &mut Context<'_>, config: &WebSocketConfig) -> Poll<Result<Incoming, tungstenite::Error>> {
+    fn poll_read_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        config: &WebSocketConfig,
+    ) -> Poll<Result<Incoming, tungstenite::Error>> {
         if self.read_failed {
             return Poll::Ready(Err(tungstenite::Error::AlreadyClosed));
         }
@@ -585,7 +598,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     /// the client's receive buffer; a client flooding while it is closed for flooding then sees a reset (1006)
     /// instead of 1008, and a browser app reconnects and floods again. The client that stops sending and reads finds
     /// the close frame, then the end of the stream, at once.
-    pub async fn finish(&mut self, outbox: Option<&Outbox>, req: &CloseRequest, config: &WebSocketConfig, limits: &LimitsConfig) {
+    pub async fn finish(
+        &mut self,
+        outbox: Option<&Outbox>,
+        req: &CloseRequest,
+        config: &WebSocketConfig,
+        limits: &LimitsConfig,
+    ) {
         let timeout = limits.write_timeout;
         if req.flush_queued {
             if let Some(outbox) = outbox {
@@ -894,7 +913,8 @@ mod tests {
             flush_queued: false,
         };
         let closing = tokio::spawn(async move {
-            wire.finish(None, &req, &ws, &crate::config::LimitsConfig::default()).await;
+            wire.finish(None, &req, &ws, &crate::config::LimitsConfig::default())
+                .await;
         });
         let mut got = [0u8; 4];
         client.read_exact(&mut got).await.expect("the close frame");
@@ -946,10 +966,15 @@ mod tests {
         let started = Instant::now();
         let closing = tokio::spawn(async move { wire.finish(None, &req, &ws, &config.limits).await });
         let mut got = Vec::new();
-        rd.read_to_end(&mut got).await.expect("the close frame, then the end of the stream");
+        rd.read_to_end(&mut got)
+            .await
+            .expect("the close frame, then the end of the stream");
         assert_eq!(&got[..4], &[0x88, 17, 0x03, 0xF1], "close 1009 with its reason");
         closing.await.expect("finish");
-        assert!(started.elapsed() < Duration::from_secs(30), "the byte budget ended the linger");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the byte budget ended the linger"
+        );
         let sent = flood.await.expect("flood");
         assert!(sent >= 256 * 1024, "only {sent} bytes sent: the budget was not spent");
     }

@@ -966,11 +966,23 @@ async fn blind_floods_of_every_kind_end_with_the_close_frame_20_of_20() {
     for (kind, flood) in &floods {
         let runs = (0..RUNS).map(|run| async move {
             let mut ws = RawWs::connect(gw).await;
-            ws.blind_flood(flood).await.map_err(|e| format!("{kind}, run {run}: {e}"))
+            ws.blind_flood(flood)
+                .await
+                .map_err(|e| format!("{kind}, run {run}: {e}"))
         });
-        failures.extend(futures_util::future::join_all(runs).await.into_iter().filter_map(Result::err));
+        failures.extend(
+            futures_util::future::join_all(runs)
+                .await
+                .into_iter()
+                .filter_map(Result::err),
+        );
     }
-    assert!(failures.is_empty(), "{} of {} floods: {failures:#?}", failures.len(), RUNS * floods.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} floods: {failures:#?}",
+        failures.len(),
+        RUNS * floods.len()
+    );
     h.by.assert_receiving().await;
 }
 
