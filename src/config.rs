@@ -768,6 +768,23 @@ pub struct LimitsConfig {
     /// `refresh` requests per minute per connection (burst: the same number); over it the refresh is answered
     /// `rate_limited` without its signature being checked. Default 4.
     pub refreshes_per_minute: u32,
+    /// Longest the gateway keeps reading (and dropping) what a client still sends after the gateway's close frame
+    /// and the end of its own stream (TLS close_notify, then TCP FIN): the lingering close, so a client flooding
+    /// while it is closed reads the close frame instead of a TCP reset. Ends earlier at the client's close frame or
+    /// end of stream. Each lingering connection keeps its slots until then. Between 10ms and 60s. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub close_linger: Duration,
+    /// Most bytes the lingering close reads and drops without parsing them (once the client is over the rate limits
+    /// or broke the protocol); past it the socket is closed at once, which a flood still arriving sees as a reset.
+    /// Read through one fixed per-thread buffer: no allocation per read. At least 1. Default 4194304 (4 MiB).
+    pub close_linger_bytes: u64,
+    /// Longest a fragmented message may stay open, from its first frame: an open message holds tungstenite's
+    /// reassembly buffer (up to `max_message_size`) and its read buffer (up to `max_frame_size` plus
+    /// `read_buffer_size`), which a client sending pings between fragments could otherwise keep forever. Over it: close
+    /// 1008 `message not completed in time`. Checked whenever the client sends something; a client that goes silent
+    /// mid-message is closed by `heartbeat_timeout` instead. At least 10ms. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub fragment_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -795,6 +812,9 @@ impl Default for LimitsConfig {
             heartbeat_interval: Duration::from_secs(25),
             heartbeat_timeout: Duration::from_secs(60),
             refreshes_per_minute: 4,
+            close_linger: Duration::from_secs(5),
+            close_linger_bytes: 4 * 1024 * 1024,
+            fragment_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -1109,6 +1129,15 @@ impl LimitsConfig {
         self.validate_sizes()?;
         if self.write_timeout.is_zero() {
             return Err(invalid("limits.write_timeout", "must be positive"));
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.close_linger) {
+            return Err(invalid("limits.close_linger", "must be between 10ms and 60s"));
+        }
+        if self.close_linger_bytes == 0 {
+            return Err(invalid("limits.close_linger_bytes", "must be at least 1"));
+        }
+        if self.fragment_timeout < Duration::from_millis(10) {
+            return Err(invalid("limits.fragment_timeout", "must be at least 10ms"));
         }
         for (key, v) in [
             ("limits.max_pending_messages", self.max_pending_messages),

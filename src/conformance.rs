@@ -31,7 +31,8 @@ where
     // Held until the echo ends, like a real connection holds its global and per-IP slots.
     let _slot = accepted.slot;
     let cancel = gw.shutdown().clone();
-    let write_timeout = gw.config().limits.write_timeout;
+    let limits = &gw.config().limits;
+    let write_timeout = limits.write_timeout;
     let config = gw.ws_config();
     let end = |code, reason| CloseRequest {
         code,
@@ -41,7 +42,7 @@ where
     loop {
         let read = tokio::select! {
             _ = cancel.cancelled() => {
-                wire.finish(None, &end(close::GOING_AWAY, "server shutting down"), &config, write_timeout).await;
+                wire.finish(None, &end(close::GOING_AWAY, "server shutting down"), &config, limits).await;
                 return;
             }
             read = std::future::poll_fn(|cx| wire.poll_read(cx, &config)) => read,
@@ -51,7 +52,7 @@ where
             Ok(Incoming::Message(Message::Binary(data), _)) => Frame::binary(&data),
             // The close reply tungstenite queued is written by `finish`, which adds no close frame of its own.
             Ok(Incoming::Message(Message::Close(_), _)) | Ok(Incoming::Closed) => {
-                wire.finish(None, &end(close::NORMAL, ""), &config, write_timeout).await;
+                wire.finish(None, &end(close::NORMAL, ""), &config, limits).await;
                 return;
             }
             // Pings are answered by tungstenite while reading; the pong goes out with the next write.
@@ -65,7 +66,7 @@ where
                 let (code, reason) =
                     read_error_close(&e).map_or((close::NORMAL, ""), |(code, reason, _)| (code, reason));
                 tracing::debug!(error = %e, code, "echo: read error");
-                wire.finish(None, &end(code, reason), &config, write_timeout).await;
+                wire.finish(None, &end(code, reason), &config, limits).await;
                 return;
             }
         };

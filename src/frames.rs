@@ -197,6 +197,11 @@ impl FrameMeter {
         self.verdicts.capacity()
     }
 
+    /// A fragmented data message is open: its first frame's header was read, its final frame's not yet.
+    pub fn message_open(&self) -> bool {
+        self.in_message
+    }
+
     /// No frame is half received and no fragmented message is open.
     pub fn at_message_boundary(&self) -> bool {
         self.scanner.at_frame_boundary() && !self.in_message

@@ -223,7 +223,8 @@ where
     // Every frame the client sends is charged to its rate limits as it arrives (see `crate::frames`), the bytes
     // hyper read past the upgrade request included.
     let meter = FrameMeter::new(gw.limits().message_limiter(upgrade.identity.user.as_deref()));
-    let wire = Wire::new(parts.io.into_inner(), &parts.read_buf, meter, &gw.ws_config());
+    let wire = Wire::new(parts.io.into_inner(), &parts.read_buf, meter, &gw.ws_config())
+        .fragment_timeout(gw.config().limits.fragment_timeout);
     let id = gw.next_conn_id();
     let span = tracing::Span::current();
     span.record("peer", tracing::field::display(upgrade.client));

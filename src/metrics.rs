@@ -117,6 +117,8 @@ pub enum Closed {
     RateAbuse,
     /// A message or frame over the size limits (1009).
     TooBig,
+    /// A fragmented message left open past `limits.fragment_timeout` (1008).
+    FragmentTimeout,
     /// A WebSocket protocol violation (1002).
     ProtocolError,
     /// Invalid UTF-8 in a text message (1007).
@@ -135,6 +137,7 @@ impl Reason for Closed {
             Closed::TokenExpired => "token_expired",
             Closed::RateAbuse => "rate_abuse",
             Closed::TooBig => "too_big",
+            Closed::FragmentTimeout => "fragment_timeout",
             Closed::ProtocolError => "protocol_error",
             Closed::InvalidUtf8 => "invalid_utf8",
             Closed::WriteBufferFull => "write_buffer_full",

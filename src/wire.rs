@@ -22,6 +22,7 @@
 use std::{
     cell::RefCell,
     collections::VecDeque,
+    fmt,
     io::{self, IoSlice, Read, Write},
     pin::Pin,
     task::{Context, Poll, ready},
@@ -40,6 +41,7 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::{
+    config::LimitsConfig,
     frame::Frame,
     frames::FrameMeter,
     metrics::Metrics,
@@ -53,8 +55,12 @@ pub const MAX_IOV: usize = 64;
 /// tungstenite keeps the newest pong itself (RFC 6455 lets a burst of pings be answered by the last one).
 pub const MAX_CONTROL_BYTES: usize = 4096;
 
-/// Longest wait, after the close frame, for the client's close (see [`Wire::finish`]).
-pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// `limits.fragment_timeout`'s default (`crate::config` uses it).
+pub const DEFAULT_FRAGMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes asked of the socket per read by the lingering close's discard (see [`Wire::finish`]), into the thread's
+/// scratch buffer.
+const DISCARD_READ: usize = 16 * 1024;
 
 /// Queue storage (items) kept between batches; more is given back as soon as the batch is written.
 const KEEP_BATCH_CAPACITY: usize = 64;
@@ -83,12 +89,48 @@ pub enum WriteEvent {
     Failed(io::Error),
 }
 
+/// tungstenite's read state while a message is in flight, and since when a fragmented message is open (its first
+/// frame was read and its final frame not yet): `limits.fragment_timeout` runs from there.
+struct Reading {
+    ctx: WebSocketContext,
+    fragment_since: Option<Instant>,
+}
+
+impl Reading {
+    fn new(part: Vec<u8>, config: &WebSocketConfig) -> Box<Reading> {
+        Box::new(Reading {
+            ctx: WebSocketContext::from_partially_read(part, Role::Server, Some(*config)),
+            fragment_since: None,
+        })
+    }
+}
+
+/// The error a read fails with when a fragmented message stayed open longer than `limits.fragment_timeout` (close
+/// 1008 `message not completed in time`, `crate::connection::read_error_close`).
+#[derive(Debug)]
+pub struct FragmentTimeout;
+
+impl fmt::Display for FragmentTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("fragmented message not completed within limits.fragment_timeout")
+    }
+}
+
+impl std::error::Error for FragmentTimeout {}
+
+impl FragmentTimeout {
+    /// Whether `e` is this error.
+    pub fn is(e: &tungstenite::Error) -> bool {
+        matches!(e, tungstenite::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<FragmentTimeout>()))
+    }
+}
+
 /// The socket of one WebSocket and its read and write state; owned by the connection's task.
 pub struct Wire<IO> {
     io: IO,
     /// tungstenite's read state, only while a message is in flight (see the module doc). Boxed: an idle connection
     /// pays one pointer for it.
-    ctx: Option<Box<WebSocketContext>>,
+    ctx: Option<Box<Reading>>,
     meter: FrameMeter,
     /// Pongs and the close reply tungstenite wrote, waiting to go out before the next frame. Bound:
     /// [`MAX_CONTROL_BYTES`].
@@ -108,6 +150,8 @@ pub struct Wire<IO> {
     /// A read failed: tungstenite's state after an error is not to be read from again (the lingering close then
     /// only drains the socket).
     read_failed: bool,
+    /// `limits.fragment_timeout`, in milliseconds (a `u32` fits in the padding beside the flags: no idle cost).
+    fragment_timeout_ms: u32,
     /// `limits.read_buffer_size`: bytes asked of the socket per read.
     read_size: usize,
     /// `limits.write_buffer_size`: bytes handed to one vectored write (at least one frame).
@@ -116,7 +160,8 @@ pub struct Wire<IO> {
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     /// The wire over an upgraded socket. `pending` is what the HTTP layer read past the upgrade request (a client
-    /// may send its first frames without waiting for the 101); it is charged and parsed first.
+    /// may send its first frames without waiting for the 101); it is charged and parsed first. A fragmented message
+    /// may stay open for [`DEFAULT_FRAGMENT_TIMEOUT`] unless [`Wire::fragment_timeout`] says otherwise.
     pub fn new(io: IO, pending: &[u8], meter: FrameMeter, config: &WebSocketConfig) -> Self {
         let mut wire = Wire {
             io,
@@ -130,18 +175,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             batch_queued_at: None,
             peer_closed: false,
             read_failed: false,
+            fragment_timeout_ms: duration_ms(DEFAULT_FRAGMENT_TIMEOUT),
             read_size: config.read_buffer_size.max(64),
             write_size: config.write_buffer_size.max(1),
         };
         if !pending.is_empty() {
             wire.meter.charge(pending);
-            wire.ctx = Some(Box::new(WebSocketContext::from_partially_read(
-                pending.to_vec(),
-                Role::Server,
-                Some(*config),
-            )));
+            wire.ctx = Some(Reading::new(pending.to_vec(), config));
         }
         wire
+    }
+
+    /// Sets how long a fragmented message may stay open (`limits.fragment_timeout`).
+    pub fn fragment_timeout(mut self, timeout: Duration) -> Self {
+        self.fragment_timeout_ms = duration_ms(timeout);
+        self
     }
 
     /// Storage this wire holds beyond its own fields: tungstenite's context with (at least) its read buffer while a
@@ -151,7 +199,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         let ctx = self
             .ctx
             .as_ref()
-            .map_or(0, |_| std::mem::size_of::<WebSocketContext>() + self.read_size);
+            .map_or(0, |_| std::mem::size_of::<Reading>() + self.read_size);
         ctx + self.control.capacity()
             + self.batch.capacity() * std::mem::size_of::<Item>()
             + self.meter.retained_bytes()
@@ -232,22 +280,36 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             if !self.meter.charge(&part) {
                 return Poll::Ready(Err(abuse()));
             }
-            self.ctx = Some(Box::new(WebSocketContext::from_partially_read(
-                part,
-                Role::Server,
-                Some(*config),
-            )));
+            self.ctx = Some(Reading::new(part, config));
         }
-        let Some(ctx) = self.ctx.as_mut() else {
+        let Some(reading) = self.ctx.as_mut() else {
             unreachable!("made above");
         };
+        if reading
+            .fragment_since
+            .is_some_and(|since| since.elapsed() > Duration::from_millis(u64::from(self.fragment_timeout_ms)))
+        {
+            return Poll::Ready(Err(tungstenite::Error::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                FragmentTimeout,
+            ))));
+        }
+        let Reading { ctx, fragment_since } = &mut **reading;
         let mut io = SyncIo {
             io: &mut self.io,
             cx,
             meter: &mut self.meter,
             control: &mut self.control,
         };
-        match ctx.read(&mut io) {
+        let read = ctx.read(&mut io);
+        // The meter has seen every header read so far: a fragmented message opened (or still open) starts (or
+        // keeps) its deadline; a completed one ends it.
+        match (io.meter.message_open(), *fragment_since) {
+            (true, None) => *fragment_since = Some(Instant::now()),
+            (false, Some(_)) => *fragment_since = None,
+            _ => {}
+        }
+        match read {
             Ok(msg) => {
                 if let Message::Close(_) = msg {
                     // tungstenite queued its reply: move it to `control` now (it then reports the end, ignored).
@@ -385,17 +447,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
 
     /// Ends the connection's output: writes what is queued, here and still in the (closed) `outbox`, if
     /// `req.flush_queued` (a frame already begun is always finished, so the stream stays well-formed), then the close
-    /// frame unless the client's close was answered already; all of it within `timeout`. Then it lingers (at most
-    /// [`CLOSE_LINGER`]) reading what the client still sends, until its close frame or its end: a socket closed with
-    /// unread bytes in it is reset, and a reset can destroy the close frame still in flight to the client, who then
-    /// sees 1006 instead of the code (a client flooding while it is closed for flooding, a publish crossing a drain).
+    /// frame unless the client's close was answered already; all of it within `limits.write_timeout`. Then it ends
+    /// its own stream (TLS: close_notify, then TCP FIN) and lingers, the way nginx's `lingering_close` does: it reads
+    /// what the client still sends until the client's close frame or end of stream, at most `limits.close_linger`
+    /// of wall time, and, once the client's frames are not parsed any more (over the rate limits, or after a
+    /// protocol error), at most `limits.close_linger_bytes` read into the thread's scratch buffer and dropped.
+    ///
+    /// Why: a socket closed with unread bytes in it is reset, and a reset destroys the close frame still unread in
+    /// the client's receive buffer; a client flooding while it is closed for flooding then sees a reset (1006)
+    /// instead of 1008, and a browser app reconnects and floods again. The client that stops sending and reads finds
+    /// the close frame, then the end of the stream, at once.
     pub async fn finish(
         &mut self,
         outbox: Option<&Outbox>,
         req: &CloseRequest,
         config: &WebSocketConfig,
-        timeout: Duration,
+        limits: &LimitsConfig,
     ) {
+        let timeout = limits.write_timeout;
         if req.flush_queued {
             if let Some(outbox) = outbox {
                 outbox.take_remaining(&mut self.batch);
@@ -407,33 +476,65 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             self.batch.extend(begun);
         }
         if self.peer_closed {
-            let _ = tokio::time::timeout(timeout, std::future::poll_fn(|cx| self.poll_drain(cx))).await;
+            // The client's close is answered (the reply is in `control`): it sends nothing more.
+            let ended = async {
+                std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
+                std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await
+            };
+            let _ = tokio::time::timeout(timeout, ended).await;
             return;
         }
         self.queue(Frame::close(req.code, req.reason));
-        let drained = tokio::time::timeout(timeout, std::future::poll_fn(|cx| self.poll_drain(cx))).await;
-        if !matches!(drained, Ok(Ok(()))) {
+        let mut budget = limits.close_linger_bytes;
+        // While the close frame waits for the socket, a flooding client's bytes are dropped as they come: a client
+        // blocked writing its flood would otherwise never get to read what unblocks our write.
+        let mut discarding = true;
+        let ended = async {
+            std::future::poll_fn(|cx| match self.poll_drain(cx) {
+                Poll::Pending if discarding && (self.meter.abusive() || self.read_failed) => {
+                    match poll_discard(&mut self.io, cx, &mut budget) {
+                        // The client ended its stream: only our write is left.
+                        Poll::Ready(Ok(())) => {
+                            discarding = false;
+                            Poll::Pending
+                        }
+                        // Over the budget: the close is given up, the socket closed.
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                polled => polled,
+            })
+            .await?;
+            std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await
+        };
+        if !matches!(tokio::time::timeout(timeout, ended).await, Ok(Ok(()))) {
             tracing::debug!("close frame not written in time");
             return;
         }
         let linger = async {
             loop {
                 if self.meter.abusive() || self.read_failed {
-                    // Its frames are not parsed any more: read and drop bytes until it goes.
-                    match std::future::poll_fn(|cx| read_idle(&mut self.io, cx, self.read_size)).await {
-                        Ok(bytes) if !bytes.is_empty() => continue,
-                        _ => break,
+                    // Its frames are not parsed any more: bytes are read and dropped until it goes (or the budget
+                    // is spent).
+                    let end = std::future::poll_fn(|cx| poll_discard(&mut self.io, cx, &mut budget)).await;
+                    if let Err(e) = end {
+                        tracing::debug!(error = %e, "lingering close cut short");
                     }
+                    return;
                 }
+                // Parsed (and charged to the rate limits, which end this branch if exceeded) until its close frame.
                 match std::future::poll_fn(|cx| self.poll_read(cx, config)).await {
-                    Ok(Incoming::Message(Message::Close(_), _)) | Ok(Incoming::Closed) => break,
+                    Ok(Incoming::Message(Message::Close(_), _)) | Ok(Incoming::Closed) => return,
                     Ok(Incoming::Message(..)) => continue,
-                    // Over the limits or unparsable from here on (`read_failed` is set): drained raw above.
+                    // Over the limits or unparsable from here on (`read_failed` is set): dropped raw above.
                     Err(_) => continue,
                 }
             }
         };
-        let _ = tokio::time::timeout(CLOSE_LINGER.min(timeout), linger).await;
+        if tokio::time::timeout(limits.close_linger, linger).await.is_err() {
+            tracing::debug!("lingering close timed out");
+        }
     }
 
     /// Writes one frame and everything queued before it, within `timeout` (the conformance echo).
@@ -459,6 +560,35 @@ fn item_frame(item: &Item) -> &Frame {
 
 fn abuse() -> tungstenite::Error {
     tungstenite::Error::Io(io::Error::other("rate limit exceeded repeatedly"))
+}
+
+/// Reads and drops what the client sends, into the thread's scratch buffer (no allocation per read), until the socket
+/// has nothing more for now (`Pending`), the client ends its stream (`Ok`), or a read fails or `budget` bytes were
+/// dropped (`Err`).
+fn poll_discard<IO: AsyncRead + Unpin>(io: &mut IO, cx: &mut Context<'_>, budget: &mut u64) -> Poll<io::Result<()>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < DISCARD_READ {
+            scratch.resize(DISCARD_READ, 0);
+        }
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch[..DISCARD_READ]);
+            ready!(Pin::new(&mut *io).poll_read(cx, &mut buf))?;
+            let n = buf.filled().len() as u64;
+            if n == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if n > *budget {
+                *budget = 0;
+                return Poll::Ready(Err(io::Error::other("limits.close_linger_bytes spent")));
+            }
+            *budget -= n;
+        }
+    })
+}
+
+/// A duration in whole milliseconds, saturated to `u32` (49 days).
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// One read of an idle connection, into the thread's scratch buffer; the bytes read come back in a buffer sized for
@@ -642,13 +772,70 @@ mod tests {
             flush_queued: false,
         };
         let closing = tokio::spawn(async move {
-            wire.finish(None, &req, &ws, Duration::from_secs(2)).await;
+            wire.finish(None, &req, &ws, &crate::config::LimitsConfig::default())
+                .await;
         });
         let mut got = [0u8; 4];
         client.read_exact(&mut got).await.expect("the close frame");
         assert_eq!(got, [0x88, 17, 0x03, 0xF1], "close 1009 with its reason");
         drop(client);
         closing.await.expect("finish did not panic");
+    }
+
+    /// The lingering close drops at most `limits.close_linger_bytes` of a flood that does not stop: past it the
+    /// socket is closed at once, not after `limits.close_linger`; and the client that reads meanwhile finds the close
+    /// frame, then the end of the stream (the half-close), while its flood is still being written.
+    #[tokio::test]
+    async fn an_endless_flood_is_dropped_up_to_the_byte_budget() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let mut config = crate::Config::default();
+        config.limits.close_linger = Duration::from_secs(60);
+        config.limits.close_linger_bytes = 256 * 1024;
+        let limits = std::sync::Arc::new(crate::limits::Limits::new(&config));
+        let ws = WebSocketConfig::default()
+            .max_message_size(Some(config.limits.max_message_size))
+            .max_frame_size(Some(config.limits.max_frame_size));
+        let mut wire = Wire::new(server, &[], FrameMeter::new(limits.message_limiter(None)), &ws);
+        // A frame over `max_frame_size` fails the read: from then on the flood is dropped unparsed.
+        let (mut rd, mut wr) = client.into_split();
+        let mut frame = vec![0x82, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[0; 4]);
+        wr.write_all(&frame).await.expect("send");
+        let read = std::future::poll_fn(|cx| wire.poll_read(cx, &ws)).await;
+        assert!(matches!(read, Err(tungstenite::Error::Capacity(_))), "{:?}", read.err());
+        let flood = tokio::spawn(async move {
+            let chunk = [0u8; 16 * 1024];
+            let mut sent = 0usize;
+            while wr.write_all(&chunk).await.is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        let req = CloseRequest {
+            code: crate::protocol::close::TOO_BIG,
+            reason: "message too big",
+            flush_queued: false,
+        };
+        let started = Instant::now();
+        let closing = tokio::spawn(async move { wire.finish(None, &req, &ws, &config.limits).await });
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got)
+            .await
+            .expect("the close frame, then the end of the stream");
+        assert_eq!(&got[..4], &[0x88, 17, 0x03, 0xF1], "close 1009 with its reason");
+        closing.await.expect("finish");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the byte budget ended the linger"
+        );
+        let sent = flood.await.expect("flood");
+        assert!(sent >= 256 * 1024, "only {sent} bytes sent: the budget was not spent");
     }
 
     #[test]

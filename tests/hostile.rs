@@ -278,6 +278,11 @@ async fn read_until_closed<R: AsyncReadExt + Unpin>(rd: &mut R) -> (Vec<u8>, Dur
 
 type Tls = TlsStream<TcpStream>;
 
+/// How long a blind flood takes to write ([`RawWs::blind_flood`]), in how many writes: longer than the 1 s the
+/// gateway lingered before issue 22, well within `limits.close_linger` (5 s).
+const SLOW_FLOOD: Duration = Duration::from_millis(1500);
+const SLOW_FLOOD_WRITES: u32 = 100;
+
 /// A WebSocket client that writes raw frames and reads the server's frames byte for byte. It never answers pings
 /// (none arrive within these tests' length: the heartbeat interval is the default 25 s).
 struct RawWs {
@@ -414,6 +419,52 @@ impl RawWs {
         stop.store(true, Ordering::Relaxed);
         let written = writer.await.unwrap();
         (close.0, close.1, texts, written)
+    }
+
+    /// Writes all of `flood` without reading (as an attacker does), then reads: the close frame 1008 must come
+    /// (text frames and pongs before it are skipped), then the clean end of the stream (TLS close_notify), not a
+    /// reset. Returns what went wrong instead.
+    async fn blind_flood(&mut self, flood: &[u8]) -> Result<(), String> {
+        let wr = self.wr.as_mut().expect("writer");
+        // The pace of the attacker, not a wait for an event: the flood must outlast what a fast loopback client
+        // takes (a few ms), as a scripted client's does, for the gateway's linger to be put to the test.
+        let mut tick = tokio::time::interval(SLOW_FLOOD / SLOW_FLOOD_WRITES);
+        let written = async {
+            for part in flood.chunks(flood.len().div_ceil(SLOW_FLOOD_WRITES as usize)) {
+                tick.tick().await;
+                wr.write_all(part).await?;
+                wr.flush().await?;
+            }
+            std::io::Result::Ok(())
+        };
+        match tokio::time::timeout(WAIT, written).await {
+            Err(_) => return Err("the flood could not be written within 10 s".into()),
+            Ok(Err(e)) => return Err(format!("writing the flood: {e}")),
+            Ok(Ok(())) => {}
+        }
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Some((f, used)) = parse(&self.buf) {
+                self.buf.drain(..used);
+                match f.opcode {
+                    PING | PONG | TEXT => continue,
+                    CLOSE if f.close_code() == (1008, "rate limit exceeded repeatedly".into()) => break,
+                    _ => return Err(format!("unexpected frame {f:?}")),
+                }
+            }
+            match tokio::time::timeout(WAIT, self.rd.read(&mut chunk)).await {
+                Err(_) => return Err("no close frame within 10 s".into()),
+                Ok(Ok(0)) => return Err("the connection ended without a close frame".into()),
+                Ok(Err(e)) => return Err(format!("no close frame: {e}")),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let mut rest = Vec::new();
+        match tokio::time::timeout(WAIT, self.rd.read_to_end(&mut rest)).await {
+            Err(_) => Err("the server did not end the stream after its close frame".into()),
+            Ok(Err(e)) => Err(format!("after the close frame: {e}")),
+            Ok(Ok(_)) => Ok(()),
+        }
     }
 }
 
@@ -878,6 +929,97 @@ async fn binary_flood_closes_1008() {
         "{codes:?}"
     );
     assert!(codes.iter().any(|c| c == "rate_limited"), "{codes:?}");
+    h.by.assert_receiving().await;
+}
+
+/// Issue 22, finding 2: a flood the client writes without reading, as an attacker (or a buggy browser app) does, ends
+/// with the client reading the documented close frame and then the end of the stream (TLS close_notify), never a
+/// reset. Each kind: 20,000 frames of 16 bytes (fragments: 4 bytes, so the rate limits end them before
+/// `max_message_size`), written over [`SLOW_FLOOD`] at the pace of a scripted client, before the first read; 20
+/// connections of each kind at once. Before the fix the gateway stopped reading 1 s after its close frame and closed
+/// the socket with the rest of the flood unread: the client's writes, then its read, met a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_floods_of_every_kind_end_with_the_close_frame_20_of_20() {
+    const FRAMES: usize = 20_000;
+    const RUNS: usize = 20;
+    let h = Harness::start(|c| {
+        c.limits.messages_per_second = 100;
+        c.limits.messages_burst = 100;
+        c.limits.max_rate_violations = 20;
+    })
+    .await;
+    let p = [b'x'; 16];
+    let mut fragments = frame(false, 0, TEXT, true, b"{");
+    fragments.extend(frame(false, 0, CONT, true, &p[..4]).repeat(FRAMES - 1));
+    let mut close_after = client(BINARY, &p).repeat(FRAMES);
+    close_after.extend(close(1000, "done"));
+    let floods = [
+        ("text", client(TEXT, &p).repeat(FRAMES)),
+        ("binary", client(BINARY, &p).repeat(FRAMES)),
+        ("ping", client(PING, &p).repeat(FRAMES)),
+        ("pong", client(PONG, &p).repeat(FRAMES)),
+        ("fragments", fragments),
+        ("close after the flood", close_after),
+    ];
+    let mut failures = Vec::new();
+    let gw = &h.gw;
+    for (kind, flood) in &floods {
+        let runs = (0..RUNS).map(|run| async move {
+            let mut ws = RawWs::connect(gw).await;
+            ws.blind_flood(flood)
+                .await
+                .map_err(|e| format!("{kind}, run {run}: {e}"))
+        });
+        failures.extend(
+            futures_util::future::join_all(runs)
+                .await
+                .into_iter()
+                .filter_map(Result::err),
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} floods: {failures:#?}",
+        failures.len(),
+        RUNS * floods.len()
+    );
+    h.by.assert_receiving().await;
+}
+
+/// Issue 22, finding 8: an open fragmented message holds tungstenite's reassembly and read buffers (about 2 x
+/// `max_message_size` at worst), and pings between fragments kept it open for as long as the client liked. It may
+/// now stay open `limits.fragment_timeout` from its first frame: the next frame after that closes the connection
+/// with 1008 `message not completed in time`. A message completed in time, pings between its fragments, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_message_kept_open_by_pings_is_closed_at_its_deadline() {
+    const DEADLINE: Duration = Duration::from_millis(400);
+    let h = Harness::start(|c| c.limits.fragment_timeout = DEADLINE).await;
+    let mut ws = RawWs::connect(&h.gw).await;
+    // In time: fragments with a ping between them, answered as one message.
+    ws.send(&frame(false, 0, TEXT, true, br#"{"op":"#)).await;
+    ws.send(&client(PING, b"p")).await;
+    ws.send(&frame(true, 0, CONT, true, br#""ping","id":1}"#)).await;
+    assert_eq!(ws.next_json().await, json!({"op":"pong","id":1}));
+    // Kept open: a ping every 50 ms (the attacker's pace), each answered, until the gateway closes.
+    let opened = Instant::now();
+    ws.send(&frame(false, 0, TEXT, true, &[b' '; 1000])).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let (code, reason) = loop {
+        tick.tick().await;
+        assert!(opened.elapsed() < WAIT, "the message is still open after {WAIT:?}");
+        ws.send(&client(PING, b"p")).await;
+        let f = ws.next_frame().await.expect("a pong or the close frame");
+        match f.opcode {
+            PONG => continue,
+            CLOSE => break f.close_code(),
+            _ => panic!("unexpected frame {f:?}"),
+        }
+    };
+    let took = opened.elapsed();
+    assert_eq!((code, reason.as_str()), (1008, "message not completed in time"));
+    assert!(took >= DEADLINE, "closed after {took:?}, before the deadline");
+    let (_, ended) = read_until_closed(&mut ws.rd).await;
+    assert!(ended < WAIT, "TCP not closed after the close frame");
     h.by.assert_receiving().await;
 }
 

@@ -40,13 +40,8 @@ where
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
     // Flush (or not, per the close request) and send the close frame; bounded by write_timeout.
-    wire.finish(
-        Some(&conn.outbox),
-        &end,
-        &gw.ws_config(),
-        gw.config().limits.write_timeout,
-    )
-    .await;
+    wire.finish(Some(&conn.outbox), &end, &gw.ws_config(), &gw.config().limits)
+        .await;
     drop(wire);
     let (conn_id, user) = (conn.conn_id.clone(), conn.identity.user.clone());
     // Releases the global and per-IP slots and the gauges now, not after the events below.
@@ -112,6 +107,9 @@ pub fn read_error_close(e: &tungstenite::Error) -> Option<(u16, &'static str, Cl
     match e {
         tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         tungstenite::Error::Capacity(_) => Some((close::TOO_BIG, "message too big", Closed::TooBig)),
+        e if crate::wire::FragmentTimeout::is(e) => {
+            Some((close::POLICY, "message not completed in time", Closed::FragmentTimeout))
+        }
         tungstenite::Error::Protocol(_) => Some((close::PROTOCOL, "protocol error", Closed::ProtocolError)),
         tungstenite::Error::Utf8(_) => Some((close::INVALID_DATA, "invalid UTF-8", Closed::InvalidUtf8)),
         _ => None,
