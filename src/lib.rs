@@ -9,7 +9,7 @@
 //! [`frames`] (every incoming frame charged to the rate limits), [`auth`] (JWT verification) and [`token`] (where the
 //! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
 //! fan-out) with [`room_quota`] and [`room_pattern`], [`bridge`] (NATS), [`protocol`] (wire format), [`metrics`] and
-//! [`shutdown`]. [`history`] keeps room history in a JetStream stream; [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
+//! [`shutdown`]. [`history`] keeps room history in a JetStream stream and reads stored room messages back from it (JetStream direct gets).
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
@@ -29,7 +29,6 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
-pub mod replay;
 pub mod room_pattern;
 pub mod room_quota;
 pub mod rooms;

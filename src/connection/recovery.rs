@@ -14,9 +14,8 @@ use tokio::time::Instant;
 use super::{Conn, close_req};
 use crate::{
     bridge::HDR_CONN,
-    history::History,
+    history::{History, ReplayError, Stored},
     protocol::{self, ErrorCode, Since, close},
-    replay::{ReplayError, Stored},
     rooms::{CatchUp, Hold, Room},
     wire::Frame,
 };

@@ -2,26 +2,8 @@
 //! ([`Replayer::range`]), the last N of the `history` op ([`Replayer::last`]) and a room's last sequence
 //! ([`Replayer::last_seq`]).
 //!
-//! Reads are JetStream *direct gets* (`$JS.API.DIRECT.GET.<stream>`, ADR-31), never per-client consumers: a direct get
-//! is answered by any replica from its local store, without the meta group or the JetStream API queue, and one batched
-//! request (`{"seq":S,"next_by_subj":subj,"batch":N,"max_bytes":B}`) returns up to N messages of the subject followed by
-//! an end-of-batch status message (`204 EOB`, headers `Nats-Num-Pending` and `Nats-Last-Sequence`). Each batch uses
-//! its own inbox subscription, and every wait is bounded by the caller's absolute deadline.
-//!
-//! A replica may lag: it answers from a store that does not hold `up_to` yet. That shows as a batch that ends
-//! (`Nats-Num-Pending: 0`, or 404) before `up_to`; the rest is then read from the stream leader with
-//! `$JS.API.STREAM.MSG.GET.<stream>` (read-after-write coherent, one message per request), so a lagging replica never
-//! produces a silent gap. The same leader path serves a stream without `allow_direct` (no responders to the direct
-//! get): it is correct but costs one JetStream API request per message, so the gateway's own stream always has
-//! `allow_direct`.
-//!
-//! Truncation is decided conservatively from a *witness*: a range read of `(after, up_to]` starts at `after` itself,
-//! and the history after `after` is whole only if message `after` is still stored under the same subject. Limits
-//! (`max_msgs_per_subject`, `max_age`) remove a subject's messages oldest first, so while `after` is stored nothing
-//! newer of that subject was removed. If `after` is gone, or is a message of another subject, the answer is
-//! [`ReplayError::Truncated`]. `after == 0` (the room was empty when the client last knew it) has no witness: it is
-//! trusted unless the room holds `max_messages_per_room` messages up to `up_to` (then the per-room limit may have
-//! removed some). A room that was empty, then filled and aged out entirely past `max_age`, cannot be told apart.
+//! The JetStream requests themselves (direct gets, the leader fallback) are `direct`'s, the truncation rule is
+//! `segment`'s and the bounded cache is `cache`'s; this module decides what to read and who shares it.
 //!
 //! Many clients recovering the same room at once share reads: per subject one read is in flight (single flight, a
 //! `Shared` future every caller whose range it covers awaits), and its result stays in a small cache for `cache_ttl`,
@@ -38,46 +20,19 @@ use std::{
     time::Duration,
 };
 
-use async_nats::{HeaderMap, StatusCode};
-use base64::Engine;
-use bytes::Bytes;
 use futures_util::{
-    FutureExt, StreamExt,
+    FutureExt,
     future::{BoxFuture, Shared, WeakShared},
 };
 use parking_lot::Mutex;
-use serde::Deserialize;
 use tokio::{sync::Semaphore, time::Instant};
 
-/// One stored room message, as read from the stream.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    /// The stream sequence.
-    pub seq: u64,
-    /// The message payload.
-    pub payload: Bytes,
-    /// The original message's headers (the gateway's from/echo headers), without the `Nats-*` headers a direct get
-    /// adds (`Nats-Stream`, `Nats-Subject`, `Nats-Sequence`, `Nats-Time-Stamp`, `Nats-Num-Pending`,
-    /// `Nats-Last-Sequence`). `None` when the message had none.
-    pub headers: Option<HeaderMap>,
-}
-
-/// Why a read could not be answered. `Clone` because one shared read answers many callers.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ReplayError {
-    /// Messages after `after` were already removed by the stream's limits.
-    #[error("history truncated")]
-    Truncated,
-    /// More than `max` messages are missing.
-    #[error("too many missed messages")]
-    TooMany,
-    /// JetStream did not answer before the deadline.
-    #[error("jetstream timed out")]
-    Timeout,
-    /// JetStream unavailable or another failure (text is for logs, never for clients).
-    #[error("jetstream unavailable: {0}")]
-    Unavailable(String),
-}
+use super::{
+    cache::Cache,
+    direct::StreamReader,
+    segment::Segment,
+    stored::{ReplayError, Stored},
+};
 
 /// The replayer's bounds. The lead maps them from `[history]` at merge; each field names its key and default.
 #[derive(Debug, Clone)]
@@ -122,22 +77,8 @@ impl Default for ReplayConfig {
     }
 }
 
-/// After the direct get answered "no responders" (stream without `allow_direct`), reads go to the leader for this
-/// long before trying direct gets again (the stream may have been edited).
-const NO_DIRECT_RETRY: Duration = Duration::from_secs(10);
-
 /// Probes `last` makes to find where the last N of a room start, before reading from the best bound found.
 const LAST_PROBES: usize = 8;
-
-/// The headers a direct get adds to a stored message (stripped from [`Stored::headers`]).
-const DIRECT_HEADERS: [&str; 6] = [
-    "Nats-Stream",
-    "Nats-Subject",
-    "Nats-Sequence",
-    "Nats-Time-Stamp",
-    "Nats-Num-Pending",
-    "Nats-Last-Sequence",
-];
 
 /// Reads stored room messages by direct get, with single flight and a small bounded cache per subject.
 pub struct Replayer {
@@ -147,19 +88,11 @@ pub struct Replayer {
 
 /// The connection, bounds, counters and maps a read needs.
 struct Inner {
-    client: async_nats::Client,
-    stream: String,
+    /// The JetStream requests (direct gets, leader gets) and their counter.
+    reader: StreamReader,
     cfg: ReplayConfig,
-    /// `$JS.API.DIRECT.GET.<stream>`.
-    direct_subject: String,
-    /// `$JS.API.STREAM.MSG.GET.<stream>`.
-    leader_subject: String,
-    /// JetStream API requests made (direct gets, leader gets).
-    requests: AtomicU64,
     /// Concurrent JetStream reads (`max_inflight` permits); a read waits for one until its deadline.
     reads: Semaphore,
-    /// Until when reads skip the direct get (set on "no responders").
-    no_direct_until: Mutex<Option<Instant>>,
     /// Cache and in-flight reads; the lock is never held across an await.
     state: Arc<Mutex<State>>,
     /// Ids of in-flight reads, so a finished read removes its own map entry and not a newer one.
@@ -195,18 +128,13 @@ impl Replayer {
             ..cfg.clone()
         };
         let inner = Inner {
-            direct_subject: format!("$JS.API.DIRECT.GET.{stream}"),
-            leader_subject: format!("$JS.API.STREAM.MSG.GET.{stream}"),
+            reader: StreamReader::new(client, stream, cfg.batch, cfg.batch_bytes),
             reads: Semaphore::new(cfg.max_inflight),
-            client,
-            stream,
             state: Arc::new(Mutex::new(State {
                 cache: Cache::new(cfg.cache_bytes, cfg.cache_entries, cfg.cache_ttl),
                 inflight: HashMap::new(),
             })),
             cfg,
-            requests: AtomicU64::new(0),
-            no_direct_until: Mutex::new(None),
             next_flight: AtomicU64::new(0),
         };
         Replayer { inner: Arc::new(inner) }
@@ -214,12 +142,12 @@ impl Replayer {
 
     /// The stream this replayer reads.
     pub fn stream(&self) -> &str {
-        &self.inner.stream
+        self.inner.reader.stream()
     }
 
     /// JetStream API requests made so far (benchmark: requests per recovering client); also exported as a metric.
     pub fn requests(&self) -> u64 {
-        self.inner.requests.load(Ordering::Relaxed)
+        self.inner.reader.requests()
     }
 
     /// The seq of the last stored message of `subject` (0 when none) - used for the join ack's "seq".
@@ -266,15 +194,7 @@ impl Inner {
     /// [`Replayer::range`]. Not coalesced: a shared answer could predate the caller's registration as a member.
     pub async fn last_seq(&self, subject: &str, deadline: Instant) -> Result<u64, ReplayError> {
         check_subject(subject)?;
-        let body = serde_json::json!({ "last_by_subj": subject }).to_string();
-        if self.direct_allowed() {
-            match self.direct_one(body.clone(), deadline).await? {
-                One::Found(m) => return Ok(m.seq),
-                One::NotFound => return Ok(0),
-                One::NoResponders => self.mark_no_direct(),
-            }
-        }
-        Ok(self.leader_get(body, deadline).await?.map_or(0, |m| m.seq))
+        self.reader.last_seq(subject, deadline).await
     }
 
     async fn range(
@@ -323,7 +243,7 @@ impl Inner {
         }
         let _permit = self.permit(deadline).await?;
         // First message of the room and how many the room holds.
-        let Some((first, count)) = self.probe(subject, 0, deadline).await? else {
+        let Some((first, count)) = self.reader.probe(subject, 0, deadline).await? else {
             return Ok(Arc::from(Vec::new()));
         };
         let n64 = n as u64;
@@ -340,7 +260,7 @@ impl Inner {
                 let skip = lo_count - n64;
                 let span = hi - lo;
                 let guess = lo + ((span as u128 * skip as u128 / lo_count as u128) as u64).clamp(1, span - 1);
-                match self.probe(subject, guess, deadline).await? {
+                match self.reader.probe(subject, guess, deadline).await? {
                     Some((seq, c)) if c >= n64 => (lo, lo_count) = (seq, c),
                     _ => hi = guess,
                 }
@@ -354,7 +274,7 @@ impl Inner {
             .unwrap_or(usize::MAX)
             .min(bound)
             .saturating_add(self.cfg.batch);
-        let read = self.read_from(subject, lo, u64::MAX, limit, deadline).await?.0;
+        let read = self.reader.read_from(subject, lo, u64::MAX, limit, deadline).await?.0;
         let skip = read.len().saturating_sub(n);
         Ok(read.into_iter().skip(skip).map(|m| m.stored).collect())
     }
@@ -454,6 +374,7 @@ impl Inner {
         let witness = base.as_ref().map_or(after, |b| b.witness());
         // The witness itself, `max_read` messages and one more to see the overflow.
         let (read, _) = self
+            .reader
             .read_from(subject, witness, up_to, self.cfg.max_read.saturating_add(2), deadline)
             .await?;
         if read.iter().filter(|m| m.seq > witness && m.seq <= up_to).count() > self.cfg.max_read {
@@ -471,195 +392,6 @@ impl Inner {
             Err(_) => Err(ReplayError::Timeout),
             Ok(p) => p.map_err(|_| ReplayError::Unavailable("replayer closed".into())),
         }
-    }
-
-    fn direct_allowed(&self) -> bool {
-        self.no_direct_until.lock().is_none_or(|until| Instant::now() >= until)
-    }
-
-    fn mark_no_direct(&self) {
-        tracing::warn!(stream = %self.stream, "direct get has no responders (allow_direct off?): reading from the stream leader");
-        *self.no_direct_until.lock() = Some(Instant::now() + NO_DIRECT_RETRY);
-    }
-
-    /// One-message batch from `seq`: the first message of `subject` at or after `seq` and how many messages of the
-    /// subject there are from it on (itself included).
-    async fn probe(&self, subject: &str, seq: u64, deadline: Instant) -> Result<Option<(u64, u64)>, ReplayError> {
-        if self.direct_allowed() {
-            match self.direct_batch(subject, seq, 1, deadline).await? {
-                Batch::Msgs { msgs, .. } => {
-                    return Ok(msgs.first().map(|m| (m.seq, m.pending.saturating_add(1))));
-                }
-                Batch::NotFound => return Ok(None),
-                Batch::NoResponders => self.mark_no_direct(),
-            }
-        }
-        // Without direct gets there is no pending count: the leader path reads the whole room from `seq`.
-        let body = serde_json::json!({ "seq": seq, "next_by_subj": subject }).to_string();
-        Ok(self.leader_get(body, deadline).await?.map(|m| (m.seq, u64::MAX)))
-    }
-
-    /// Every message of `subject` with seq >= `from` up to the first one at or beyond `up_to` (included), stopping
-    /// early once more than `limit` messages are collected (then `.1` is true). Direct gets first; when the
-    /// responder has nothing more but `up_to` is not reached (a lagging replica), the rest comes from the leader.
-    async fn read_from(
-        &self,
-        subject: &str,
-        from: u64,
-        up_to: u64,
-        limit: usize,
-        deadline: Instant,
-    ) -> Result<(Vec<Read>, bool), ReplayError> {
-        let mut out: Vec<Read> = Vec::new();
-        let mut next = from;
-        let mut direct = self.direct_allowed();
-        loop {
-            if out.len() > limit {
-                return Ok((out, true));
-            }
-            if direct {
-                let want = limit
-                    .saturating_add(1)
-                    .saturating_sub(out.len())
-                    .clamp(1, self.cfg.batch);
-                match self.direct_batch(subject, next, want, deadline).await? {
-                    Batch::NoResponders => {
-                        self.mark_no_direct();
-                        direct = false;
-                    }
-                    // The responder has nothing at or after `next`: the leader decides (lagging replica).
-                    Batch::NotFound => direct = false,
-                    Batch::Msgs { msgs, pending, last } => {
-                        out.extend(msgs);
-                        if last >= up_to || (pending == 0 && up_to == u64::MAX) {
-                            return Ok((out, false));
-                        }
-                        next = last + 1;
-                        // The responder has no more, yet `up_to` is not reached: it lags; ask the leader.
-                        direct = pending > 0;
-                    }
-                }
-            } else {
-                let body = serde_json::json!({ "seq": next, "next_by_subj": subject }).to_string();
-                match self.leader_get(body, deadline).await? {
-                    // The leader is authoritative: nothing more is stored.
-                    None => return Ok((out, false)),
-                    Some(m) => {
-                        if m.subject != subject {
-                            return Err(ReplayError::Unavailable(format!(
-                                "leader answered subject {}",
-                                m.subject
-                            )));
-                        }
-                        let seq = m.seq;
-                        out.push(m);
-                        if seq >= up_to {
-                            return Ok((out, false));
-                        }
-                        next = seq + 1;
-                    }
-                }
-            }
-        }
-    }
-
-    /// One batched direct get: `{"seq":from,"next_by_subj":subject,"batch":n}` on a fresh inbox, read until the EOB
-    /// status (or a 404 / no responders), each wait bounded by `deadline`.
-    async fn direct_batch(&self, subject: &str, from: u64, n: usize, deadline: Instant) -> Result<Batch, ReplayError> {
-        let inbox = self.client.new_inbox();
-        let mut sub = tokio::time::timeout_at(deadline, self.client.subscribe(inbox.clone()))
-            .await
-            .map_err(|_| ReplayError::Timeout)?
-            .map_err(unavailable)?;
-        let body = serde_json::json!({
-            "seq": from,
-            "next_by_subj": subject,
-            "batch": n,
-            "max_bytes": self.cfg.batch_bytes,
-        })
-        .to_string();
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        tokio::time::timeout_at(
-            deadline,
-            self.client
-                .publish_with_reply(self.direct_subject.clone(), inbox, Bytes::from(body)),
-        )
-        .await
-        .map_err(|_| ReplayError::Timeout)?
-        .map_err(unavailable)?;
-        let mut msgs = Vec::new();
-        loop {
-            let msg = tokio::time::timeout_at(deadline, sub.next())
-                .await
-                .map_err(|_| ReplayError::Timeout)?
-                .ok_or_else(|| ReplayError::Unavailable("inbox subscription closed".into()))?;
-            match msg.status.map(|s| s.as_u16()) {
-                None => {
-                    if msgs.len() >= n {
-                        return Err(ReplayError::Unavailable("direct get sent more than the batch".into()));
-                    }
-                    let m = parse_direct(msg)?;
-                    if m.subject != subject {
-                        return Err(ReplayError::Unavailable(format!(
-                            "direct get answered subject {}",
-                            m.subject
-                        )));
-                    }
-                    msgs.push(m);
-                }
-                Some(204) => {
-                    let h = msg.headers.as_ref();
-                    let pending = header_u64(h, "Nats-Num-Pending")
-                        .ok_or_else(|| ReplayError::Unavailable("EOB without Nats-Num-Pending".into()))?;
-                    let last = header_u64(h, "Nats-Last-Sequence").unwrap_or(0);
-                    if msgs.is_empty() {
-                        return Ok(Batch::NotFound);
-                    }
-                    return Ok(Batch::Msgs { msgs, pending, last });
-                }
-                Some(404) if msgs.is_empty() => return Ok(Batch::NotFound),
-                Some(503) => return Ok(Batch::NoResponders),
-                Some(code) => {
-                    return Err(ReplayError::Unavailable(format!(
-                        "direct get status {code} {}",
-                        msg.description.unwrap_or_default()
-                    )));
-                }
-            }
-        }
-    }
-
-    /// A single direct get (no batch), e.g. `last_by_subj`.
-    async fn direct_one(&self, body: String, deadline: Instant) -> Result<One, ReplayError> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let req = self.client.request(self.direct_subject.clone(), Bytes::from(body));
-        let msg = match tokio::time::timeout_at(deadline, req).await {
-            Err(_) => return Err(ReplayError::Timeout),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => return Ok(One::NoResponders),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => return Err(ReplayError::Timeout),
-            Ok(Err(e)) => return Err(unavailable(e)),
-            Ok(Ok(msg)) => msg,
-        };
-        match msg.status {
-            None => Ok(One::Found(parse_direct(msg)?)),
-            Some(StatusCode::NOT_FOUND) => Ok(One::NotFound),
-            Some(StatusCode::NO_RESPONDERS) => Ok(One::NoResponders),
-            Some(code) => Err(ReplayError::Unavailable(format!("direct get status {code}"))),
-        }
-    }
-
-    /// `$JS.API.STREAM.MSG.GET.<stream>`: answered by the stream leader only (read-after-write coherent); `None` when
-    /// no message matches.
-    async fn leader_get(&self, body: String, deadline: Instant) -> Result<Option<Read>, ReplayError> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let req = self.client.request(self.leader_subject.clone(), Bytes::from(body));
-        let msg = match tokio::time::timeout_at(deadline, req).await {
-            Err(_) => return Err(ReplayError::Timeout),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => return Err(ReplayError::Timeout),
-            Ok(Err(e)) => return Err(unavailable(e)),
-            Ok(Ok(msg)) => msg,
-        };
-        parse_leader(&msg.payload)
     }
 }
 
@@ -680,32 +412,6 @@ impl Drop for FlightGuard {
     }
 }
 
-/// One message as read (direct or leader), before it becomes a [`Stored`].
-#[derive(Debug, Clone)]
-struct Read {
-    seq: u64,
-    subject: String,
-    /// `Nats-Num-Pending` of a batch: messages of the subject after this one (0 when unknown).
-    pending: u64,
-    stored: Stored,
-}
-
-enum Batch {
-    Msgs { msgs: Vec<Read>, pending: u64, last: u64 },
-    NotFound,
-    NoResponders,
-}
-
-enum One {
-    Found(Read),
-    NotFound,
-    NoResponders,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> ReplayError {
-    ReplayError::Unavailable(e.to_string())
-}
-
 /// Subjects come from validated room names; a wildcard here would read other rooms' messages.
 fn check_subject(subject: &str) -> Result<(), ReplayError> {
     let bad = subject.is_empty()
@@ -717,301 +423,10 @@ fn check_subject(subject: &str) -> Result<(), ReplayError> {
     Ok(())
 }
 
-fn header_u64(h: Option<&HeaderMap>, name: &str) -> Option<u64> {
-    h?.get(name)?.as_str().trim().parse().ok()
-}
-
-/// A direct get reply: headers `Nats-Sequence`, `Nats-Subject` (+ `Nats-Num-Pending` in a batch) and the original
-/// message's own headers.
-fn parse_direct(msg: async_nats::Message) -> Result<Read, ReplayError> {
-    let h = msg.headers.as_ref();
-    let seq = header_u64(h, "Nats-Sequence")
-        .filter(|s| *s > 0)
-        .ok_or_else(|| ReplayError::Unavailable("direct get reply without Nats-Sequence".into()))?;
-    let subject = h
-        .and_then(|h| h.get("Nats-Subject"))
-        .map(|v| v.as_str().to_string())
-        .ok_or_else(|| ReplayError::Unavailable("direct get reply without Nats-Subject".into()))?;
-    let pending = header_u64(h, "Nats-Num-Pending").unwrap_or(0);
-    Ok(Read {
-        seq,
-        subject,
-        pending,
-        stored: Stored {
-            seq,
-            payload: msg.payload,
-            headers: msg.headers.as_ref().and_then(original_headers),
-        },
-    })
-}
-
-/// The message's own headers: everything but what a direct get adds.
-fn original_headers(h: &HeaderMap) -> Option<HeaderMap> {
-    let mut out = HeaderMap::new();
-    for (name, values) in h.iter() {
-        let n: &str = name.as_ref();
-        if DIRECT_HEADERS.iter().any(|d| d.eq_ignore_ascii_case(n)) {
-            continue;
-        }
-        for v in values {
-            out.append(name.clone(), v.clone());
-        }
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-/// A `STREAM.MSG.GET` reply: `{"message":{"subject","seq","hdrs"(base64),"data"(base64)}}` or
-/// `{"error":{"code":404,..}}` when no message matches.
-fn parse_leader(payload: &[u8]) -> Result<Option<Read>, ReplayError> {
-    #[derive(Deserialize)]
-    struct Resp {
-        message: Option<Msg>,
-        error: Option<ApiError>,
-    }
-    #[derive(Deserialize)]
-    struct Msg {
-        subject: String,
-        seq: u64,
-        hdrs: Option<String>,
-        data: Option<String>,
-    }
-    #[derive(Deserialize)]
-    struct ApiError {
-        code: u16,
-        description: Option<String>,
-    }
-    let resp: Resp = serde_json::from_slice(payload).map_err(|e| unavailable(format!("msg get reply: {e}")))?;
-    if let Some(e) = resp.error {
-        if e.code == 404 {
-            return Ok(None);
-        }
-        return Err(ReplayError::Unavailable(format!(
-            "msg get: {} {}",
-            e.code,
-            e.description.unwrap_or_default()
-        )));
-    }
-    let m = resp
-        .message
-        .ok_or_else(|| ReplayError::Unavailable("msg get reply without message".into()))?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let payload = match m.data {
-        Some(d) => b64.decode(d).map_err(|e| unavailable(format!("msg get data: {e}")))?,
-        None => Vec::new(),
-    };
-    let headers = match m.hdrs {
-        Some(h) => parse_header_block(&b64.decode(h).map_err(|e| unavailable(format!("msg get hdrs: {e}")))?),
-        None => None,
-    };
-    Ok(Some(Read {
-        seq: m.seq,
-        subject: m.subject,
-        pending: 0,
-        stored: Stored {
-            seq: m.seq,
-            payload: Bytes::from(payload),
-            headers,
-        },
-    }))
-}
-
-/// `NATS/1.0\r\nName: value\r\n...\r\n\r\n` -> headers (`None` when empty or unparsable lines only).
-fn parse_header_block(block: &[u8]) -> Option<HeaderMap> {
-    let text = std::str::from_utf8(block).ok()?;
-    let mut out = HeaderMap::new();
-    for line in text.split("\r\n").skip(1) {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let Ok(name) = async_nats::HeaderName::try_from(name.trim()) else {
-            continue;
-        };
-        out.append(name, value.trim());
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-/// Every stored message of one subject in `(lo, hi]`, as read at `at`. Complete: no message of the subject in that
-/// range was missing from the store at read time.
-#[derive(Debug)]
-struct Segment {
-    lo: u64,
-    hi: u64,
-    /// Whether the history after `lo` is whole: message `lo` was stored under this subject at read time (or, for
-    /// `lo == 0`, the room held fewer than `max_messages_per_room` messages).
-    lo_ok: bool,
-    /// Set when an extension found its witness gone: a slice with `after <= cut` is Truncated.
-    cut: Option<u64>,
-    /// Ascending by seq, all in `(lo, hi]`.
-    msgs: Arc<[Stored]>,
-    /// Payload + header bytes, charged to the cache.
-    bytes: usize,
-}
-
-impl Segment {
-    /// From the messages read from `witness` on (the message `witness` itself included when stored).
-    fn assemble(witness: u64, hi: u64, read: Vec<Read>, max_per_room: u64) -> Segment {
-        let lo_ok = if witness > 0 {
-            read.first().is_some_and(|m| m.seq == witness)
-        } else {
-            max_per_room == 0 || (read.iter().filter(|m| m.seq <= hi).count() as u64) < max_per_room
-        };
-        let msgs: Vec<Stored> = read
-            .into_iter()
-            .filter(|m| m.seq > witness && m.seq <= hi)
-            .map(|m| m.stored)
-            .collect();
-        let bytes = msgs.iter().map(stored_bytes).sum();
-        Segment {
-            lo: witness,
-            hi,
-            lo_ok,
-            cut: None,
-            msgs: Arc::from(msgs),
-            bytes,
-        }
-    }
-
-    /// `base` followed by an extension read from `ext.lo` (the last message of `base`, or its `lo`). When the
-    /// extension's witness is gone, the history up to it is cut: only slices after it stay whole.
-    fn extend(base: &Segment, ext: Segment) -> Segment {
-        let msgs: Vec<Stored> = base.msgs.iter().chain(ext.msgs.iter()).cloned().collect();
-        Segment {
-            lo: base.lo,
-            hi: ext.hi,
-            lo_ok: base.lo_ok,
-            cut: if ext.lo_ok { base.cut } else { Some(ext.lo) },
-            msgs: Arc::from(msgs),
-            bytes: base.bytes + ext.bytes,
-        }
-    }
-
-    /// Where an extension of this segment reads from: its last message (a witness that nothing newer was removed),
-    /// or its `lo` when it holds none.
-    fn witness(&self) -> u64 {
-        self.msgs.last().map_or(self.lo, |m| m.seq)
-    }
-
-    fn covers(&self, after: u64, up_to: u64) -> bool {
-        self.lo <= after && after <= self.hi && up_to <= self.hi
-    }
-
-    /// The messages in `(after, up_to]`: `None` when this segment does not cover the range, Truncated when the
-    /// history after `after` may have lost messages (message `after` was not stored under this subject).
-    fn slice(&self, after: u64, up_to: u64) -> Option<Result<Arc<[Stored]>, ReplayError>> {
-        if !self.covers(after, up_to) {
-            return None;
-        }
-        let whole = if self.cut.is_some_and(|c| after <= c) {
-            false
-        } else if after == self.lo {
-            self.lo_ok
-        } else {
-            self.msgs.binary_search_by_key(&after, |m| m.seq).is_ok()
-        };
-        if !whole {
-            return Some(Err(ReplayError::Truncated));
-        }
-        let start = self.msgs.partition_point(|m| m.seq <= after);
-        let end = self.msgs.partition_point(|m| m.seq <= up_to);
-        if start == 0 && end == self.msgs.len() {
-            return Some(Ok(self.msgs.clone()));
-        }
-        Some(Ok(Arc::from(&self.msgs[start..end])))
-    }
-}
-
-fn stored_bytes(m: &Stored) -> usize {
-    let h: usize = m.headers.as_ref().map_or(0, |h| {
-        h.iter()
-            .map(|(n, vs)| {
-                vs.iter()
-                    .map(|v| AsRef::<str>::as_ref(n).len() + v.as_str().len() + 4)
-                    .sum::<usize>()
-            })
-            .sum()
-    });
-    m.payload.len() + h + 64
-}
-
-/// The recent segments, one per subject, bounded in bytes and entries; entries expire after `ttl`.
-struct Cache {
-    max_bytes: usize,
-    max_entries: usize,
-    ttl: Duration,
-    bytes: usize,
-    entries: HashMap<String, (Instant, Arc<Segment>)>,
-}
-
-impl Default for Cache {
-    fn default() -> Self {
-        Cache::new(0, 0, Duration::ZERO)
-    }
-}
-
-impl Cache {
-    fn new(max_bytes: usize, max_entries: usize, ttl: Duration) -> Self {
-        Cache {
-            max_bytes,
-            max_entries,
-            ttl,
-            bytes: 0,
-            entries: HashMap::new(),
-        }
-    }
-
-    fn get(&mut self, subject: &str, now: Instant) -> Option<Arc<Segment>> {
-        let (at, seg) = self.entries.get(subject)?;
-        if now.duration_since(*at) >= self.ttl {
-            self.remove(subject);
-            return None;
-        }
-        Some(seg.clone())
-    }
-
-    fn remove(&mut self, subject: &str) {
-        if let Some((_, seg)) = self.entries.remove(subject) {
-            self.bytes -= seg.bytes;
-        }
-    }
-
-    /// Replaces the subject's segment; then drops expired entries and, while over a bound, the oldest.
-    fn insert(&mut self, subject: &str, seg: Arc<Segment>, now: Instant) {
-        self.remove(subject);
-        if seg.bytes > self.max_bytes || self.max_entries == 0 {
-            return;
-        }
-        self.bytes += seg.bytes;
-        self.entries.insert(subject.to_string(), (now, seg));
-        let ttl = self.ttl;
-        let expired: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, (at, _))| now.duration_since(*at) >= ttl)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in expired {
-            self.remove(&k);
-        }
-        while self.bytes > self.max_bytes || self.entries.len() > self.max_entries {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            self.remove(&oldest);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use proptest::prelude::*;
+    use async_nats::HeaderMap;
+    use bytes::Bytes;
 
     use super::*;
     use crate::test_support::Nats;
@@ -1256,94 +671,5 @@ mod tests {
             seqs(&r.last("rooms.a", 4, soon()).await.expect("last")),
             a[8..].to_vec()
         );
-    }
-
-    /// The store as a plain model: every message ever published (seq -> room 0/1), and what a per-room limit left.
-    fn model(rooms: &[u8], limit: usize) -> (BTreeMap<u64, u8>, BTreeMap<u64, u8>) {
-        let all: BTreeMap<u64, u8> = rooms.iter().enumerate().map(|(i, r)| (i as u64 + 1, *r)).collect();
-        let mut kept = BTreeMap::new();
-        for room in 0..2u8 {
-            let of: Vec<u64> = all.iter().filter(|(_, r)| **r == room).map(|(s, _)| *s).collect();
-            for s in &of[of.len().saturating_sub(limit)..] {
-                kept.insert(*s, room);
-            }
-        }
-        (all, kept)
-    }
-
-    /// What a read of room 0 from `witness` returns on a store holding `kept`.
-    fn read(kept: &BTreeMap<u64, u8>, witness: u64) -> Vec<Read> {
-        kept.range(witness..)
-            .filter(|(_, r)| **r == 0)
-            .map(|(s, _)| Read {
-                seq: *s,
-                subject: "rooms.0".into(),
-                pending: 0,
-                stored: Stored {
-                    seq: *s,
-                    payload: Bytes::new(),
-                    headers: None,
-                },
-            })
-            .collect()
-    }
-
-    proptest! {
-        /// Whatever was removed, a slice of a segment (read once, or read then extended after more publishes and
-        /// removals) is either Truncated or exactly every message ever published to the room in (after, up_to]:
-        /// never a silent gap, never an extra.
-        #[test]
-        fn a_slice_is_exact_or_truncated(
-            rooms in proptest::collection::vec(0u8..2, 1..40),
-            more in proptest::collection::vec(0u8..2, 0..20),
-            limit in 1usize..8,
-            after in 0u64..60,
-            up_to in 0u64..60,
-            extend in any::<bool>(),
-        ) {
-            let (_, kept1) = model(&rooms, limit);
-            let hi1 = rooms.len() as u64;
-            let after1 = after.min(hi1);
-            let mut seg = Segment::assemble(after1, hi1, read(&kept1, after1), limit as u64);
-            let mut history = rooms.clone();
-            if extend {
-                history.extend(&more);
-                let (_, kept2) = model(&history, limit);
-                let hi2 = history.len() as u64;
-                let w = seg.witness();
-                seg = Segment::extend(&seg, Segment::assemble(w, hi2, read(&kept2, w), limit as u64));
-            }
-            let (all, _) = model(&history, limit);
-            if let Some(Ok(msgs)) = seg.slice(after, up_to.max(after)) {
-                let want: Vec<u64> = all
-                    .iter()
-                    .filter(|(s, r)| **s > after && **s <= up_to && **r == 0)
-                    .map(|(s, _)| *s)
-                    .collect();
-                prop_assert_eq!(seqs(&msgs), want);
-            }
-        }
-
-        /// The cache stays within its bounds whatever is inserted.
-        #[test]
-        fn the_cache_stays_bounded(
-            inserts in proptest::collection::vec((0u8..20, 0usize..30, 0u64..10), 1..80),
-            max_bytes in 0usize..3000,
-            max_entries in 0usize..6,
-        ) {
-            let mut cache = Cache::new(max_bytes, max_entries, Duration::from_secs(5));
-            let t0 = Instant::now();
-            for (room, n, dt) in inserts {
-                let msgs: Vec<Stored> = (1..=n as u64)
-                    .map(|s| Stored { seq: s, payload: Bytes::from(vec![0u8; 10]), headers: None })
-                    .collect();
-                let bytes = msgs.iter().map(stored_bytes).sum();
-                let seg = Segment { lo: 0, hi: n as u64, lo_ok: true, cut: None, msgs: Arc::from(msgs), bytes };
-                cache.insert(&format!("rooms.{room}"), Arc::new(seg), t0 + Duration::from_secs(dt));
-                prop_assert!(cache.bytes <= max_bytes);
-                prop_assert!(cache.entries.len() <= max_entries);
-                prop_assert_eq!(cache.bytes, cache.entries.values().map(|(_, s)| s.bytes).sum::<usize>());
-            }
-        }
     }
 }
