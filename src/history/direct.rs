@@ -92,7 +92,8 @@ impl StreamReader {
     ///
     /// Answered by any replica (a direct get), so a lagging replica may answer an older seq: the caller detects that
     /// from the live messages it holds (their `Nats-Last-Sequence` above the answer) and reads the difference with
-    /// [`Replayer::range`]. Not coalesced: a shared answer could predate the caller's registration as a member.
+    /// [`Replayer::range`](super::Replayer::range). Not coalesced: a shared answer could predate the caller's
+    /// registration as a member.
     pub(super) async fn last_seq(&self, subject: &str, deadline: Instant) -> Result<u64, ReplayError> {
         let body = serde_json::json!({ "last_by_subj": subject }).to_string();
         if self.direct_allowed() {
