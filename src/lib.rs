@@ -10,7 +10,8 @@
 //! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
 //! fan-out) with [`room_quota`], [`room_pattern`] and [`room_name`] (the naming rules), [`bridge`] (NATS),
 //! [`protocol`] (wire format), [`frame`] (one server frame, built once and shared), [`metrics`] and [`shutdown`].
-//! No module imports another in a circle (`scripts/modgraph`, run by `scripts/test`). [`history`] keeps room history in a JetStream stream; [`replay`] reads stored room messages back from the history stream (JetStream direct gets).
+//! [`history`] keeps room history in a JetStream stream and reads stored room messages back from it (JetStream
+//! direct gets). No module imports another in a circle (`scripts/modgraph`, run by `scripts/test`).
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
@@ -31,7 +32,6 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
-pub mod replay;
 pub mod room_name;
 pub mod room_pattern;
 pub mod room_quota;

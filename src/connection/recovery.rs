@@ -15,9 +15,8 @@ use super::{Conn, ending::close_req};
 use crate::{
     bridge::HDR_CONN,
     frame::Frame,
-    history::History,
+    history::{History, ReplayError, Stored},
     protocol::{self, ErrorCode, Since, close},
-    replay::{ReplayError, Stored},
     rooms::{CatchUp, Hold, Room},
 };
 
