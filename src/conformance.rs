@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
-    connection::{Accepted, read_error_close},
+    connection::{Accepted, Endpoint, read_error_close},
     frame::Frame,
     gateway::Gateway,
     outbox::CloseRequest,
@@ -22,8 +22,25 @@ use crate::{
     wire::{Incoming, Wire},
 };
 
-/// Echoes one WebSocket until it closes; this is the connection's task. Takes what `connection::start` takes, so
-/// `crate::http` picks one or the other at compile time.
+/// The echo as an [`Endpoint`]: `crate::server::run_with(listener, gw, Echo)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Echo;
+
+impl Endpoint for Echo {
+    fn serve<IO>(
+        self,
+        gw: Arc<Gateway>,
+        wire: Wire<IO>,
+        accepted: Accepted,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        echo(gw, wire, accepted)
+    }
+}
+
+/// Echoes one WebSocket until it closes; this is the connection's task.
 pub async fn echo<IO>(gw: Arc<Gateway>, mut wire: Wire<IO>, accepted: Accepted)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -148,6 +148,39 @@ enum Phase<IO> {
     Closed,
 }
 
+/// What serves an upgraded WebSocket, handed by the caller of [`crate::server::run_with`] down to the upgrade:
+/// [`RoomEndpoint`] (the room protocol) in every real build; the Autobahn run passes its echo
+/// (`crate::conformance::Echo`), so the HTTP layer needs no switch of its own.
+pub trait Endpoint: Copy + Send + Sync + 'static {
+    /// The connection's task for `wire`.
+    fn serve<IO>(
+        self,
+        gw: Arc<Gateway>,
+        wire: Wire<IO>,
+        accepted: Accepted,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+}
+
+/// The room protocol (`docs/protocol.md`): [`start`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoomEndpoint;
+
+impl Endpoint for RoomEndpoint {
+    fn serve<IO>(
+        self,
+        gw: Arc<Gateway>,
+        wire: Wire<IO>,
+        accepted: Accepted,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        start(gw, wire, accepted)
+    }
+}
+
 /// Starts serving one upgraded WebSocket; the returned future is the connection's task.
 pub fn start<IO>(gw: Arc<Gateway>, wire: Wire<IO>, accepted: Accepted) -> ConnTask<IO>
 where

@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 use crate::{
     auth::{self, AuthError, Identity},
-    connection::Accepted,
+    connection::{Accepted, Endpoint},
     frames::FrameMeter,
     gateway::Gateway,
     limits::{ConnSlot, ForwardedError, IpGuard, Rejection},
@@ -159,14 +159,21 @@ struct Upgrade {
 /// before the upgrade within `deadline` (accept + `server.handshake_timeout`). `slot` holds the connection's global
 /// permit and per-address count (for a trusted proxy, the count is added at the upgrade by forwarded address); it
 /// moves into the session on upgrade, and every other path (refusal, timeout, failed handshake, panic) drops it here.
-pub async fn handshake(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadline: Instant, slot: ConnSlot) {
+pub async fn handshake<S: Endpoint>(
+    gw: Arc<Gateway>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    slot: ConnSlot,
+    session: S,
+) {
     let _ = tcp.set_nodelay(true);
     match gw.tls() {
         Some(tls) => {
             // rustls's unbuffered API: no TLS buffer stays with an idle connection (`crate::tls_stream`).
             let accept = crate::tls_stream::TlsStream::accept(tcp, tls.current());
             match tokio::time::timeout_at(deadline, accept).await {
-                Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, slot).await,
+                Ok(Ok(stream)) => serve_http(gw, stream, peer, deadline, slot, session).await,
                 Ok(Err(e)) => {
                     gw.metrics().rejections.inc(Rejected::Tls);
                     tracing::debug!(error = %e, "TLS handshake failed");
@@ -177,13 +184,19 @@ pub async fn handshake(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, deadl
                 }
             }
         }
-        None => serve_http(gw, tcp, peer, deadline, slot).await,
+        None => serve_http(gw, tcp, peer, deadline, slot, session).await,
     }
 }
 
 /// HTTP until the upgrade (under the absolute deadline), then the session in a task of its own.
-async fn serve_http<IO>(gw: Arc<Gateway>, io: IO, peer: SocketAddr, deadline: Instant, mut slot: ConnSlot)
-where
+async fn serve_http<IO, S: Endpoint>(
+    gw: Arc<Gateway>,
+    io: IO,
+    peer: SocketAddr,
+    deadline: Instant,
+    mut slot: ConnSlot,
+    session: S,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let over_capacity = slot.over_capacity();
@@ -241,12 +254,7 @@ where
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
     // HTTP futures, their arguments) would otherwise stay allocated for the whole life of every idle connection.
     let span = tracing::Span::current();
-    // Test builds with the `conformance` feature echo instead of serving rooms (Autobahn run, `crate::conformance`).
-    #[cfg(not(feature = "conformance"))]
-    let session = crate::connection::start;
-    #[cfg(feature = "conformance")]
-    let session = crate::conformance::echo;
-    gw.clone().spawn(session(gw, wire, accepted).instrument(span));
+    gw.clone().spawn(session.serve(gw, wire, accepted).instrument(span));
 }
 
 /// Serves HTTP until the connection closes or is upgraded; returns the upgrade, if any. The caller bounds it by the

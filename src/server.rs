@@ -15,12 +15,20 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::gateway::Gateway;
+use crate::{
+    connection::{Endpoint, RoomEndpoint},
+    gateway::Gateway,
+};
 
 /// Serves `listener` with `gateway` until its drain or shutdown token is cancelled, then closes every connection
 /// (after a drain: each at its own moment within `server.drain_window`; then whatever is left at once, bounded by
 /// `server.shutdown_grace`) and flushes NATS. Called by `main` and by the tests, after [`Gateway::start`].
 pub async fn run(listener: TcpListener, gateway: Arc<Gateway>) {
+    run_with(listener, gateway, RoomEndpoint).await;
+}
+
+/// [`run`], with upgraded WebSockets served by `session` (the Autobahn run passes its echo).
+pub async fn run_with<S: Endpoint>(listener: TcpListener, gateway: Arc<Gateway>, session: S) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
     }
@@ -34,7 +42,7 @@ pub async fn run(listener: TcpListener, gateway: Arc<Gateway>) {
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, peer)) => spawn_connection(&gateway, tcp, peer),
+            Ok((tcp, peer)) => spawn_connection(&gateway, tcp, peer, session),
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning on a full descriptor table.
                 tracing::warn!(error = %e, "accept failed");
@@ -80,7 +88,7 @@ async fn drain(gateway: &Gateway) {
 }
 
 /// Takes the connection's slot and spawns its task; everything else happens in that task.
-fn spawn_connection(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
+fn spawn_connection<S: Endpoint>(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, session: S) {
     let deadline = Instant::now() + gateway.config().server.handshake_timeout;
     // Counted by address from accept, whatever the connection goes on to do (plain HTTP included), so one address
     // cannot hold more than its share of sockets and global slots. Shedding costs an accept and a close, not a TLS
@@ -96,7 +104,7 @@ fn spawn_connection(gateway: &Arc<Gateway>, tcp: TcpStream, peer: SocketAddr) {
     // `id` and `user` are recorded at the upgrade; the user (a token's `sub`) as Debug, so it is quoted and escaped
     // and cannot forge a log line.
     let span = tracing::info_span!("conn", %peer, id = tracing::field::Empty, user = tracing::field::Empty);
-    let task = crate::http::handshake(gateway.clone(), tcp, peer, deadline, slot);
+    let task = crate::http::handshake(gateway.clone(), tcp, peer, deadline, slot, session);
     gateway.spawn(task.instrument(span));
 }
 

@@ -82,7 +82,11 @@ async fn autobahn_cases_1_to_10_match_expectations() {
     let shutdown = CancellationToken::new();
     let gw = Gateway::start(config, shutdown.clone()).await.expect("gateway starts");
     assert!(gw.tls().is_none(), "the conformance run is plain ws://");
-    let server = tokio::spawn(roomwire::run(listener, gw.clone()));
+    let server = tokio::spawn(roomwire::server::run_with(
+        listener,
+        gw.clone(),
+        roomwire::conformance::Echo,
+    ));
 
     let out_dir = std::env::var_os("AUTOBAHN_REPORT_DIR")
         .map(PathBuf::from)
