@@ -1,5 +1,5 @@
-//! Gateway configuration: the TOML file's schema, its defaults (in one place: the `Default` impls below) and
-//! [`Config::validate`], which turns a parsed file into values the rest of the gateway can trust.
+//! Gateway configuration: the TOML file's schema, its defaults (in one place per section: the `Default` impls in
+//! `config/`) and [`Config::validate`], which turns a parsed file into values the rest of the gateway can trust.
 //!
 //! Every section uses `deny_unknown_fields`, so a typo is a startup error that names the key. Every bound the gateway
 //! enforces (queues, maps, limiters, timeouts) is a field here; `docs/configuration.md` and the shipped

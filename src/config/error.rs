@@ -34,7 +34,7 @@ pub enum ConfigError {
 }
 
 /// A [`ConfigError::Invalid`] for `key` (the dotted key, e.g. `limits.max_pending_messages`).
-pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+pub(super) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),

@@ -64,9 +64,7 @@ impl RoomsConfig {
             .find(|p| p.pattern.matches(room))
             .map_or(self.overflow, |p| p.overflow)
     }
-}
 
-impl RoomsConfig {
     /// Checks `[rooms]` and its `[[rooms.policy]]` entries.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !crate::room_name::valid_subject_prefix(&self.subject_prefix) {
