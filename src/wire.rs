@@ -23,7 +23,7 @@ use std::{
     cell::RefCell,
     collections::VecDeque,
     fmt,
-    io::{self, IoSlice, Read, Write},
+    io::{self, IoSlice},
     pin::Pin,
     task::{Context, Poll, ready},
     time::Duration,
@@ -39,6 +39,10 @@ use tokio_tungstenite::tungstenite::{
     error::ProtocolError,
     protocol::{Role, WebSocketConfig, WebSocketContext},
 };
+
+mod sync_io;
+
+use sync_io::SyncIo;
 
 use crate::{
     config::LimitsConfig,
@@ -605,49 +609,6 @@ fn read_idle<IO: AsyncRead + Unpin>(io: &mut IO, cx: &mut Context<'_>, read_size
         part.extend_from_slice(read);
         Poll::Ready(Ok(part))
     })
-}
-
-/// The blocking-style stream tungstenite reads from: reads poll the socket (`Pending` becomes `WouldBlock`, with the
-/// waker registered) and charge the frames they bring; writes (pongs, the close reply) go to the control buffer.
-struct SyncIo<'a, 'b, IO> {
-    io: &'a mut IO,
-    cx: &'a mut Context<'b>,
-    meter: &'a mut FrameMeter,
-    control: &'a mut Vec<u8>,
-}
-
-impl<IO: AsyncRead + Unpin> Read for SyncIo<'_, '_, IO> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.meter.abusive() {
-            return Err(io::Error::other("rate limit exceeded repeatedly"));
-        }
-        let mut read = ReadBuf::new(buf);
-        match Pin::new(&mut *self.io).poll_read(self.cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                let n = read.filled().len();
-                if !self.meter.charge(read.filled()) {
-                    return Err(io::Error::other("rate limit exceeded repeatedly"));
-                }
-                Ok(n)
-            }
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
-
-impl<IO> Write for SyncIo<'_, '_, IO> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.control.len() >= MAX_CONTROL_BYTES {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        self.control.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(test)]
