@@ -141,10 +141,23 @@ async fn tls_to_nats_with_a_ca_file() {
     let ca2 = std::sync::Arc::new(TestCa::new());
     let mut config = common::test_config(&nats.url(), &ca2);
     config.nats.tls_ca_file = Some(wrong_file);
+    let refused_before = nats.log().matches(HANDSHAKE_ERROR).count();
     let gw = roomwire::gateway::Gateway::start(config, Default::default())
         .await
         .expect("starts");
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Not a sleep: wait until the server has seen the gateway's TLS handshake fail twice (a first attempt and a
+    // retry), so the gateway has really tried that CA. A gateway that accepted the server anyway would be connected,
+    // and ready, by then. (The gateway above, with the right CA, is the positive control: it delivered.)
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while nats.log().matches(HANDSHAKE_ERROR).count() < refused_before + 2 {
+        assert!(!gw.ready(), "not ready with a CA that does not verify the server");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway did not try to connect twice:\n{}",
+            nats.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(!gw.ready(), "not ready with a CA that does not verify the server");
     // A CA file that is not there stops the start.
     let err = start_err(&nats.url(), |c| {
@@ -153,6 +166,9 @@ async fn tls_to_nats_with_a_ca_file() {
     .await;
     assert!(err.contains("nats.tls_ca_file"), "{err}");
 }
+
+/// What nats-server logs when a client's TLS handshake fails (here: the client refused the server's certificate).
+const HANDSHAKE_ERROR: &str = "TLS handshake error";
 
 /// `header.claims.signature` of a NATS JWT signed by `issuer`.
 fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {

@@ -1,18 +1,21 @@
-//! Test harness shared by the integration tests: a real `nats-server` on a dynamic port (killed on drop), a test CA
-//! made at test time, the gateway running in-process on `127.0.0.1:0` with TLS, and a WebSocket client over rustls
-//! that verifies the gateway's certificate. Nothing is mocked.
+//! The test harness, shared by every integration test: a real `nats-server` on a dynamic port, killed on drop
+//! ([`nats`], also the unit tests' launcher), tokens ([`jwt`]), a test CA made at test time, the gateway running
+//! in-process on `127.0.0.1:0` with TLS, a WebSocket client over rustls that verifies the gateway's certificate, a
+//! frame codec for what a conforming client never sends ([`frames`]) and the attack harness ([`hostile`]). Nothing
+//! is mocked.
 #![allow(dead_code)]
 
 pub mod frames;
+pub mod hostile;
 pub mod jwt;
 pub mod nats;
 
+#[allow(unused_imports)]
 pub use nats::{NatsServer, WAIT, free_port, nats_server_bin, wait_stopped};
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::Arc,
     time::Duration,
 };
@@ -551,4 +554,34 @@ async fn upgrade_over(
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
         Err(e) => panic!("unexpected handshake error: {e}"),
     }
+}
+
+/// A raw WebSocket upgrade request (the connection closes after the answer); returns (status, body).
+pub async fn raw_upgrade(gw: &TestGateway, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    gw.raw(&req).await.unwrap()
+}
+
+/// Polls the client (so tungstenite answers pings) for `d`, failing on anything but pings and pongs.
+pub async fn poll_quietly(c: &mut WsClient, d: Duration) {
+    let until = tokio::time::Instant::now() + d;
+    while let Ok(msg) = tokio::time::timeout_at(until, c.ws.next()).await {
+        match msg {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected only heartbeats, got {other:?}"),
+        }
+    }
+}
+
+/// Connects with `token` in the `Authorization` header. Err carries the HTTP status of a refusal.
+pub async fn bearer_client(gw: &TestGateway, token: &str) -> Result<WsClient, u16> {
+    gw.client_with(&gw.gw.config().server.ws_path.clone(), &[("authorization", &format!("Bearer {token}"))])
+        .await
 }
