@@ -7,11 +7,11 @@
 mod common;
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
-use common::{NatsServer, TestGateway, WAIT};
+use common::{NatsServer, TestGateway, WAIT, WsClient, raw_upgrade};
 use roomwire::{config::ForwardedHeader, metrics::Rejected};
 use serde_json::json;
 use tokio::{

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use common::{jwt::*, *};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use roomwire::{
-    Config, Gateway,
-    config::{JwtKey, SecretSource},
-};
+use futures_util::StreamExt;
+use roomwire::{Gateway, config::JwtKey};
 use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 const WS: &str = "/ws";

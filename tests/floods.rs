@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{frames::*, hostile::*, jwt::*, *};
 use futures_util::{SinkExt, StreamExt};

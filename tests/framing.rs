@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{frames::*, hostile::*, *};
 use serde_json::json;
+use tokio::time::Instant;
 
 /// Sends `bytes` on a fresh raw connection and returns the close (code, reason).
 async fn close_after(h: &Harness, bytes: &[u8]) -> (u16, String) {

@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{hostile::*, *};
+use common::{frames::*, hostile::*, *};
+use serde_json::json;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

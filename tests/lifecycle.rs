@@ -7,14 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::SinkExt;
 use roomwire::config::{Overflow, RoomPolicy};
 use serde_json::json;
-use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{
-    Message,
-    protocol::frame::{Frame, coding::Data, coding::OpCode},
-};
+use tokio::{io::AsyncReadExt, time::Instant};
 
 /// Waits until the gateway holds no open WebSocket connection; returns how long it took.
 async fn until_no_connection(gw: &TestGateway, within: Duration) -> Duration {

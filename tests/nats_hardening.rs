@@ -13,7 +13,7 @@ use std::{
 use common::{NatsServer, TestGateway, WAIT, next_msg};
 use roomwire::room_quota::QuotaKey;
 use serde_json::{Value, json};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;

@@ -5,7 +5,9 @@
 mod common;
 
 use common::{jwt::*, *};
-use serde_json::json;
+use futures_util::StreamExt;
+use roomwire::config::Permissions;
+use serde_json::{Value, json};
 
 const WS: &str = "/ws";
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{jwt::*, *};
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use roomwire::config::JwtKey;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
