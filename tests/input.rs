@@ -1,11 +1,22 @@
 //! Hostile JSON content after the upgrade: deep nesting, huge numbers and ids, large fields (never echoed in full),
 //! hostile room names, payloads over NATS's max_payload. Each gets its exact error reply, nothing reaches NATS that
-//! should not, and an ordinary client (the [`Bystander`]) keeps receiving throughout.
+//! should not, and an ordinary client (the [`Bystander`]) keeps receiving throughout. Then what a buggy client sends
+//! through a conforming WebSocket library: invalid JSON, unknown ops, missing or mistyped fields, binary frames,
+//! messages over `limits.max_message_size` (1009), ops on rooms not joined.
 
 mod common;
 
+use bytes::Bytes;
 use common::{frames::*, hostile::*, *};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{
+    Message,
+    protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    },
+};
 
 /// Sends `text` as one text frame and returns the next JSON frame.
 async fn reply_to(ws: &mut RawWs, text: &str) -> Value {
@@ -287,3 +298,130 @@ async fn payload_over_nats_max_payload_is_too_large() {
     h.by.assert_receiving().await;
 }
 
+// -------------------------------------------------------------------------------------------------------------------
+// Malformed frames and ops (through tungstenite: what a buggy client sends)
+// -------------------------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn publish_and_leave_need_a_joined_room() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |_| {}).await;
+    let nc = nats.client().await;
+    let mut sub = nats_sub(&nc, "rooms.>").await;
+    let mut a = gw.client().await;
+    expect_error(&mut a, json!({"op":"publish","room":"lobby","data":1}), 1, "not_joined").await;
+    expect_error(&mut a, json!({"op":"leave","room":"lobby"}), 2, "not_joined").await;
+    a.join("other").await;
+    expect_error(&mut a, json!({"op":"publish","room":"lobby","data":1}), 3, "not_joined").await;
+    // Nothing was published for the refused attempt: the first message on rooms.> is this one.
+    a.publish("other", json!("ok")).await;
+    assert_eq!(next_msg(&mut sub).await.subject.as_str(), "rooms.other");
+}
+
+#[tokio::test]
+async fn invalid_json_is_bad_request_and_connection_survives() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |_| {}).await;
+    let mut a = gw.client().await;
+    for text in [
+        "not json",
+        "{",
+        "",
+        "[]",
+        "42",
+        r#"{"op":"join","room":"x","id":1"#,
+        "{\"op\":\"ping\"}\n}",
+    ] {
+        a.send_text(text).await;
+        let e = a.recv_op("error").await;
+        assert_eq!(e["code"], "bad_request", "{text:?}: {e}");
+        assert!(e.get("id").is_none(), "{e}");
+    }
+    assert_alive(&mut a).await;
+    a.join("lobby").await;
+    a.publish("lobby", json!({"still":"works"})).await;
+}
+
+#[tokio::test]
+async fn unknown_op_and_missing_or_mistyped_fields_are_bad_request() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |_| {}).await;
+    let mut a = gw.client().await;
+    let cases = [
+        json!({"op":"subscribe","room":"lobby"}),
+        json!({"op":"JOIN","room":"lobby"}),
+        json!({"op":"join"}),
+        json!({"op":"leave"}),
+        json!({"op":"publish","room":"lobby"}),
+        json!({"op":"publish","data":1}),
+    ];
+    for (i, v) in cases.into_iter().enumerate() {
+        let e = expect_error(&mut a, v, i as u64 + 1, "bad_request").await;
+        assert_eq!(e["id"], i + 1, "the id of a parsable frame is echoed");
+    }
+    for v in [
+        json!({"room":"lobby"}),
+        json!({"op":7}),
+        json!({"op":"join","room":5}),
+        json!({"op":null}),
+    ] {
+        a.send(v.clone()).await;
+        assert_eq!(a.recv_op("error").await["code"], "bad_request", "{v}");
+    }
+    assert_eq!(gw.gw.rooms().len(), 0);
+    assert_alive(&mut a).await;
+}
+
+#[tokio::test]
+async fn binary_frames_are_bad_request() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |_| {}).await;
+    let mut a = gw.client().await;
+    a.ws.send(Message::Binary(Bytes::from_static(br#"{"op":"ping"}"#)))
+        .await
+        .unwrap();
+    let e = a.recv_op("error").await;
+    assert_eq!(e["code"], "bad_request");
+    assert_alive(&mut a).await;
+}
+
+fn small_frames(c: &mut roomwire::Config) {
+    c.limits.max_message_size = 1024;
+    c.limits.max_frame_size = 1024;
+}
+
+#[tokio::test]
+async fn oversized_message_closes_with_1009() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, small_frames).await;
+    let mut a = gw.client().await;
+    a.join("lobby").await;
+    // Just under the limit is fine.
+    let data = "x".repeat(900);
+    a.publish("lobby", json!(data)).await;
+    let big = format!(r#"{{"op":"publish","room":"lobby","data":"{}"}}"#, "x".repeat(1100));
+    a.send_text(&big).await;
+    let (code, _) = a.expect_close().await;
+    assert_eq!(code, 1009);
+}
+
+#[tokio::test]
+async fn oversized_fragmented_message_closes_with_1009() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, small_frames).await;
+    let mut a = gw.client().await;
+    // Each frame is within max_frame_size; the reassembled message is not.
+    let part = Bytes::from(vec![b' '; 600]);
+    a.ws.send(Message::Frame(Frame::message(
+        part.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    a.ws.send(Message::Frame(Frame::message(part, OpCode::Data(Data::Continue), true)))
+        .await
+        .unwrap();
+    let (code, _) = a.expect_close().await;
+    assert_eq!(code, 1009);
+}

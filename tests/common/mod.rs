@@ -585,3 +585,33 @@ pub async fn bearer_client(gw: &TestGateway, token: &str) -> Result<WsClient, u1
     gw.client_with(&gw.gw.config().server.ws_path.clone(), &[("authorization", &format!("Bearer {token}"))])
         .await
 }
+
+/// Sends an op carrying `id` and returns the error frame it must produce.
+pub async fn expect_error(c: &mut WsClient, v: Value, id: u64, code: &str) -> Value {
+    let r = c.request(v.clone(), id).await;
+    assert_eq!(r["op"], "error", "{v} should fail with {code}: {r}");
+    assert_eq!(r["code"], code, "{v}: {r}");
+    assert!(
+        r["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error has a message: {r}"
+    );
+    r
+}
+
+/// Proves the connection still serves requests: ping → pong.
+pub async fn assert_alive(c: &mut WsClient) {
+    c.send(json!({"op":"ping"})).await;
+    assert_eq!(recv_raw(c).await, r#"{"op":"pong"}"#);
+}
+
+/// Next text frame, as the raw text the gateway wrote (to check exact bytes, e.g. an echoed `id`).
+pub async fn recv_raw(c: &mut WsClient) -> String {
+    loop {
+        let msg = tokio::time::timeout(WAIT, c.ws.next()).await.expect("frame in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
