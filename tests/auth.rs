@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{jwt::*, *};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use futures_util::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use roomwire::{Gateway, config::JwtKey};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -204,7 +204,9 @@ async fn sub_unfit_for_a_header_or_a_room_is_401_and_others_still_publish() {
     let nc = nats.client().await;
     let mut sub = nc.subscribe("rooms.lobby").await.unwrap();
     nc.flush().await.unwrap();
-    let mut c = bearer_client(&gw, &token_all_rooms("ann@example", 600)).await.expect("valid sub");
+    let mut c = bearer_client(&gw, &token_all_rooms("ann@example", 600))
+        .await
+        .expect("valid sub");
     c.join("lobby").await;
     c.publish("lobby", json!(1)).await;
     let m = next_msg(&mut sub).await;
@@ -228,7 +230,9 @@ async fn far_future_exp_is_a_session_not_a_panic() {
     .await;
     let forever = signed(&json!({ "sub": "ann", "exp": 1e19, "nbf": -0.0, "iat": 1e300, "rooms": ["*"] }));
     let started = Instant::now();
-    let mut c = bearer_client(&gw, &forever).await.expect("a far-future exp is accepted");
+    let mut c = bearer_client(&gw, &forever)
+        .await
+        .expect("a far-future exp is accepted");
     assert_eq!(c.request(json!({"op": "ping"}), 1).await["op"], "pong");
     // A refresh with the same absurd exp is fine too.
     let r = c.request(json!({"op": "refresh", "token": forever}), 2).await;
@@ -248,7 +252,9 @@ async fn far_future_exp_is_a_session_not_a_panic() {
     let negative = signed(&json!({ "sub": "ann", "exp": -5 }));
     assert_eq!(bearer_client(&gw, &negative).await.err(), Some(401));
     // Still serving.
-    let mut d = bearer_client(&gw, &token_all_rooms("bob", 600)).await.expect("ordinary client");
+    let mut d = bearer_client(&gw, &token_all_rooms("bob", 600))
+        .await
+        .expect("ordinary client");
     assert_eq!(d.request(json!({"op": "ping"}), 3).await["op"], "pong");
 }
 

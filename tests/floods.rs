@@ -302,7 +302,6 @@ async fn flooding_client_does_not_delay_an_ordinary_client_in_the_same_room() {
     assert!(worst < Duration::from_millis(1000), "worst delivery delay {worst:?}");
 }
 
-
 /// WebSocket pings are charged like messages: a flood is closed with 1008 instead of getting a pong each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_flood_closes_1008() {

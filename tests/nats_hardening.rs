@@ -5,10 +5,7 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use common::{NatsServer, TestGateway, WAIT, next_msg};
 use roomwire::room_quota::QuotaKey;

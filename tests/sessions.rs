@@ -202,20 +202,26 @@ async fn refreshes_have_their_own_rate() {
     let before = gw.gw.auth().verifications();
     for i in 0..2 {
         assert_eq!(
-            c.request(json!({"op": "refresh", "token": token_all_rooms("ann", 600)}), i).await["op"],
+            c.request(json!({"op": "refresh", "token": token_all_rooms("ann", 600)}), i)
+                .await["op"],
             "ack"
         );
     }
     for i in 2..6 {
-        let r = c.request(json!({"op": "refresh", "token": token_all_rooms("ann", 600)}), i).await;
+        let r = c
+            .request(json!({"op": "refresh", "token": token_all_rooms("ann", 600)}), i)
+            .await;
         assert!(is_error(&r, "rate_limited"), "{r}");
     }
     assert_eq!(gw.gw.auth().verifications(), before + 2);
     // Other ops are not affected, and another connection has its own budget.
     assert_eq!(c.request(json!({"op": "ping"}), 9).await["op"], "pong");
-    let mut d = bearer_client(&gw, &token_all_rooms("ann", 600)).await.expect("second connection");
+    let mut d = bearer_client(&gw, &token_all_rooms("ann", 600))
+        .await
+        .expect("second connection");
     assert_eq!(
-        d.request(json!({"op": "refresh", "token": token_all_rooms("ann", 600)}), 1).await["op"],
+        d.request(json!({"op": "refresh", "token": token_all_rooms("ann", 600)}), 1)
+            .await["op"],
         "ack"
     );
 }
@@ -332,4 +338,3 @@ async fn bogus_refresh_flood_costs_bounded_checks_and_a_bystander_stays_fast() {
     // Generous (a debug build on a shared machine): the bound that cannot flake is the check count above.
     assert!(worst < Duration::from_secs(2), "bystander ping took {worst:?}");
 }
-

@@ -13,12 +13,7 @@ pub mod nats;
 #[allow(unused_imports)]
 pub use nats::{NatsServer, WAIT, free_port, nats_server_bin, wait_stopped};
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use roomwire::{Config, Gateway};
@@ -582,8 +577,11 @@ pub async fn poll_quietly(c: &mut WsClient, d: Duration) {
 
 /// Connects with `token` in the `Authorization` header. Err carries the HTTP status of a refusal.
 pub async fn bearer_client(gw: &TestGateway, token: &str) -> Result<WsClient, u16> {
-    gw.client_with(&gw.gw.config().server.ws_path.clone(), &[("authorization", &format!("Bearer {token}"))])
-        .await
+    gw.client_with(
+        &gw.gw.config().server.ws_path.clone(),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
 }
 
 /// Sends an op carrying `id` and returns the error frame it must produce.
