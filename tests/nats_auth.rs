@@ -6,8 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use base64::Engine as _;
-use common::{NatsServer, TestCa, TestGateway};
+use common::{NatsServer, TestCa, TestGateway, jwt::b64url};
 use roomwire::config::{Config, SecretSource};
 use serde_json::json;
 
@@ -172,8 +171,7 @@ const HANDSHAKE_ERROR: &str = "TLS handshake error";
 
 /// `header.claims.signature` of a NATS JWT signed by `issuer`.
 fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
-    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-    let header = b64(json!({"typ": "JWT", "alg": "ed25519-nkey"}).to_string().as_bytes());
+    let header = b64url(json!({"typ": "JWT", "alg": "ed25519-nkey"}).to_string().as_bytes());
     let claims = json!({
         "jti": format!("{:032X}", rand_u128(subject)),
         "iat": 1_700_000_000u64,
@@ -182,10 +180,10 @@ fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Val
         "sub": subject,
         "nats": nats,
     });
-    let body = b64(claims.to_string().as_bytes());
+    let body = b64url(claims.to_string().as_bytes());
     let signing_input = format!("{header}.{body}");
     let sig = issuer.sign(signing_input.as_bytes()).unwrap();
-    format!("{signing_input}.{}", b64(&sig))
+    format!("{signing_input}.{}", b64url(&sig))
 }
 
 fn rand_u128(seed: &str) -> u128 {
