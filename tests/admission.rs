@@ -7,11 +7,11 @@
 mod common;
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
-use common::{NatsServer, TestGateway, WAIT};
+use common::{NatsServer, TestGateway, WAIT, WsClient, raw_upgrade};
 use roomwire::{config::ForwardedHeader, metrics::Rejected};
 use serde_json::json;
 use tokio::{
@@ -534,4 +534,230 @@ async fn untrusted_peers_are_counted_by_their_own_address() {
     // Its malformed header is not even read.
     let (status, _) = raw_from(&gw, ip("127.0.0.3"), &upgrade_request(&[("X-Forwarded-For", b"\xff")])).await;
     assert_eq!(status, 101);
+}
+
+// -------------------------------------------------------------------------------------------------------------------
+// Origin allow-list, connection caps and rates (per address, global, behind trusted proxies)
+// -------------------------------------------------------------------------------------------------------------------
+
+/// Connects, retrying while the refusal is `retry_on` (a slot released by a closing connection frees up
+/// asynchronously on the server).
+async fn connect_retrying(gw: &TestGateway, headers: &[(&str, &str)], retry_on: u16) -> WsClient {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match gw.client_with(WS, headers).await {
+            Ok(c) => return c,
+            Err(s) if s == retry_on && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(s) => panic!("connection refused with {s}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn origin_allow_list() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |c| {
+        c.server.allowed_origins = vec!["https://app.example.com".into(), "*.example.org".into()];
+    })
+    .await;
+    for foreign in [
+        "https://evil.com",
+        "https://app.example.com.evil.com",
+        "https://example.org",
+        "null",
+    ] {
+        assert_eq!(
+            gw.client_with(WS, &[("origin", foreign)]).await.err(),
+            Some(403),
+            "{foreign}"
+        );
+    }
+    assert_eq!(gw.client_with(WS, &[]).await.err(), Some(403), "missing Origin");
+    let (status, body) = raw_upgrade(&gw, WS, &[("Origin", "https://evil.com")]).await;
+    assert_eq!((status, body.trim()), (403, "origin not allowed"));
+    for allowed in [
+        "https://app.example.com",
+        "https://APP.example.com",
+        "https://chat.example.org",
+        "http://a.b.example.org",
+    ] {
+        assert!(gw.client_with(WS, &[("origin", allowed)]).await.is_ok(), "{allowed}");
+    }
+}
+
+#[tokio::test]
+async fn global_max_connections_is_503() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |c| c.server.max_connections = 2).await;
+    // The readiness probe's connection may still hold its slot for a moment: retry on 503 for the first two.
+    let a = connect_retrying(&gw, &[], 503).await;
+    let _b = connect_retrying(&gw, &[], 503).await;
+    assert_eq!(gw.client_with(WS, &[]).await.err(), Some(503));
+    let (status, body) = raw_upgrade(&gw, WS, &[]).await;
+    assert_eq!((status, body.trim()), (503, "server at capacity"));
+    // Liveness stays 200 at capacity (a full gateway is healthy); readiness steers new clients away.
+    let (status, body) = gw.get("/healthz").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, body) = gw.get("/readyz").await.unwrap();
+    assert_eq!((status, body.trim()), (503, "at capacity"));
+    drop(a);
+    let _c = connect_retrying(&gw, &[], 503).await;
+}
+
+#[tokio::test]
+async fn per_ip_concurrent_cap_sheds_at_accept() {
+    // Counted by peer address from accept: the connection over the cap is closed before TLS, plain HTTP included
+    // (tests/admission.rs covers the details: shedding, slot release on every path, other addresses).
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |c| c.limits.max_connections_per_ip = 2).await;
+    let me = "127.0.0.1".parse().unwrap();
+    let a = gw.try_client_from(me, WS, &[]).await.expect("first");
+    let _b = gw.try_client_from(me, WS, &[]).await.expect("second");
+    assert_eq!(
+        gw.try_client_from(me, WS, &[]).await.err(),
+        Some(None),
+        "shed at accept"
+    );
+    assert!(
+        gw.try_tls_over(gw.tcp_from(me).await).await.is_err(),
+        "plain HTTP is counted too"
+    );
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    while gw.try_client_from(me, WS, &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "slot never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn per_ip_connection_rate_sheds_at_accept() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |c| {
+        c.limits.connections_per_second_per_ip = 1;
+        c.limits.connections_burst_per_ip = 3;
+        // The readiness probes come from 127.0.0.1: as a trusted proxy it is not charged at accept, so the probes
+        // cannot spend the burst (or be shed) before the test starts.
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let me = "127.0.0.2".parse().unwrap();
+    for _ in 0..3 {
+        drop(gw.try_client_from(me, WS, &[]).await.expect("within the burst"));
+    }
+    // One cell comes back per second: a slow machine may get one more in; the refusal must come soon after.
+    let mut refused = None;
+    for _ in 0..5 {
+        if let Err(s) = gw.try_client_from(me, WS, &[]).await {
+            refused = Some(s);
+            break;
+        }
+    }
+    assert_eq!(refused, Some(None), "shed at accept");
+}
+
+#[tokio::test]
+async fn forwarded_for_is_honoured_only_from_trusted_proxies() {
+    let nats = NatsServer::start().await;
+    let trusted = TestGateway::start(&nats, |c| {
+        c.limits.max_connections_per_ip = 1;
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let _a = trusted
+        .client_with(WS, &[("x-forwarded-for", "203.0.113.1")])
+        .await
+        .expect("first client");
+    let _b = trusted
+        .client_with(WS, &[("x-forwarded-for", "203.0.113.2")])
+        .await
+        .expect("second client, own budget");
+    let _c = trusted
+        .client_with(WS, &[("x-forwarded-for", "[2001:db8::3]:443")])
+        .await
+        .expect("IPv6 with port");
+    assert_eq!(
+        trusted
+            .client_with(WS, &[("x-forwarded-for", "203.0.113.1")])
+            .await
+            .err(),
+        Some(429)
+    );
+    // Left-most entries are client-controlled: only the right-most untrusted hop counts.
+    let spoofed = "203.0.113.9, 203.0.113.2";
+    assert_eq!(
+        trusted.client_with(WS, &[("x-forwarded-for", spoofed)]).await.err(),
+        Some(429)
+    );
+    // The proxy itself (no header) has its own budget.
+    let _d = trusted.client_with(WS, &[]).await.expect("proxy's own address");
+
+    // An untrusted peer is counted by its own address at accept: its header is never read.
+    let untrusted = TestGateway::start(&nats, |c| c.limits.max_connections_per_ip = 1).await;
+    let me = "127.0.0.2".parse().unwrap();
+    let _e = untrusted
+        .try_client_from(me, WS, &[("x-forwarded-for", "203.0.113.1")])
+        .await
+        .expect("first client");
+    assert_eq!(
+        untrusted
+            .try_client_from(me, WS, &[("x-forwarded-for", "203.0.113.2")])
+            .await
+            .err(),
+        Some(None)
+    );
+}
+
+#[tokio::test]
+async fn address_spray_through_trusted_proxy_keeps_limiter_memory_bounded() {
+    const MAX: usize = 500;
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats, |c| {
+        c.server.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        c.limits.max_tracked_keys = MAX;
+        // Slow refill, so sprayed keys stay "recent" and eviction has real work to do.
+        c.limits.connections_per_second_per_ip = 1;
+        c.limits.connections_burst_per_ip = 5;
+    })
+    .await;
+    let limits = gw.gw.limits().clone();
+    for i in 0..10_000u32 {
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        drop(limits.admit(ip).expect("a fresh address is admitted"));
+        assert!(
+            limits.tracked_keys() <= MAX,
+            "after {i} addresses: {} keys",
+            limits.tracked_keys()
+        );
+        if i % 2000 == 1999 {
+            // A real connection through the proxy from a fresh address, among the spray.
+            let xff = format!("198.51.100.{}", i / 2000);
+            let mut c = gw
+                .client_with(WS, &[("x-forwarded-for", &xff)])
+                .await
+                .expect("real client admitted");
+            assert_eq!(c.request(json!({"op": "ping"}), 1).await["op"], "pong");
+            // The keyed limiter stays within the bound; the per-IP count of open connections adds one entry per
+            // connected address (bounded by the connections themselves, not by `max_tracked_keys`).
+            assert!(
+                limits.tracked_keys() <= MAX + 1,
+                "{} keys with one connection open",
+                limits.tracked_keys()
+            );
+            drop(c);
+            // The server drops that entry when the connection's task ends.
+            let deadline = Instant::now() + WAIT;
+            while limits.open_addresses() != 0 {
+                assert!(Instant::now() < deadline, "connection task did not end");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                limits.tracked_keys() <= MAX,
+                "{} keys after the connection closed",
+                limits.tracked_keys()
+            );
+        }
+    }
+    // The gateway itself counted the five real connections among the spray (the spray never reached it as one).
+    assert_eq!(gw.gw.metrics().connections.get(), 5);
 }

@@ -6,8 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use base64::Engine as _;
-use common::{NatsServer, TestCa, TestGateway};
+use common::{NatsServer, TestCa, TestGateway, jwt::b64url};
 use roomwire::config::{Config, SecretSource};
 use serde_json::json;
 
@@ -141,10 +140,23 @@ async fn tls_to_nats_with_a_ca_file() {
     let ca2 = std::sync::Arc::new(TestCa::new());
     let mut config = common::test_config(&nats.url(), &ca2);
     config.nats.tls_ca_file = Some(wrong_file);
+    let refused_before = nats.log().matches(HANDSHAKE_ERROR).count();
     let gw = roomwire::gateway::Gateway::start(config, Default::default())
         .await
         .expect("starts");
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Not a sleep: wait until the server has seen the gateway's TLS handshake fail twice (a first attempt and a
+    // retry), so the gateway has really tried that CA. A gateway that accepted the server anyway would be connected,
+    // and ready, by then. (The gateway above, with the right CA, is the positive control: it delivered.)
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while nats.log().matches(HANDSHAKE_ERROR).count() < refused_before + 2 {
+        assert!(!gw.ready(), "not ready with a CA that does not verify the server");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway did not try to connect twice:\n{}",
+            nats.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(!gw.ready(), "not ready with a CA that does not verify the server");
     // A CA file that is not there stops the start.
     let err = start_err(&nats.url(), |c| {
@@ -154,10 +166,12 @@ async fn tls_to_nats_with_a_ca_file() {
     assert!(err.contains("nats.tls_ca_file"), "{err}");
 }
 
+/// What nats-server logs when a client's TLS handshake fails (here: the client refused the server's certificate).
+const HANDSHAKE_ERROR: &str = "TLS handshake error";
+
 /// `header.claims.signature` of a NATS JWT signed by `issuer`.
 fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
-    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-    let header = b64(json!({"typ": "JWT", "alg": "ed25519-nkey"}).to_string().as_bytes());
+    let header = b64url(json!({"typ": "JWT", "alg": "ed25519-nkey"}).to_string().as_bytes());
     let claims = json!({
         "jti": format!("{:032X}", rand_u128(subject)),
         "iat": 1_700_000_000u64,
@@ -166,10 +180,10 @@ fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Val
         "sub": subject,
         "nats": nats,
     });
-    let body = b64(claims.to_string().as_bytes());
+    let body = b64url(claims.to_string().as_bytes());
     let signing_input = format!("{header}.{body}");
     let sig = issuer.sign(signing_input.as_bytes()).unwrap();
-    format!("{signing_input}.{}", b64(&sig))
+    format!("{signing_input}.{}", b64url(&sig))
 }
 
 fn rand_u128(seed: &str) -> u128 {

@@ -5,16 +5,12 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
-use common::{NatsServer, TestGateway, WAIT, free_port, nats_server_bin, next_msg};
+use common::{NatsServer, TestGateway, WAIT, next_msg};
 use roomwire::room_quota::QuotaKey;
 use serde_json::{Value, json};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -143,10 +139,9 @@ async fn bytes_waiting_for_a_paused_nats_are_bounded() {
 // ---------------------------------------------------------------------------------------------------------------
 // Finding 10: a room whose subscription the server removed.
 
-/// A nats-server started from a config file that the test rewrites and reloads (SIGHUP), killed on drop.
+/// A nats-server started from a config file that the test rewrites and reloads (SIGHUP).
 struct ConfNats {
-    port: u16,
-    child: Child,
+    nats: NatsServer,
     conf: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -166,59 +161,19 @@ impl ConfNats {
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("nats.conf");
         std::fs::write(&conf, Self::conf_text(deny)).expect("write conf");
-        let port = free_port();
-        let child = Command::new(nats_server_bin())
-            .args([
-                "-c",
-                conf.to_str().expect("utf-8 path"),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nats-server");
-        let mut s = ConfNats {
-            port,
-            child,
-            conf,
-            _dir: dir,
-        };
-        // Exits at once on a bad config: noticed here rather than as a connection timeout later.
-        let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(
-                s.child.try_wait().expect("wait").is_none(),
-                "nats-server exited (bad config?)"
-            );
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        s
+        // Exits at once on a bad config: `NatsServer` notices that and fails with the server's log.
+        let nats = NatsServer::start_with(&["-c", conf.to_str().expect("utf-8 path")]).await;
+        ConfNats { nats, conf, _dir: dir }
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.nats.url()
     }
 
     /// Rewrites the config with a new deny list and makes the server reload it.
     fn reload(&self, deny: &[&str]) {
         std::fs::write(&self.conf, Self::conf_text(deny)).expect("rewrite conf");
-        let ok = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .expect("kill -HUP")
-            .success();
-        assert!(ok, "SIGHUP failed");
-    }
-}
-
-impl Drop for ConfNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.nats.reload();
     }
 }
 

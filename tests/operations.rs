@@ -408,13 +408,7 @@ async fn second_signal_exits_at_once() {
 const LOG_SECRET: &str = "ops-test-hmac-secret-0123456789abcdef";
 
 fn hs256(claims: &serde_json::Value) -> String {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(LOG_SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::jwt::hs256(LOG_SECRET.as_bytes(), claims)
 }
 
 #[tokio::test]

@@ -1,17 +1,19 @@
-//! Test harness shared by the integration tests: a real `nats-server` on a dynamic port (killed on drop), a test CA
-//! made at test time, the gateway running in-process on `127.0.0.1:0` with TLS, and a WebSocket client over rustls
-//! that verifies the gateway's certificate. Nothing is mocked.
+//! The test harness, shared by every integration test: a real `nats-server` on a dynamic port, killed on drop
+//! ([`nats`], also the unit tests' launcher), tokens ([`jwt`]), a test CA made at test time, the gateway running
+//! in-process on `127.0.0.1:0` with TLS, a WebSocket client over rustls that verifies the gateway's certificate, a
+//! frame codec for what a conforming client never sends ([`frames`]) and the attack harness ([`hostile`]). Nothing
+//! is mocked.
 #![allow(dead_code)]
 
 pub mod frames;
+pub mod hostile;
+pub mod jwt;
+pub mod nats;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+#[allow(unused_imports)]
+pub use nats::{NatsServer, WAIT, free_port, nats_server_bin, wait_stopped};
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use roomwire::{Config, Gateway};
@@ -27,198 +29,6 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest, protocol::frame::coding::CloseCode},
 };
 use tokio_util::sync::CancellationToken;
-
-/// How long any single expected event may take before a test fails.
-pub const WAIT: Duration = Duration::from_secs(10);
-
-/// Path of the nats-server binary: `$NATS_SERVER`, else the project-local install made by `scripts/test`.
-pub fn nats_server_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/nats/bin/nats-server");
-    assert!(
-        local.exists(),
-        "nats-server not found at {}: run scripts/test (it installs it) or set NATS_SERVER",
-        local.display()
-    );
-    local
-}
-
-/// A port that was free a moment ago (bind to 0, read it, release it). Racy: another process may take it before it
-/// is used. [`NatsServer`] no longer needs it (nats-server picks its own ports); kept for callers that do.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A real nats-server on a dynamic port, killed on drop.
-///
-/// The server chooses its port itself (`-p -1`) and reports it in a ports file (`--ports_file_dir`), so there is no
-/// window in which another process can take a port we picked. A restart reuses the port it got the first time.
-/// `-m -1` among the extra arguments gives a monitoring port the same way ([`NatsServer::monitor_port`]).
-pub struct NatsServer {
-    pub port: u16,
-    /// The monitoring port, when started with `-m` (e.g. `-m -1`).
-    pub monitor_port: Option<u16>,
-    child: Option<Child>,
-    extra: Vec<String>,
-    /// Holds the ports file and the server's log (stderr), read when it fails to start.
-    dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    pub async fn start() -> Self {
-        Self::start_with(&[]).await
-    }
-
-    /// Starts with extra command-line arguments (e.g. `["-c", "nats.conf"]`, `["-m", "-1"]`).
-    pub async fn start_with(extra: &[&str]) -> Self {
-        let mut s = NatsServer {
-            port: 0,
-            monitor_port: None,
-            child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            dir: tempfile::tempdir().expect("temp dir for nats-server"),
-        };
-        s.spawn().await;
-        s
-    }
-
-    /// The server's log so far (its stderr).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
-    }
-
-    async fn spawn(&mut self) {
-        // First start: let the server choose (-1). Restart: the ports it got, so clients reconnect to the same URL.
-        let port = if self.port == 0 {
-            "-1".to_string()
-        } else {
-            self.port.to_string()
-        };
-        let mut extra = self.extra.clone();
-        if let (Some(m), Some(i)) = (self.monitor_port, extra.iter().position(|a| a == "-m")) {
-            extra[i + 1] = m.to_string();
-        }
-        let ports_dir = self.dir.path().join("ports");
-        let _ = std::fs::remove_dir_all(&ports_dir);
-        std::fs::create_dir_all(&ports_dir).expect("ports dir");
-        let log = std::fs::File::create(self.dir.path().join("nats-server.log")).expect("nats-server log file");
-        let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &port])
-            .arg("--ports_file_dir")
-            .arg(&ports_dir)
-            .args(&extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn nats-server");
-        let pid = child.id();
-        self.child = Some(child);
-        // Wait for the ports file (written once the listeners are up), noticing a server that exits instead.
-        let ports_file = ports_dir.join(format!(
-            "{}_{pid}.ports",
-            nats_server_bin().file_name().unwrap().to_string_lossy()
-        ));
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let ports: Value = loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait nats-server") {
-                panic!("nats-server exited at start ({status}):\n{}", self.log());
-            }
-            if let Ok(text) = std::fs::read_to_string(&ports_file)
-                && let Ok(v) = serde_json::from_str::<Value>(&text)
-            {
-                break v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server did not start:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let port_of = |key: &str| -> Option<u16> {
-            let url = ports[key].as_array()?.first()?.as_str()?;
-            url.rsplit(':').next()?.trim_end_matches('/').parse().ok()
-        };
-        self.port = port_of("nats").unwrap_or_else(|| panic!("client port in the ports file: {ports}"));
-        self.monitor_port = port_of("monitoring");
-        // The ports file is written once the listeners are up, but check that the client port takes connections.
-        loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server does not accept:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// Kills the server (as a crash would).
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same port.
-    pub async fn restart(&mut self) {
-        self.stop();
-        self.spawn().await;
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-
-    /// Freezes the server (SIGSTOP): TCP stays open but nothing is read.
-    pub fn pause(&self) {
-        self.signal("-STOP");
-        wait_stopped(self.child.as_ref().expect("running").id());
-    }
-
-    /// Unfreezes it (SIGCONT).
-    pub fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to nats")
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // A paused server would not die on SIGKILL? It does; but resume anyway so wait() returns promptly.
-            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
-        }
-        self.stop();
-    }
-}
 
 /// A CA and a server certificate for localhost, made at test time.
 pub struct TestCa {
@@ -575,30 +385,6 @@ pub fn reset_peak_rss() {
     std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM via /proc/self/clear_refs");
 }
 
-impl NatsServer {
-    /// Like [`NatsServer::pause`], but returns only once every thread of the server is stopped (`/proc/<pid>/stat`
-    /// state `T`), so nothing sent afterwards can still be processed.
-    pub async fn pause_and_wait(&self) {
-        self.pause();
-        let pid = self.child.as_ref().expect("running").id();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/<pid>/task");
-            let all_stopped = tasks.flatten().all(|t| {
-                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-                // The state follows the parenthesised command name.
-                stat.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
-            });
-            if all_stopped {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "nats-server did not stop");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
 /// Room names of every hostile class (NATS wildcards and token separators, `$` subjects, whitespace and control
 /// characters, non-ASCII, empty, over 128 bytes): each must be refused with `invalid_room`. Shared by the gateway and
 /// hostile suites.
@@ -765,24 +551,65 @@ async fn upgrade_over(
     }
 }
 
-/// Waits until every thread of `pid` is stopped (state `T`): SIGSTOP reaches a running multi-threaded process
-/// asynchronously, and a request sent in between would still be answered.
-pub fn wait_stopped(pid: u32) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|tasks| {
-                tasks.flatten().all(|t| {
-                    std::fs::read_to_string(t.path().join("stat"))
-                        .ok()
-                        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
-                        .unwrap_or(true)
-                })
-            })
-            .unwrap_or(true);
-        if all_stopped || std::time::Instant::now() > deadline {
-            return;
+/// A raw WebSocket upgrade request (the connection closes after the answer); returns (status, body).
+pub async fn raw_upgrade(gw: &TestGateway, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    gw.raw(&req).await.unwrap()
+}
+
+/// Polls the client (so tungstenite answers pings) for `d`, failing on anything but pings and pongs.
+pub async fn poll_quietly(c: &mut WsClient, d: Duration) {
+    let until = tokio::time::Instant::now() + d;
+    while let Ok(msg) = tokio::time::timeout_at(until, c.ws.next()).await {
+        match msg {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected only heartbeats, got {other:?}"),
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Connects with `token` in the `Authorization` header. Err carries the HTTP status of a refusal.
+pub async fn bearer_client(gw: &TestGateway, token: &str) -> Result<WsClient, u16> {
+    gw.client_with(
+        &gw.gw.config().server.ws_path.clone(),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+}
+
+/// Sends an op carrying `id` and returns the error frame it must produce.
+pub async fn expect_error(c: &mut WsClient, v: Value, id: u64, code: &str) -> Value {
+    let r = c.request(v.clone(), id).await;
+    assert_eq!(r["op"], "error", "{v} should fail with {code}: {r}");
+    assert_eq!(r["code"], code, "{v}: {r}");
+    assert!(
+        r["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error has a message: {r}"
+    );
+    r
+}
+
+/// Proves the connection still serves requests: ping → pong.
+pub async fn assert_alive(c: &mut WsClient) {
+    c.send(json!({"op":"ping"})).await;
+    assert_eq!(recv_raw(c).await, r#"{"op":"pong"}"#);
+}
+
+/// Next text frame, as the raw text the gateway wrote (to check exact bytes, e.g. an echoed `id`).
+pub async fn recv_raw(c: &mut WsClient) -> String {
+    loop {
+        let msg = tokio::time::timeout(WAIT, c.ws.next()).await.expect("frame in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
     }
 }
