@@ -13,10 +13,24 @@
 //! rustls does all of TLS (handshake, records, alerts, key updates, tickets); this module only moves bytes between
 //! its states and the socket. The admin listener, which is not on the hot path, keeps tokio-rustls.
 //!
-//! Bounds: `incoming` holds at most one incomplete record plus one read ([`READ_SIZE`]): rustls refuses a record
-//! header over its maximum at once, and a handshake message over 64 KiB; `plaintext` holds what one pass over
-//! `incoming` decrypted, and more is read only once it is taken; `outgoing` holds one write's records (a write first
-//! waits for the previous ones to reach the socket) or one handshake flight.
+//! Bounds (every buffer the peer can grow; [`TlsStream::retained_bytes`] sums them):
+//! - `incoming` never holds more than [`MAX_INCOMING`] bytes (about 66 KiB), its capacity included. rustls's
+//!   unbuffered API keeps every record of an unfinished handshake message in this buffer, record headers, tags and
+//!   padding included, so without a cap one handshake message claiming 64 KiB, sent one byte per padded record, held
+//!   a gigabyte (issue 22). A read never asks for more than the room left; once rustls cannot make progress with a
+//!   full buffer the stream fails with `InvalidData` and the connection is closed.
+//! - `plaintext` holds what one pass over `incoming` decrypted (so at most [`MAX_INCOMING`]), and more is read only
+//!   once it is taken.
+//! - `outgoing` holds one write's records, at most [`MAX_WRITE`] bytes of plaintext per write (a write first waits
+//!   for the previous ones to reach the socket), or one handshake flight (the server's own, sized by its
+//!   certificates), plus what rustls queues while reading: alerts and a close_notify, which its own counters bound
+//!   (4 warning alerts, 1 renegotiation refusal; answers to key updates wait for the next write).
+//!
+//! All three are freed when empty, so an idle connection holds none of them.
+//!
+//! On a rustls error the fatal alert rustls queued (`bad_record_mac`, `decode_error`, ...) is written before the
+//! error is returned, as far as the socket takes it at once; the stream is failed from then on: reads and writes
+//! return an error, while `poll_flush` and `poll_shutdown` still deliver what is left of the alert.
 
 use std::{
     cell::RefCell,
@@ -38,6 +52,21 @@ const READ_SIZE: usize = 16 * 1024 + 512;
 
 /// Most application bytes gathered into one record by a vectored write.
 const GATHER: usize = 16 * 1024;
+
+/// Most TLS bytes `incoming` may hold, capacity included: what rustls legitimately needs buffered at once.
+///
+/// rustls needs a whole record before it decrypts it (at most 2^14 + 2048 bytes of payload plus a 5-byte header,
+/// its `MAX_WIRE_SIZE`: 18,437), and keeps a handshake message's records until the message is complete; it refuses
+/// a handshake message over 0xffff bytes (plus a 4-byte header). In records filled to 2^14 bytes, as every honest
+/// peer sends them, such a message spans at most 6 records, each with under 64 bytes of header, tag and nonce, so
+/// 65,539 and 6 × 64 bytes: 65,923, which 66 KiB covers with a margin. A legitimate client's whole flight is a few
+/// KiB (a ClientHello, or a Finished; Roomwire asks for no client certificate). tokio-rustls, before this module,
+/// refused over 64 KiB of handshake data the same way.
+pub const MAX_INCOMING: usize = 66 * 1024;
+
+/// Most application bytes one `poll_write` encrypts (four full records), so that `outgoing` stays bounded whatever
+/// the caller hands over at once; `write_all` loops over the rest.
+pub const MAX_WRITE: usize = 4 * 16 * 1024;
 
 thread_local! {
     /// Where an idle connection's reads land, so that it needs no read buffer of its own (used only inside one
@@ -82,13 +111,22 @@ pub struct TlsStream<IO> {
     read_eof: bool,
     /// close_notify queued (on shutdown).
     close_sent: bool,
+    /// rustls failed (or the peer overflowed `incoming`): only the queued alert may still be sent.
+    failed: bool,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     /// Runs the handshake with `config` over `io`.
     pub async fn accept(io: IO, config: Arc<ServerConfig>) -> io::Result<Self> {
+        let mut stream = Self::new(io, config)?;
+        std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
+        Ok(stream)
+    }
+
+    /// A stream whose handshake has not started: [`Self::poll_handshake`] runs it.
+    fn new(io: IO, config: Arc<ServerConfig>) -> io::Result<Self> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
-        let mut stream = TlsStream {
+        Ok(TlsStream {
             io,
             conn,
             incoming: Vec::new(),
@@ -98,9 +136,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             out_pos: 0,
             read_eof: false,
             close_sent: false,
-        };
-        std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
-        Ok(stream)
+            failed: false,
+        })
     }
 
     /// The socket under the TLS.
@@ -108,9 +145,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         &self.io
     }
 
+    /// Heap bytes the stream's own buffers hold now (capacity, not length): 0 while idle, never much over
+    /// [`MAX_INCOMING`] + [`MAX_WRITE`] (see the module doc). rustls's connection state is not counted.
+    pub fn retained_bytes(&self) -> usize {
+        self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
+    }
+
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let (step, _) = self.process(Give::Nothing)?;
+            let (step, _) = self.step(cx, Give::Nothing)?;
             ready!(self.poll_flush_outgoing(cx))?;
             if !self.conn.is_handshaking() {
                 return Poll::Ready(Ok(()));
@@ -126,9 +169,56 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
     }
 
+    /// [`Self::process`], and on an error the fatal alert rustls queued is written at once if the socket takes it.
+    fn step(&mut self, cx: &mut Context<'_>, send: Give<'_>) -> io::Result<(Step, usize)> {
+        let result = self.process(send);
+        if result.is_err() {
+            // Best effort: a full socket keeps the rest for `poll_flush`/`poll_shutdown`, if the caller gets there.
+            let _ = self.poll_flush_outgoing(cx);
+        }
+        result
+    }
+
     /// Lets rustls process what was received (decrypted data goes to `plaintext`, records to send to `outgoing`)
-    /// and, once it may, encrypt `send`. Returns where it stopped and how many bytes of `send` it took.
-    fn process(&mut self, mut send: Give<'_>) -> io::Result<(Step, usize)> {
+    /// and, once it may, encrypt `send`. Returns where it stopped and how many bytes of `send` it took. On an error
+    /// the stream is failed, with rustls's alert in `outgoing` (see [`Self::fail`]).
+    fn process(&mut self, send: Give<'_>) -> io::Result<(Step, usize)> {
+        if self.failed {
+            return Err(failed());
+        }
+        let result = self.process_records(send);
+        if result.is_err() {
+            self.fail();
+        }
+        result
+    }
+
+    /// Marks the stream failed, frees what was received, and moves the alert rustls queued for the peer (if any)
+    /// into `outgoing`.
+    fn fail(&mut self) {
+        self.failed = true;
+        self.incoming = Vec::new();
+        self.plaintext = Vec::new();
+        self.plain_pos = 0;
+        // rustls hands queued records out before it looks at the input again; an empty input keeps it from doing
+        // anything else. A fatal alert is one record; the bound only guards against a state that keeps yielding.
+        for _ in 0..4 {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            let Ok(ConnectionState::EncodeTlsData(mut encode)) = state else {
+                break;
+            };
+            let encoded = append(&mut self.outgoing, 64, |buf| match encode.encode(buf) {
+                Ok(n) => Ok(n),
+                Err(EncodeError::InsufficientSize(e)) => Err(Some(e.required_size)),
+                Err(_) => Err(None),
+            });
+            if encoded.is_err() {
+                break;
+            }
+        }
+    }
+
+    fn process_records(&mut self, mut send: Give<'_>) -> io::Result<(Step, usize)> {
         let mut taken = 0;
         loop {
             let Self {
@@ -224,17 +314,35 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         Poll::Ready(Ok(()))
     }
 
-    /// Reads more TLS bytes into `incoming` (through the scratch buffer when it is empty). Returns how many; 0 at the
-    /// end of the TCP stream.
+    /// Reads more TLS bytes into `incoming` (through the scratch buffer), never past [`MAX_INCOMING`]. Returns how
+    /// many; 0 at the end of the TCP stream. Called only once rustls processed what `incoming` holds, so a full
+    /// `incoming` is more than rustls may need (see [`MAX_INCOMING`]): the stream fails.
     fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.failed {
+            return Poll::Ready(Err(failed()));
+        }
+        let room = MAX_INCOMING - self.incoming.len();
+        if room == 0 {
+            self.fail();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS peer sent more than 66 KiB that could not be processed",
+            )));
+        }
         let Self { io, incoming, .. } = self;
         READ_SCRATCH.with_borrow_mut(|scratch| {
             if scratch.len() < READ_SIZE {
                 scratch.resize(READ_SIZE, 0);
             }
-            let mut buf = ReadBuf::new(&mut scratch[..READ_SIZE]);
+            let mut buf = ReadBuf::new(&mut scratch[..READ_SIZE.min(room)]);
             ready!(Pin::new(io).poll_read(cx, &mut buf))?;
             let read = buf.filled();
+            let needed = incoming.len() + read.len();
+            if needed > incoming.capacity() {
+                // Doubling, but never past the cap: the capacity is what the connection costs.
+                let target = needed.max(incoming.capacity() * 2).min(MAX_INCOMING);
+                incoming.reserve_exact(target - incoming.len());
+            }
             incoming.extend_from_slice(read);
             Poll::Ready(Ok(read.len()))
         })
@@ -263,7 +371,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
             if this.read_eof {
                 return Poll::Ready(Ok(()));
             }
-            let (step, _) = this.process(Give::Nothing)?;
+            let (step, _) = this.step(cx, Give::Nothing)?;
             // What rustls wants sent (alerts, key update answers, tickets) goes out now; a full socket does not hold
             // up the read.
             if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
@@ -292,8 +400,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        let buf = &buf[..buf.len().min(MAX_WRITE)];
         loop {
-            let (step, taken) = this.process(Give::Data(buf))?;
+            let (step, taken) = this.step(cx, Give::Data(buf))?;
             if taken > 0 {
                 // Accepted: it is in `outgoing` now, written here as far as the socket takes it, the rest later.
                 if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
@@ -348,7 +457,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.close_sent {
+        // A failed stream sends no close_notify: its fatal alert (already in `outgoing`) closed TLS.
+        if !self.close_sent && !self.failed {
             self.process(Give::CloseNotify)?;
             self.close_sent = true;
         }
@@ -394,6 +504,11 @@ fn encrypt(
         Err(EncryptError::InsufficientSize(e)) => Err(Some(e.required_size)),
         Err(_) => Err(None),
     })
+}
+
+/// What a failed stream answers from then on (the first error said why).
+fn failed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "TLS connection failed earlier")
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
