@@ -248,7 +248,10 @@ where
             continue;
         }
         if this.timer.as_mut().poll(cx).is_ready() {
-            match this.deadlines.due(gw, wire, this.outbox, this.conn.is_none(), Instant::now()) {
+            match this
+                .deadlines
+                .due(gw, wire, this.outbox, this.conn.is_none(), Instant::now())
+            {
                 Due::Nothing => {}
                 Due::Close(req) => return Poll::Ready(req),
                 Due::Warn => {
@@ -264,7 +267,8 @@ where
             continue;
         }
         let inflight = this.confirms.as_ref().map_or(0, FuturesUnordered::len);
-        let reading = this.conn.is_some() && inflight < gw.config().limits.max_inflight_publishes && !wire.peer_closed();
+        let reading =
+            this.conn.is_some() && inflight < gw.config().limits.max_inflight_publishes && !wire.peer_closed();
         if let Poll::Ready(io) = poll_io(cx, wire, gw, this.outbox, reading) {
             match io {
                 // The write deadline starts: the timer must know.
@@ -335,7 +339,13 @@ where
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
     // Flush (or not, per the close request) and send the close frame; bounded by write_timeout.
-    wire.finish(Some(&conn.outbox), &end, &gw.ws_config(), gw.config().limits.write_timeout).await;
+    wire.finish(
+        Some(&conn.outbox),
+        &end,
+        &gw.ws_config(),
+        gw.config().limits.write_timeout,
+    )
+    .await;
     drop(wire);
     let (conn_id, user) = (conn.conn_id.clone(), conn.identity.user.clone());
     // Releases the global and per-IP slots and the gauges now, not after the events below.
@@ -1066,7 +1076,11 @@ mod size_tests {
         };
         let task = start(gw.clone(), wire, accepted);
         let size = std::mem::size_of_val(&task);
-        eprintln!("connection future: {size} bytes (Conn {}, Wire {})", std::mem::size_of::<Conn>(), std::mem::size_of::<Wire<tokio::net::TcpStream>>());
+        eprintln!(
+            "connection future: {size} bytes (Conn {}, Wire {})",
+            std::mem::size_of::<Conn>(),
+            std::mem::size_of::<Wire<tokio::net::TcpStream>>()
+        );
         assert!(size <= 1280, "an idle connection's task holds {size} bytes");
     }
 }

@@ -28,8 +28,8 @@
 
 use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
-use parking_lot::Mutex;
 use futures_util::task::AtomicWaker;
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::{config::Overflow, wire::Frame};
@@ -591,7 +591,6 @@ impl Outbox {
         let s = self.state.lock();
         s.queue.capacity() + s.parked.capacity()
     }
-
 
     /// Current depth of the queue (messages, bytes); parked `latest` values are not in it.
     pub fn depth(&self) -> (usize, usize) {

@@ -88,7 +88,10 @@ impl Frame {
     /// the payload is built in place, with no copy. `write` must append valid UTF-8.
     pub fn text_with(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Frame {
         let frame = Self::build(OP_TEXT, capacity, write);
-        debug_assert!(std::str::from_utf8(frame.payload()).is_ok(), "text frame with invalid UTF-8");
+        debug_assert!(
+            std::str::from_utf8(frame.payload()).is_ok(),
+            "text frame with invalid UTF-8"
+        );
         frame
     }
 
@@ -291,7 +294,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             .ctx
             .as_ref()
             .map_or(0, |_| std::mem::size_of::<WebSocketContext>() + self.read_size);
-        ctx + self.control.capacity() + self.batch.capacity() * std::mem::size_of::<Item>() + self.meter.retained_bytes()
+        ctx + self.control.capacity()
+            + self.batch.capacity() * std::mem::size_of::<Item>()
+            + self.meter.retained_bytes()
     }
 
     /// Whether the client went over `limits.max_rate_violations` refusals in a row (close 1008).
@@ -333,7 +338,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     }
 
     /// Reads the next message. `Pending` with the socket's waker registered when nothing complete has arrived.
-    pub fn poll_read(&mut self, cx: &mut Context<'_>, config: &WebSocketConfig) -> Poll<Result<Incoming, tungstenite::Error>> {
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        config: &WebSocketConfig,
+    ) -> Poll<Result<Incoming, tungstenite::Error>> {
         let read = self.poll_read_inner(cx, config);
         if let Poll::Ready(Err(_)) = &read {
             // Whatever failed, tungstenite's state is not read from again.
@@ -343,7 +352,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         read
     }
 
-    fn poll_read_inner(&mut self, cx: &mut Context<'_>, config: &WebSocketConfig) -> Poll<Result<Incoming, tungstenite::Error>> {
+    fn poll_read_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        config: &WebSocketConfig,
+    ) -> Poll<Result<Incoming, tungstenite::Error>> {
         if self.read_failed {
             return Poll::Ready(Err(tungstenite::Error::AlreadyClosed));
         }
@@ -518,7 +531,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     /// [`CLOSE_LINGER`]) reading what the client still sends, until its close frame or its end: a socket closed with
     /// unread bytes in it is reset, and a reset can destroy the close frame still in flight to the client, who then
     /// sees 1006 instead of the code (a client flooding while it is closed for flooding, a publish crossing a drain).
-    pub async fn finish(&mut self, outbox: Option<&Outbox>, req: &CloseRequest, config: &WebSocketConfig, timeout: Duration) {
+    pub async fn finish(
+        &mut self,
+        outbox: Option<&Outbox>,
+        req: &CloseRequest,
+        config: &WebSocketConfig,
+        timeout: Duration,
+    ) {
         if req.flush_queued {
             if let Some(outbox) = outbox {
                 outbox.take_remaining(&mut self.batch);

@@ -18,8 +18,8 @@
 
 use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
-use futures_util::FutureExt;
 use crate::wire::Frame;
+use futures_util::FutureExt;
 
 use super::{CloseRequest, Item, Outbox, Pushed};
 use crate::config::Overflow;
