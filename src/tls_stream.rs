@@ -1068,4 +1068,27 @@ mod tests {
         }
         fuzz::records(&data);
     }
+
+    /// Writes the fuzz seeds (`cargo test --lib write_fuzz_seeds -- --ignored`): a real client's first flight cut
+    /// four ways, and the start of the fragmented-ClientHello attack.
+    #[test]
+    #[ignore]
+    fn write_fuzz_seeds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/tls_records");
+        std::fs::create_dir_all(&dir).expect("seed dir");
+        let mut conn = ClientConnection::new(client_config(), ServerName::try_from("localhost").expect("name"))
+            .expect("client");
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).expect("client hello");
+        for pick in [0u8, 4, 127, 200] {
+            let mut data = vec![pick];
+            data.extend_from_slice(&hello);
+            std::fs::write(dir.join(format!("client-hello-{pick}")), data).expect("write seed");
+        }
+        let mut data = vec![130u8];
+        for record in fragmented(0x01, |b| vec![0x16, 0x03, 0x01, 0x00, 0x01, b]).take(2000) {
+            data.extend_from_slice(&record);
+        }
+        std::fs::write(dir.join("fragmented-client-hello"), data).expect("write seed");
+    }
 }
