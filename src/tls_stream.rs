@@ -941,14 +941,14 @@ mod tests {
     }
 
     /// A handshake message claiming 0xffff bytes and its bytes, one handshake byte per record, each record
-    /// `record(i, byte)` built by the caller.
-    fn fragmented(kind: u8, mut record: impl FnMut(u8) -> Vec<u8>) -> impl Iterator<Item = Vec<u8>> {
+    /// `record(byte)` built by the caller.
+    fn fragmented(kind: u8, record: impl FnMut(u8) -> Vec<u8>) -> impl Iterator<Item = Vec<u8>> {
         let header = [kind, 0x00, 0xff, 0xff];
         header
             .into_iter()
             .chain(std::iter::repeat(0x42))
             .take(4 + 0xffff)
-            .map(move |b| record(b))
+            .map(record)
     }
 
     /// Feeds `records` to the server a batch at a time (each batch one or more whole records, so several per
@@ -1076,8 +1076,8 @@ mod tests {
     fn write_fuzz_seeds() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/tls_records");
         std::fs::create_dir_all(&dir).expect("seed dir");
-        let mut conn = ClientConnection::new(client_config(), ServerName::try_from("localhost").expect("name"))
-            .expect("client");
+        let mut conn =
+            ClientConnection::new(client_config(), ServerName::try_from("localhost").expect("name")).expect("client");
         let mut hello = Vec::new();
         conn.write_tls(&mut hello).expect("client hello");
         for pick in [0u8, 4, 127, 200] {
