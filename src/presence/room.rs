@@ -60,6 +60,9 @@ pub struct RoomPresence {
     dirty: Notify,
     /// The watched view, once its snapshot is in (`None` before, and while the watch is made again).
     view: Mutex<Option<View>>,
+    /// Notified when the watch has its snapshot: the first write waits for it (at most [`REQUEST_TIMEOUT`]), so
+    /// this gateway's own first members arrive as changes, with their `member_joined`, not inside the snapshot.
+    watching: Notify,
 }
 
 impl RoomPresence {
@@ -71,6 +74,7 @@ impl RoomPresence {
             local: Mutex::default(),
             dirty: Notify::new(),
             view: Mutex::new(None),
+            watching: Notify::new(),
         })
     }
 
@@ -158,6 +162,12 @@ impl RoomPresence {
         let refresh = self.presence.config().ttl / 3;
         let mut last: Option<Instant> = None;
         let mut next_refresh = Instant::now() + refresh;
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = self.watching.notified() => {}
+            _ = tokio::time::sleep(REQUEST_TIMEOUT) => {}
+        }
         loop {
             tokio::select! {
                 biased;
@@ -197,6 +207,7 @@ impl RoomPresence {
                     let mut snapshot = watch.pending;
                     if snapshot == 0 {
                         *self.view.lock() = Some(View::new(self.presence.config().max_members));
+                        self.watching.notify_one();
                     }
                     loop {
                         let seen = tokio::select! {
@@ -212,6 +223,7 @@ impl RoomPresence {
                             if snapshot == 0 || seen.pending == 0 {
                                 snapshot = 0;
                                 *self.view.lock() = Some(std::mem::replace(&mut view, View::new(0)));
+                                self.watching.notify_one();
                             }
                             continue;
                         }
