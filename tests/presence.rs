@@ -140,7 +140,11 @@ async fn two_gateways_see_each_other_join_and_leave() {
     let r = ask(&mut b, json!({"op":"leave","room":room}), 8).await;
     assert_eq!(r["op"], "ack", "{r}");
     let ev = wait_for(&mut a, Duration::from_secs(2), left(room, &bc)).await;
-    assert_eq!((ev["reason"].as_str(), ev["last"].as_bool()), (Some("leave"), Some(true)), "{ev}");
+    assert_eq!(
+        (ev["reason"].as_str(), ev["last"].as_bool()),
+        (Some("leave"), Some(true)),
+        "{ev}"
+    );
     presence_lists(&mut a, room, &[&ac], Duration::from_secs(2)).await;
 }
 
@@ -186,7 +190,11 @@ async fn a_vanished_gateways_members_are_lost_when_its_entries_expire() {
     let ttl = Duration::from_secs(2);
     let ev = wait_for(&mut a, ttl + Duration::from_secs(5), left(room, &bc)).await;
     assert_eq!(ev["reason"], "gateway_lost", "{ev}");
-    assert!(killed.elapsed() >= ttl / 2, "expired, not removed: {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() >= ttl / 2,
+        "expired, not removed: {:?}",
+        killed.elapsed()
+    );
     let ac = a.conn.clone();
     presence_lists(&mut a, room, &[&ac], Duration::from_secs(1)).await;
 }
@@ -203,10 +211,17 @@ async fn presence_needs_join_permission_and_a_presence_room() {
         ("presence_stats", "n-plain", "bad_request"),
     ] {
         let r = c.request(json!({"op":op,"room":room}), 3).await;
-        assert_eq!((r["op"].as_str(), r["code"].as_str()), (Some("error"), Some(code)), "{op} {room}: {r}");
+        assert_eq!(
+            (r["op"].as_str(), r["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{op} {room}: {r}"
+        );
     }
     let r = c.request(json!({"op":"presence","room":"p-empty"}), 4).await;
-    assert_eq!(r, json!({"op":"presence","id":4,"room":"p-empty","count":0,"users":0,"members":[]}));
+    assert_eq!(
+        r,
+        json!({"op":"presence","id":4,"room":"p-empty","count":0,"users":0,"members":[]})
+    );
 
     // Presence off: every room is bad_request.
     let off = TestGateway::start(&nats, |c| c.auth.anonymous.join = vec![RoomPattern::new("*")]).await;
@@ -232,12 +247,7 @@ async fn writes_of_a_room_are_coalesced() {
     futures_util::future::join_all(clients.iter_mut().map(|c| join(c, room))).await;
     let last = clients.last().expect("clients").conn.clone();
     wait_for(&mut watcher, Duration::from_secs(3), joined(room, &last)).await;
-    futures_util::future::join_all(
-        clients
-            .iter_mut()
-            .map(|c| ask(c, json!({"op":"leave","room":room}), 5)),
-    )
-    .await;
+    futures_util::future::join_all(clients.iter_mut().map(|c| ask(c, json!({"op":"leave","room":room}), 5))).await;
     let elapsed = started.elapsed();
     // 40 membership changes; the last of them is written within a flush interval.
     wait_for(&mut watcher, Duration::from_secs(3), left(room, &last)).await;
@@ -246,6 +256,9 @@ async fn writes_of_a_room_are_coalesced() {
     let flush = roomwire::presence::FLUSH_INTERVAL;
     let bound = (total.as_millis() / flush.as_millis()) as u64 + 2;
     eprintln!("40 joins and leaves in {elapsed:?}, {made} writes in {total:?}");
-    assert!(made <= bound, "{made} writes for 40 changes in {total:?} (bound {bound})");
+    assert!(
+        made <= bound,
+        "{made} writes for 40 changes in {total:?} (bound {bound})"
+    );
     assert!(made < 20, "{made} writes for 40 changes");
 }

@@ -23,9 +23,7 @@ impl Conn {
                 .await;
         }
         let Some(p) = self.gw.presence().filter(|p| p.covers(room)).cloned() else {
-            return self
-                .error(id, ErrorCode::BadRequest, "this room has no presence")
-                .await;
+            return self.error(id, ErrorCode::BadRequest, "this room has no presence").await;
         };
         let watched = self.gw.rooms().presence_of(room).and_then(|r| r.summary());
         let summary = match watched {
@@ -40,9 +38,7 @@ impl Conn {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::debug!(room, error = %e, "presence read failed");
-                        return self
-                            .error(id, ErrorCode::Unavailable, "presence unavailable")
-                            .await;
+                        return self.error(id, ErrorCode::Unavailable, "presence unavailable").await;
                     }
                 }
             }

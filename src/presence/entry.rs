@@ -115,7 +115,11 @@ mod tests {
         let keys: Vec<String> = rooms.iter().map(|r| key(r, "gw1-0123abcd")).collect();
         for k in &keys {
             assert!(kv_key_ok(k), "{k}");
-            assert_eq!(k.matches('.').count(), 1, "one token for the room, one for the instance: {k}");
+            assert_eq!(
+                k.matches('.').count(),
+                1,
+                "one token for the room, one for the instance: {k}"
+            );
         }
         let distinct: std::collections::HashSet<_> = keys.iter().collect();
         assert_eq!(distinct.len(), keys.len());

@@ -250,7 +250,9 @@ impl RoomPresence {
     fn deliver(&self, events: &[Event]) {
         for event in events {
             let text = match event {
-                Event::Joined { conn, user, first } => protocol::member_joined(&self.room, conn, user.as_deref(), *first),
+                Event::Joined { conn, user, first } => {
+                    protocol::member_joined(&self.room, conn, user.as_deref(), *first)
+                }
                 Event::Left {
                     conn,
                     user,

@@ -204,7 +204,11 @@ mod tests {
             gw: "gw".into(),
             at: 0,
             count: members.len() as u64,
-            users: members.iter().filter_map(|m| m.user.as_ref()).collect::<HashSet<_>>().len() as u64,
+            users: members
+                .iter()
+                .filter_map(|m| m.user.as_ref())
+                .collect::<HashSet<_>>()
+                .len() as u64,
             members: Some(members),
             left: left
                 .into_iter()
@@ -235,7 +239,10 @@ mod tests {
         let mut v = View::new(100);
         let ev = v.apply("a", Change::Put(value(vec![m("a-1", Some("alice"))], vec![])));
         assert_eq!(ev, vec![joined("a-1", Some("alice"), true)]);
-        let ev = v.apply("b", Change::Put(value(vec![m("b-1", Some("alice")), m("b-2", None)], vec![])));
+        let ev = v.apply(
+            "b",
+            Change::Put(value(vec![m("b-1", Some("alice")), m("b-2", None)], vec![])),
+        );
         assert_eq!(ev, vec![joined("b-1", Some("alice"), false), joined("b-2", None, true)]);
         let s = v.summary();
         assert_eq!((s.count, s.users, s.members.map(|m| m.len())), (3, 1, Some(3)));
@@ -267,7 +274,10 @@ mod tests {
     #[test]
     fn over_max_members_only_counts_and_no_events() {
         let mut v = View::new(2);
-        v.apply("a", Change::Put(value(vec![m("a-1", Some("u1")), m("a-2", Some("u2"))], vec![])));
+        v.apply(
+            "a",
+            Change::Put(value(vec![m("a-1", Some("u1")), m("a-2", Some("u2"))], vec![])),
+        );
         let ev = v.apply("b", Change::Put(value(vec![m("b-1", Some("u3"))], vec![])));
         assert!(ev.is_empty(), "{ev:?}");
         let s = v.summary();
@@ -275,7 +285,10 @@ mod tests {
         // Back under the limit: events again, and the user counts stayed right.
         let ev = v.apply("b", Change::Gone(Departure::Disconnect));
         assert!(ev.is_empty(), "the change that brings it back is still quiet");
-        let ev = v.apply("a", Change::Put(value(vec![m("a-1", Some("u1"))], vec![("a-2", Departure::Leave)])));
+        let ev = v.apply(
+            "a",
+            Change::Put(value(vec![m("a-1", Some("u1"))], vec![("a-2", Departure::Leave)])),
+        );
         assert_eq!(ev, vec![left("a-2", Some("u2"), true, Departure::Leave)]);
     }
 
@@ -283,7 +296,10 @@ mod tests {
     fn entries_are_bounded() {
         let mut v = View::new(10_000);
         for i in 0..MAX_ENTRIES + 5 {
-            v.apply(&format!("k{i}"), Change::Put(value(vec![m(&format!("c{i}"), None)], vec![])));
+            v.apply(
+                &format!("k{i}"),
+                Change::Put(value(vec![m(&format!("c{i}"), None)], vec![])),
+            );
         }
         assert_eq!(v.summary().count, MAX_ENTRIES as u64);
     }

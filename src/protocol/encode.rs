@@ -317,7 +317,11 @@ pub fn member_joined(room: &str, conn: &str, user: Option<&str>, first: bool) ->
     b.extend_from_slice(br#","conn":"#);
     push_json_str(&mut b, conn);
     push_user(&mut b, user);
-    b.extend_from_slice(if first { br#","first":true}"# } else { br#","first":false}"# });
+    b.extend_from_slice(if first {
+        br#","first":true}"#
+    } else {
+        br#","first":false}"#
+    });
     into_string(b)
 }
 
@@ -405,11 +409,20 @@ mod tests {
         );
         let none: Option<std::iter::Empty<(&str, Option<&str>)>> = None;
         let v: serde_json::Value = serde_json::from_str(&presence(Some("\"x\""), "r", 5000, 9, none)).expect("json");
-        assert_eq!(v, serde_json::json!({"op":"presence","id":"x","room":"r","count":5000,"users":9,"truncated":true}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence","id":"x","room":"r","count":5000,"users":9,"truncated":true})
+        );
         let v: serde_json::Value = serde_json::from_str(&presence_stats(Some("1"), "r", 3, 2)).expect("json");
-        assert_eq!(v, serde_json::json!({"op":"presence_stats","id":1,"room":"r","count":3,"users":2}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence_stats","id":1,"room":"r","count":3,"users":2})
+        );
         let v: serde_json::Value = serde_json::from_str(&member_joined("r", "c\"1", None, true)).expect("json");
-        assert_eq!(v, serde_json::json!({"op":"member_joined","room":"r","conn":"c\"1","user":null,"first":true}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"member_joined","room":"r","conn":"c\"1","user":null,"first":true})
+        );
         let v: serde_json::Value =
             serde_json::from_str(&member_left("r", "c", Some("u"), false, "gateway_lost")).expect("json");
         assert_eq!(
