@@ -7,7 +7,7 @@
 //! names a file or an environment variable, and the loaded value is a [`Secret`] whose `Debug` prints `MASKED`.
 //!
 //! One file per section group under `config/`: `server` (`[server]`, `[tls]`, `[admin]`), `nats`, `rooms`, `limits`,
-//! `auth` (keys, algorithms, permissions), `history` and `log`, plus the shared leaves `error` ([`ConfigError`]) and
+//! `auth` (keys, algorithms, permissions), `history`, `presence` and `log`, plus the shared leaves `error` ([`ConfigError`]) and
 //! `secret` ([`Secret`], [`SecretSource`]). This file holds the whole [`Config`], its loading and the order of the
 //! checks, and re-exports every public type, so the rest of the crate names them `crate::config::X`.
 
@@ -17,6 +17,7 @@ mod history;
 mod limits;
 mod log;
 mod nats;
+mod presence;
 mod rooms;
 mod secret;
 mod server;
@@ -34,6 +35,7 @@ pub use self::{
     limits::LimitsConfig,
     log::{LogConfig, LogFormat},
     nats::{NatsConfig, OneOrMany},
+    presence::PresenceConfig,
     rooms::{RoomPolicy, RoomsConfig},
     secret::{Secret, SecretSource},
     server::{AdminConfig, ForwardedHeader, ServerConfig, TlsConfig},
@@ -58,6 +60,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Room history in JetStream and missed-message recovery (`docs/history.md`).
     pub history: HistoryConfig,
+    /// Room presence across gateways in a JetStream KV bucket (`docs/presence.md`).
+    pub presence: PresenceConfig,
     /// Log format and level.
     pub log: LogConfig,
     /// The admin listener (metrics, health, `/connz`), off unless `listen` is set.
@@ -99,6 +103,7 @@ impl Config {
         self.rooms.validate()?;
         self.limits.validate()?;
         self.history.validate(&self.nats)?;
+        self.presence.validate()?;
         self.auth.validate()?;
         self.log.validate()?;
         self.admin.validate(&self.server)

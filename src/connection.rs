@@ -17,8 +17,8 @@
 //! message is in flight, queue storage while frames wait, the publish confirmations of a publishing client), is what
 //! keeps an idle connection small (`BENCHMARKS.md`, section 1; `size_tests` below pins it).
 //!
-//! The parts: [`deadlines`] (one timer for every deadline), [`ops`] (the client's ops), [`recovery`] (history
-//! joins), [`replies`] (what a refused op looks like to the client) and [`ending`] (what each ending means, and the
+//! The parts: [`deadlines`] (one timer for every deadline), [`ops`] (the client's ops), [`presence`] (the
+//! `presence` and `presence_stats` ops), [`recovery`] (history joins), [`replies`] (what a refused op looks like to the client) and [`ending`] (what each ending means, and the
 //! end itself).
 //!
 //! How a connection always ends (a task that cannot end would hold its socket and slots until restart):
@@ -71,6 +71,7 @@ use crate::{
 mod deadlines;
 mod ending;
 mod ops;
+mod presence;
 mod recovery;
 mod replies;
 

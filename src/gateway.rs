@@ -21,6 +21,7 @@ use crate::{
     history::{History, HistoryError},
     limits::Limits,
     metrics::Metrics,
+    presence::{Presence, PresenceError},
     rooms::Rooms,
     tls::{Tls, TlsError},
 };
@@ -54,6 +55,8 @@ pub struct Gateway {
     bridge: Bridge,
     /// `None` unless `history.enabled`.
     history: Option<Arc<History>>,
+    /// `None` unless `presence.enabled`; its bucket may be unavailable (no JetStream).
+    presence: Option<Arc<Presence>>,
     rooms: Arc<Rooms>,
     auth: Authenticator,
     limits: Arc<Limits>,
@@ -96,9 +99,14 @@ impl Gateway {
             true => start_history(&config, &bridge, &tracker, &shutdown).await?,
             false => None,
         };
+        let presence = match config.presence.enabled {
+            true => Some(start_presence(&config, &id, &bridge, &metrics, &tracker, &shutdown).await),
+            false => None,
+        };
         let rooms = Rooms::new(
             bridge.clone(),
             history.clone(),
+            presence.clone(),
             config.rooms.clone(),
             config.limits.max_tracked_keys,
             metrics.clone(),
@@ -123,6 +131,7 @@ impl Gateway {
             id,
             bridge,
             history,
+            presence,
             rooms,
             auth,
             limits,
@@ -154,6 +163,11 @@ impl Gateway {
     /// The history stream, when `history.enabled`.
     pub fn history(&self) -> Option<&Arc<History>> {
         self.history.as_ref()
+    }
+
+    /// Presence, when `presence.enabled` (its bucket may be unavailable: [`Presence::is_available`]).
+    pub fn presence(&self) -> Option<&Arc<Presence>> {
+        self.presence.as_ref()
     }
 
     /// The room registry and fan-out.
@@ -268,6 +282,48 @@ async fn start_history(
     }
     tracker.spawn(history.clone().maintain(shutdown.clone()));
     Ok(Some(history))
+}
+
+/// Sets up the presence bucket when NATS answers within `nats.connect_timeout`. Presence never stops the start: a
+/// NATS server without JetStream leaves it unavailable (an error in the log; presence ops answer `unavailable`), and
+/// any other failure (NATS not reachable yet, JetStream not ready, a missing bucket with `manage_bucket = false`) is
+/// retried in the background every `presence.ttl / 3`.
+async fn start_presence(
+    config: &Config,
+    id: &Arc<str>,
+    bridge: &Bridge,
+    metrics: &Arc<Metrics>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Arc<Presence> {
+    let presence = Arc::new(Presence::new(
+        bridge.client().clone(),
+        &config.presence,
+        id,
+        metrics.clone(),
+    ));
+    let connected = tokio::time::timeout(config.nats.connect_timeout, async {
+        while !bridge.is_connected() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    if connected {
+        match presence.ensure().await {
+            Ok(()) => return presence,
+            Err(PresenceError::Api(text)) if jetstream_absent(&text) => {
+                tracing::error!(error = %text, "presence unavailable: JetStream is not enabled on this NATS server \
+                    (start nats-server with -js, or set presence.enabled = false)");
+                return presence;
+            }
+            Err(e) => tracing::warn!(error = %e, "presence bucket not set up yet; retrying"),
+        }
+    } else {
+        tracing::warn!("NATS not reachable at start: the presence bucket is set up once it is");
+    }
+    tracker.spawn(presence.clone().ensure_later(shutdown.clone()));
+    presence
 }
 
 /// Whether a JetStream API error says the server has no JetStream at all (nobody answers the API, or the account

@@ -11,7 +11,7 @@
 //! fan-out) with [`room_quota`], [`room_pattern`] and [`room_name`] (the naming rules), [`bridge`] (NATS),
 //! [`protocol`] (wire format), [`frame`] (one server frame, built once and shared), [`metrics`] and [`shutdown`].
 //! [`history`] keeps room history in a JetStream stream and reads stored room messages back from it (JetStream
-//! direct gets). No module imports another in a circle (`scripts/modgraph`, run by `scripts/test`).
+//! direct gets); [`presence`] keeps who is in each room, over every gateway, in a JetStream KV bucket. No module imports another in a circle (`scripts/modgraph`, run by `scripts/test`).
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
@@ -31,6 +31,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 pub mod room_name;
 pub mod room_pattern;

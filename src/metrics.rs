@@ -253,6 +253,9 @@ pub struct Metrics {
     pub room_messages: Counter,
     /// Frames queued for clients by fan-out (one per recipient).
     pub deliveries: Counter,
+    /// Writes (puts and removals) of presence entries to the KV bucket (`docs/presence.md`): at most one per room
+    /// per flush interval while its membership changes, plus the refresh every `presence.ttl / 3`.
+    pub presence_writes: Counter,
     /// Room messages not delivered, by policy (`drop_newest`, `drop_oldest`, `latest`).
     pub dropped: ByReason<crate::outbox::Overflow>,
     /// Connections closed because they could not keep up (4008), by cause (`queue_full`, `write_timeout`).
@@ -305,6 +308,7 @@ impl Metrics {
             publish_failures: ByReason::default(),
             room_messages: Counter::default(),
             deliveries: Counter::default(),
+            presence_writes: Counter::default(),
             dropped: ByReason::default(),
             slow_consumers: ByReason::default(),
             queue_high_water: Gauge::default(),
@@ -348,6 +352,11 @@ impl Metrics {
             m.publish_failures.family.clone(),
         );
         registry.register("room_messages", "NATS messages fanned out", m.room_messages.clone());
+        registry.register(
+            "presence_writes",
+            "Presence entries written or removed in the KV bucket",
+            m.presence_writes.clone(),
+        );
         registry.register(
             "deliveries",
             "Frames queued for clients by fan-out",

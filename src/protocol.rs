@@ -16,8 +16,8 @@ mod parse;
 
 pub use codes::{ErrorCode, close};
 pub use encode::{
-    MAX_ERROR_TEXT, Payload, ack, ack_join, ack_seq, classify_payload, error, gap, history, left, message,
-    message_frame, pong, token_expiring, welcome,
+    MAX_ERROR_TEXT, Payload, ack, ack_join, ack_seq, classify_payload, error, gap, history, left, member_joined,
+    member_left, message, message_frame, pong, presence, presence_stats, token_expiring, welcome,
 };
 pub use parse::{
     ClientOp, DEFAULT_MAX_JSON_DEPTH, MAX_EPOCH_LEN, MAX_ID_LEN, MAX_MSG_ID_LEN, ParseError, Request, Since,

@@ -43,6 +43,14 @@ impl QuotaKey {
             None => QuotaKey::Addr(ip_key(peer.ip())),
         }
     }
+
+    /// The user, for an authenticated connection.
+    pub fn user(&self) -> Option<&Arc<str>> {
+        match self {
+            QuotaKey::User(u) => Some(u),
+            QuotaKey::Addr(_) => None,
+        }
+    }
 }
 
 /// Why a join was refused by the per-user accounting.

@@ -38,6 +38,7 @@ use crate::{
     history::History,
     metrics::{Metrics, SlowConsumer},
     outbox::{Outbox, Pushed},
+    presence::{Departure, Presence, RoomPresence},
     protocol,
     room_quota::{QuotaError, QuotaKey, RoomQuota},
 };
@@ -83,6 +84,9 @@ pub struct Room {
     members: RwLock<Members>,
     ready: watch::Sender<Readiness>,
     cancel: CancellationToken,
+    /// The room's presence (`crate::presence`), when `presence.rooms` covers it: told of every join and leave under
+    /// the members lock, its task (writer and watch) ends with `cancel`.
+    presence: Option<Arc<RoomPresence>>,
 }
 
 impl Room {
@@ -127,12 +131,19 @@ pub struct Membership {
     rooms: Arc<Rooms>,
     room: Arc<Room>,
     id: u64,
+    /// Why the member goes when this guard drops: `Disconnect` unless [`Membership::leave`] said otherwise.
+    reason: Departure,
 }
 
 impl Membership {
     /// The room joined.
     pub fn room(&self) -> &Arc<Room> {
         &self.room
+    }
+
+    /// Leaves the room because the client asked to (presence reports `leave`, not `disconnect`).
+    pub fn leave(mut self) {
+        self.reason = Departure::Leave;
     }
 }
 
@@ -147,7 +158,7 @@ impl std::ops::Deref for Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         // Nothing to do when the room already let its members go (`end_room`).
-        self.rooms.detach(&self.room, self.id);
+        self.rooms.detach(&self.room, self.id, self.reason);
     }
 }
 
@@ -166,6 +177,8 @@ pub struct Rooms {
     bridge: Bridge,
     /// History rooms subscribe to the stream's republished subject (their messages carry sequences).
     history: Option<Arc<History>>,
+    /// Presence rooms get a [`RoomPresence`] (`presence.enabled`).
+    presence: Option<Arc<Presence>>,
     config: RoomsConfig,
     /// Rooms per user/address and room-creation rate; updated under `map`'s lock.
     quota: RoomQuota,
@@ -177,9 +190,11 @@ pub struct Rooms {
 impl Rooms {
     /// An empty registry. Room tasks are spawned on `tracker` and end with `shutdown`. `max_tracked_keys`
     /// (`limits.max_tracked_keys`) bounds the keys of the room-creation rate limiter.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         bridge: Bridge,
         history: Option<Arc<History>>,
+        presence: Option<Arc<Presence>>,
         config: RoomsConfig,
         max_tracked_keys: usize,
         metrics: Arc<Metrics>,
@@ -190,6 +205,7 @@ impl Rooms {
             map: Mutex::default(),
             bridge,
             history,
+            presence,
             quota: RoomQuota::new(&config, max_tracked_keys),
             config,
             metrics,
@@ -224,6 +240,9 @@ impl Rooms {
                         if let Some(hold) = &m.hold {
                             hold.set_floor(r.last_seq.load(std::sync::atomic::Ordering::Acquire));
                         }
+                        if let Some(p) = &r.presence {
+                            p.joined(m.id, m.key.user().cloned(), m.outbox.clone());
+                        }
                         members.list.push(m);
                         true
                     }
@@ -249,7 +268,16 @@ impl Rooms {
                 self.quota.release(&m.key, &name);
                 return Err(e.into());
             }
+            let presence = self
+                .presence
+                .as_ref()
+                .filter(|p| p.covers(room))
+                .map(|p| RoomPresence::new(p.clone(), name.clone()));
+            if let Some(p) = &presence {
+                p.joined(m.id, m.key.user().cloned(), m.outbox.clone());
+            }
             let r = Arc::new(Room {
+                presence,
                 history: self.history.as_ref().is_some_and(|h| h.covers(room)),
                 last_seq: std::sync::atomic::AtomicU64::new(0),
                 policy: self.config.overflow_for(room),
@@ -270,10 +298,14 @@ impl Rooms {
             rooms: self.clone(),
             room: entry,
             id,
+            reason: Departure::Disconnect,
         };
         if created {
             let rooms = self.clone();
             let room = membership.room.clone();
+            if let Some(p) = &room.presence {
+                self.tracker.spawn(p.clone().run(room.cancel.clone()));
+            }
             self.tracker.spawn(async move { rooms.room_task(room).await });
         }
         let mut ready = membership.room.ready.subscribe();
@@ -288,6 +320,12 @@ impl Rooms {
             // Dropping the guard detaches the member.
             Err(JoinError::Nats(BridgeError::Disconnected))
         }
+    }
+
+    /// The presence of `room` when this gateway holds it and it is a presence room.
+    pub fn presence_of(&self, room: &str) -> Option<Arc<RoomPresence>> {
+        let entry = self.map.lock().get(room).cloned();
+        entry.and_then(|r| r.presence.clone())
     }
 
     /// Local members of `room` on this gateway (0 when the room is not held).
@@ -307,7 +345,7 @@ impl Rooms {
     }
 
     /// Removes member `id` from this exact room instance; drops the room (and its subscription) when it empties.
-    fn detach(&self, room: &Arc<Room>, id: u64) -> bool {
+    fn detach(&self, room: &Arc<Room>, id: u64, reason: Departure) -> bool {
         let emptied = {
             let mut members = room.members.write();
             let Some(pos) = members.list.iter().position(|m| m.id == id) else {
@@ -315,6 +353,9 @@ impl Rooms {
             };
             let member = members.list.swap_remove(pos);
             self.quota.release(&member.key, &room.name);
+            if let Some(p) = &room.presence {
+                p.departed(id, reason);
+            }
             members.closing |= members.list.is_empty();
             members.list.is_empty()
         };
@@ -424,7 +465,12 @@ impl Rooms {
         };
         for m in &members {
             self.quota.release(&m.key, &room.name);
+            if let Some(p) = &room.presence {
+                p.departed(m.id, Departure::Disconnect);
+            }
         }
+        // Ends the room's presence task (it removes this gateway's entry for the room).
+        room.cancel.cancel();
         room.ready.send_replace(Readiness::Failed);
         self.unregister(room);
         let frame = Frame::text(protocol::left(&room.name, ENDED_REASON));

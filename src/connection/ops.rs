@@ -89,6 +89,8 @@ impl Conn {
             ClientOp::Join { room, since } => self.join(id, &room, since).await,
             ClientOp::History { room, limit } => self.history(id, &room, limit).await,
             ClientOp::Leave { room } => self.leave(id, &room).await,
+            ClientOp::Presence { room } => self.presence(id, &room, false).await,
+            ClientOp::PresenceStats { room } => self.presence(id, &room, true).await,
             ClientOp::Publish {
                 room,
                 data,
@@ -112,9 +114,10 @@ impl Conn {
 
     /// Leaves one joined room: registry, pending gap count, and the `leave` event.
     async fn leave_room(&mut self, room: &str) -> bool {
-        if self.rooms.remove(room).is_none() {
+        let Some(membership) = self.rooms.remove(room) else {
             return false;
-        }
+        };
+        membership.leave();
         self.outbox.forget_room(room);
         self.event("leave", Some(room)).await;
         true

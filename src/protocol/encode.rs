@@ -249,6 +249,96 @@ fn push_payload(b: &mut Vec<u8>, payload: &[u8]) {
     }
 }
 
+fn push_user(b: &mut Vec<u8>, user: Option<&str>) {
+    b.extend_from_slice(br#","user":"#);
+    match user {
+        Some(u) => push_json_str(b, u),
+        None => b.extend_from_slice(b"null"),
+    }
+}
+
+fn push_head(b: &mut Vec<u8>, op: &str, id: Option<&str>, room: &str) {
+    b.extend_from_slice(br#"{"op":""#);
+    b.extend_from_slice(op.as_bytes());
+    b.extend_from_slice(b"\",");
+    if let Some(id) = id {
+        b.extend_from_slice(br#""id":"#);
+        b.extend_from_slice(id.as_bytes());
+        b.push(b',');
+    }
+    b.extend_from_slice(br#""room":"#);
+    push_json_str(b, room);
+}
+
+/// `{"op":"presence","id":N,"room":R,"count":C,"users":U,"members":[{"conn":..,"user":..},...]}`; with `members`
+/// `None` (a room over `presence.max_members`): `"truncated":true` instead of the list.
+pub fn presence<'a>(
+    id: Option<&str>,
+    room: &str,
+    count: u64,
+    users: u64,
+    members: Option<impl ExactSizeIterator<Item = (&'a str, Option<&'a str>)>>,
+) -> String {
+    let n = members.as_ref().map_or(0, |m| m.len());
+    let mut b = Vec::with_capacity(96 + room.len() + n * 48);
+    push_head(&mut b, "presence", id, room);
+    b.extend_from_slice(format!(r#","count":{count},"users":{users}"#).as_bytes());
+    match members {
+        Some(members) => {
+            b.extend_from_slice(br#","members":["#);
+            for (i, (conn, user)) in members.enumerate() {
+                if i > 0 {
+                    b.push(b',');
+                }
+                b.extend_from_slice(br#"{"conn":"#);
+                push_json_str(&mut b, conn);
+                push_user(&mut b, user);
+                b.push(b'}');
+            }
+            b.extend_from_slice(b"]}");
+        }
+        None => b.extend_from_slice(br#","truncated":true}"#),
+    }
+    into_string(b)
+}
+
+/// `{"op":"presence_stats","id":N,"room":R,"count":C,"users":U}`
+pub fn presence_stats(id: Option<&str>, room: &str, count: u64, users: u64) -> String {
+    let mut b = Vec::with_capacity(80 + room.len());
+    push_head(&mut b, "presence_stats", id, room);
+    b.extend_from_slice(format!(r#","count":{count},"users":{users}}}"#).as_bytes());
+    into_string(b)
+}
+
+/// `{"op":"member_joined","room":R,"conn":C,"user":U,"first":B}`
+pub fn member_joined(room: &str, conn: &str, user: Option<&str>, first: bool) -> String {
+    let mut b = Vec::with_capacity(96 + room.len());
+    push_head(&mut b, "member_joined", None, room);
+    b.extend_from_slice(br#","conn":"#);
+    push_json_str(&mut b, conn);
+    push_user(&mut b, user);
+    b.extend_from_slice(if first {
+        br#","first":true}"#
+    } else {
+        br#","first":false}"#
+    });
+    into_string(b)
+}
+
+/// `{"op":"member_left","room":R,"conn":C,"user":U,"last":B,"reason":"leave"|"disconnect"|"gateway_lost"}`
+pub fn member_left(room: &str, conn: &str, user: Option<&str>, last: bool, reason: &str) -> String {
+    let mut b = Vec::with_capacity(112 + room.len());
+    push_head(&mut b, "member_left", None, room);
+    b.extend_from_slice(br#","conn":"#);
+    push_json_str(&mut b, conn);
+    push_user(&mut b, user);
+    b.extend_from_slice(if last { br#","last":true"# } else { br#","last":false"# });
+    b.extend_from_slice(br#","reason":"#);
+    push_json_str(&mut b, reason);
+    b.push(b'}');
+    into_string(b)
+}
+
 fn into_string(b: Vec<u8>) -> String {
     // Every byte above comes from ASCII literals, serde_json output or text that was already valid UTF-8.
     String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
@@ -305,5 +395,39 @@ mod tests {
         assert!(cut.len() <= MAX_ERROR_TEXT && cut.ends_with('…'), "{cut}");
         assert!(error(None, ErrorCode::BadRequest, &"é".repeat(300)).contains(cut.as_str()));
         assert_eq!(short("short"), "short");
+    }
+
+    #[test]
+    fn presence_frames_are_the_contract() {
+        let members = [("gw-1", Some("alice")), ("gw-2", None)];
+        let v: serde_json::Value =
+            serde_json::from_str(&presence(Some("7"), "a:b", 2, 1, Some(members.iter().copied()))).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence","id":7,"room":"a:b","count":2,"users":1,
+                "members":[{"conn":"gw-1","user":"alice"},{"conn":"gw-2","user":null}]})
+        );
+        let none: Option<std::iter::Empty<(&str, Option<&str>)>> = None;
+        let v: serde_json::Value = serde_json::from_str(&presence(Some("\"x\""), "r", 5000, 9, none)).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence","id":"x","room":"r","count":5000,"users":9,"truncated":true})
+        );
+        let v: serde_json::Value = serde_json::from_str(&presence_stats(Some("1"), "r", 3, 2)).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence_stats","id":1,"room":"r","count":3,"users":2})
+        );
+        let v: serde_json::Value = serde_json::from_str(&member_joined("r", "c\"1", None, true)).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"member_joined","room":"r","conn":"c\"1","user":null,"first":true})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&member_left("r", "c", Some("u"), false, "gateway_lost")).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"member_left","room":"r","conn":"c","user":"u","last":false,"reason":"gateway_lost"})
+        );
     }
 }

@@ -81,6 +81,16 @@ pub enum ClientOp<'a> {
         /// How many (capped by `history.max_history_limit`).
         limit: u64,
     },
+    /// Who is in a room (`docs/presence.md`).
+    Presence {
+        /// Room name.
+        room: Cow<'a, str>,
+    },
+    /// How many are in a room.
+    PresenceStats {
+        /// Room name.
+        room: Cow<'a, str>,
+    },
     /// Leave a room.
     Leave {
         /// Room name.
@@ -189,6 +199,12 @@ pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<
             };
             ClientOp::History { room, limit }
         }
+        "presence" => ClientOp::Presence {
+            room: need_room(raw.room, id)?,
+        },
+        "presence_stats" => ClientOp::PresenceStats {
+            room: need_room(raw.room, id)?,
+        },
         "leave" => ClientOp::Leave {
             room: need_room(raw.room, id)?,
         },

@@ -1,0 +1,264 @@
+//! Presence across gateways on a real `nats-server -js` (issue 24, `docs/presence.md`): two in-process gateways on
+//! one NATS, real TLS clients. Each sees the other's members and their arrivals; a leave is `leave`, a drained
+//! gateway's members `disconnect`, a vanished gateway's members `gateway_lost` once its entries expire; refusals;
+//! and the KV writes of a room are coalesced.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{NatsServer, TestGateway, WsClient};
+use futures_util::StreamExt;
+use roomwire::{config::Config, room_pattern::RoomPattern};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn nats_js() -> (NatsServer, tempfile::TempDir) {
+    let store = tempfile::tempdir().expect("store dir");
+    let dir = store.path().to_str().expect("utf-8 path").to_owned();
+    let nats = NatsServer::start_with(&["-js", "-sd", &dir]).await;
+    (nats, store)
+}
+
+/// Sends `v` with `id` and returns the reply with that id, skipping presence events and messages.
+async fn ask(c: &mut WsClient, mut v: Value, id: u64) -> Value {
+    v["id"] = json!(id);
+    c.send(v).await;
+    wait_for(c, Duration::from_secs(5), |r| r["id"] == json!(id)).await
+}
+
+async fn join(c: &mut WsClient, room: &str) {
+    let r = ask(c, json!({"op":"join","room":room}), 900_001).await;
+    assert_eq!(r["op"], "ack", "join {room}: {r}");
+}
+
+/// [`presence`] on a gateway with its own id (test gateways share one otherwise, and so would their conn ids).
+fn named(id: &'static str) -> impl FnOnce(&mut Config) {
+    move |c| {
+        presence(c);
+        c.server.gateway_id = Some(id.into());
+    }
+}
+
+/// Presence on for rooms `p-*`; anonymous clients may join `p-*` and `n-*`.
+fn presence(c: &mut Config) {
+    c.presence.enabled = true;
+    c.presence.rooms = vec![RoomPattern::new("p-*")];
+    c.presence.ttl = Duration::from_secs(2);
+    c.auth.anonymous.join = vec![RoomPattern::new("p-*"), RoomPattern::new("n-*")];
+}
+
+/// The next frame matching `want` within `within`, skipping any other.
+async fn wait_for(c: &mut WsClient, within: Duration, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, c.ws.next())
+            .await
+            .expect("the awaited frame arrived in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).expect("JSON frame");
+                if want(&v) {
+                    return v;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended while waiting: {other:?}"),
+        }
+    }
+}
+
+fn joined(room: &str, conn: &str) -> impl Fn(&Value) -> bool {
+    let (room, conn) = (room.to_owned(), conn.to_owned());
+    move |v| v["op"] == "member_joined" && v["room"] == room && v["conn"] == conn
+}
+
+fn left(room: &str, conn: &str) -> impl Fn(&Value) -> bool {
+    let (room, conn) = (room.to_owned(), conn.to_owned());
+    move |v| v["op"] == "member_left" && v["room"] == room && v["conn"] == conn
+}
+
+/// Asks `presence` until it lists every conn of `want` (and no other), within `within`; returns the answer.
+async fn presence_lists(c: &mut WsClient, room: &str, want: &[&str], within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    let mut id = 1000;
+    loop {
+        id += 1;
+        let r = ask(c, json!({"op":"presence","room":room}), id).await;
+        assert_eq!(r["op"], "presence", "{r}");
+        let mut conns: Vec<String> = r["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| m["conn"].as_str().expect("conn").to_owned())
+            .collect();
+        conns.sort();
+        let mut expected: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        if conns == expected {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "presence of {room} is {r}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_gateways_see_each_other_join_and_leave() {
+    let (nats, _store) = nats_js().await;
+    let one = TestGateway::start(&nats, named("gw-one")).await;
+    let two = TestGateway::start(&nats, named("gw-two")).await;
+    let room = "p-lobby";
+
+    let mut a = one.client().await;
+    join(&mut a, room).await;
+    let mut b = two.client().await;
+    join(&mut b, room).await;
+    // Within 2 s of B's join ack, A gets `member_joined` for B and both list both.
+    let started = Instant::now();
+    let ev = wait_for(&mut a, Duration::from_secs(2), joined(room, &b.conn)).await;
+    assert_eq!(ev["user"], Value::Null, "{ev}");
+    assert_eq!(ev["first"], true, "anonymous connections are always first: {ev}");
+    let (ac, bc) = (a.conn.clone(), b.conn.clone());
+    let r = presence_lists(&mut a, room, &[&ac, &bc], Duration::from_secs(2)).await;
+    assert_eq!((r["count"].as_u64(), r["users"].as_u64()), (Some(2), Some(0)), "{r}");
+    // B sees its own arrival as everyone does (before `presence_lists`, which skips events).
+    wait_for(&mut b, Duration::from_secs(2), joined(room, &bc)).await;
+    presence_lists(&mut b, room, &[&ac, &bc], Duration::from_secs(2)).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let s = ask(&mut b, json!({"op":"presence_stats","room":room}), 7).await;
+    assert_eq!(s, json!({"op":"presence_stats","id":7,"room":room,"count":2,"users":0}));
+
+    // A room without local members is read from the bucket.
+    let mut c = one.client().await;
+    let r = presence_lists(&mut c, room, &[&ac, &bc], Duration::from_secs(2)).await;
+    assert_eq!(r["count"], 2, "{r}");
+
+    // B leaves: A hears `leave`, and B is no longer listed.
+    let r = ask(&mut b, json!({"op":"leave","room":room}), 8).await;
+    assert_eq!(r["op"], "ack", "{r}");
+    let ev = wait_for(&mut a, Duration::from_secs(2), left(room, &bc)).await;
+    assert_eq!(
+        (ev["reason"].as_str(), ev["last"].as_bool()),
+        (Some("leave"), Some(true)),
+        "{ev}"
+    );
+    presence_lists(&mut a, room, &[&ac], Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_drained_gateways_members_disconnect() {
+    let (nats, _store) = nats_js().await;
+    let one = TestGateway::start(&nats, named("gw-one")).await;
+    let mut two = TestGateway::start(&nats, named("gw-two")).await;
+    let room = "p-drain";
+    let mut a = one.client().await;
+    join(&mut a, room).await;
+    let mut b = two.client().await;
+    join(&mut b, room).await;
+    let bc = b.conn.clone();
+    wait_for(&mut a, Duration::from_secs(2), joined(room, &bc)).await;
+
+    two.shutdown().await;
+    let ev = wait_for(&mut a, Duration::from_secs(3), left(room, &bc)).await;
+    assert_eq!(ev["reason"], "disconnect", "{ev}");
+    assert_eq!(ev["last"], true, "{ev}");
+    let ac = a.conn.clone();
+    presence_lists(&mut a, room, &[&ac], Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_vanished_gateways_members_are_lost_when_its_entries_expire() {
+    let (nats, _store) = nats_js().await;
+    let one = TestGateway::start(&nats, named("gw-one")).await;
+    let mut two = TestGateway::start(&nats, named("gw-two")).await;
+    let room = "p-crash";
+    let mut a = one.client().await;
+    join(&mut a, room).await;
+    let mut b = two.client().await;
+    join(&mut b, room).await;
+    let bc = b.conn.clone();
+    wait_for(&mut a, Duration::from_secs(2), joined(room, &bc)).await;
+
+    // kill -9: from now on gateway two writes and removes nothing; then it goes away.
+    two.gw.presence().expect("presence on").vanish();
+    let killed = Instant::now();
+    two.shutdown().await;
+    drop(b);
+    let ttl = Duration::from_secs(2);
+    let ev = wait_for(&mut a, ttl + Duration::from_secs(5), left(room, &bc)).await;
+    assert_eq!(ev["reason"], "gateway_lost", "{ev}");
+    assert!(
+        killed.elapsed() >= ttl / 2,
+        "expired, not removed: {:?}",
+        killed.elapsed()
+    );
+    let ac = a.conn.clone();
+    presence_lists(&mut a, room, &[&ac], Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn presence_needs_join_permission_and_a_presence_room() {
+    let (nats, _store) = nats_js().await;
+    let gw = TestGateway::start(&nats, presence).await;
+    let mut c = gw.client().await;
+    for (op, room, code) in [
+        ("presence", "q-secret", "forbidden"),
+        ("presence_stats", "q-secret", "forbidden"),
+        ("presence", "n-plain", "bad_request"),
+        ("presence_stats", "n-plain", "bad_request"),
+    ] {
+        let r = c.request(json!({"op":op,"room":room}), 3).await;
+        assert_eq!(
+            (r["op"].as_str(), r["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{op} {room}: {r}"
+        );
+    }
+    let r = c.request(json!({"op":"presence","room":"p-empty"}), 4).await;
+    assert_eq!(
+        r,
+        json!({"op":"presence","id":4,"room":"p-empty","count":0,"users":0,"members":[]})
+    );
+
+    // Presence off: every room is bad_request.
+    let off = TestGateway::start(&nats, |c| c.auth.anonymous.join = vec![RoomPattern::new("*")]).await;
+    let mut c = off.client().await;
+    let r = c.request(json!({"op":"presence","room":"p-x"}), 5).await;
+    assert_eq!(r["code"], "bad_request", "{r}");
+}
+
+#[tokio::test]
+async fn writes_of_a_room_are_coalesced() {
+    let (nats, _store) = nats_js().await;
+    let gw = TestGateway::start(&nats, presence).await;
+    let room = "p-busy";
+    let mut watcher = gw.client().await;
+    join(&mut watcher, room).await;
+    let wc = watcher.conn.clone();
+    wait_for(&mut watcher, Duration::from_secs(2), joined(room, &wc)).await;
+
+    let writes = || gw.gw.metrics().presence_writes.get();
+    let before = writes();
+    let started = Instant::now();
+    let mut clients = futures_util::future::join_all((0..20).map(|_| gw.client())).await;
+    futures_util::future::join_all(clients.iter_mut().map(|c| join(c, room))).await;
+    let last = clients.last().expect("clients").conn.clone();
+    wait_for(&mut watcher, Duration::from_secs(3), joined(room, &last)).await;
+    futures_util::future::join_all(clients.iter_mut().map(|c| ask(c, json!({"op":"leave","room":room}), 5))).await;
+    let elapsed = started.elapsed();
+    // 40 membership changes; the last of them is written within a flush interval.
+    wait_for(&mut watcher, Duration::from_secs(3), left(room, &last)).await;
+    let total = started.elapsed();
+    let made = writes() - before;
+    let flush = roomwire::presence::FLUSH_INTERVAL;
+    let bound = (total.as_millis() / flush.as_millis()) as u64 + 2;
+    eprintln!("40 joins and leaves in {elapsed:?}, {made} writes in {total:?}");
+    assert!(
+        made <= bound,
+        "{made} writes for 40 changes in {total:?} (bound {bound})"
+    );
+    assert!(made < 20, "{made} writes for 40 changes");
+}
