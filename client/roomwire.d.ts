@@ -72,6 +72,61 @@ export interface HistoryAnswer {
   messages: { seq: number; data: unknown; from?: string }[];
 }
 
+/** One connection in a presence room. `user` is the token's subject, null for an anonymous connection. */
+export interface Member {
+  conn: string;
+  user: string | null;
+}
+
+/** `rw.presence(room)`: every connection in the room over all gateways. */
+export interface PresenceAnswer {
+  op: "presence";
+  id: number;
+  room: string;
+  /** Connections in the room. */
+  count: number;
+  /** Distinct non-null users. */
+  users: number;
+  /** Absent when the room has more than the gateway's `presence.max_members` connections (then `truncated`). */
+  members?: Member[];
+  truncated?: true;
+}
+
+/** `rw.presenceStats(room)`: the counts only. */
+export interface PresenceStats {
+  op: "presence_stats";
+  id: number;
+  room: string;
+  count: number;
+  users: number;
+}
+
+/** Why a member left: it sent `leave`, its connection (or its gateway, gracefully) ended, or its gateway vanished. */
+export type LeaveReason = "leave" | "disconnect" | "gateway_lost";
+
+/** A connection joined or left a presence room this client is in (on any gateway; this client's own included). */
+export type PresenceEvent =
+  | {
+      room: string;
+      type: "joined";
+      conn: string;
+      user: string | null;
+      /** The user's first connection in the room over all gateways (always true when anonymous). */
+      first: boolean;
+      last?: undefined;
+      reason?: undefined;
+    }
+  | {
+      room: string;
+      type: "left";
+      conn: string;
+      user: string | null;
+      first?: undefined;
+      /** The user has no connection left in the room (always true when anonymous). */
+      last: boolean;
+      reason: LeaveReason;
+    };
+
 /** Settled into a promise: `code` is the gateway's error code, or `timeout`, `disconnected`, `queue_full`, `closed`. */
 export declare class RoomwireError extends Error {
   code: string;
@@ -84,6 +139,11 @@ export interface Events {
   /** A rejoin could not recover what was missed (`recovered:false`): reload the room's state. */
   resync: (room: string) => void;
   left: (left: { room: string; reason: string }) => void;
+  /** The join of `room` was acked: the first time and after every rejoin following a reconnect. What a reconnect may
+   *  have made stale (the room's presence) is to be fetched again here. */
+  joined: (room: string, ack: Ack) => void;
+  /** `member_joined` / `member_left` of a presence room (not sent in rooms over `presence.max_members`). */
+  presence: (event: PresenceEvent) => void;
   error: (err: RoomwireError) => void;
 }
 
@@ -100,6 +160,10 @@ export declare class Roomwire {
   /** Waits in the offline queue while not connected. */
   publish(room: string, data: unknown, options?: { echo?: boolean }): Promise<Ack>;
   history(room: string, limit?: number): Promise<HistoryAnswer>;
+  /** Who is in `room` over every gateway (needs join permission; rejects `bad_request` outside `presence.rooms`).
+   *  Like `history`, rejects with `disconnected` while not connected. */
+  presence(room: string): Promise<PresenceAnswer>;
+  presenceStats(room: string): Promise<PresenceStats>;
   /** True when `from` is one of this client's connections (now or before a reconnect). */
   isOwn(from: string | undefined): boolean;
   close(): void;

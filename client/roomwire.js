@@ -13,6 +13,8 @@
 // each missed message once, in order; keeps publishes made while offline in a bounded queue and sends them (and the
 // ones whose ack the old connection never brought) after the reconnect with their original `msg_id`, so the gateway's
 // JetStream dedup stores each once; turns acks into promises with a timeout; pings to notice a dead link before TCP.
+// Presence (docs/presence.md): `presence`/`presenceStats` ask who is in a room over every gateway; the gateway's
+// `member_joined`/`member_left` become `presence` events; `joined` after every (re)join says when to ask again.
 
 /** Default options (see `ConnectOptions` in roomwire.d.ts). */
 export const DEFAULTS = Object.freeze({
@@ -221,6 +223,19 @@ export class Roomwire {
     return this._request({ op: "history", room, limit });
   }
 
+  /**
+   * Who is in `room` over every gateway: `{op, id, room, count, users, members: [{conn, user}]}`, or `truncated: true`
+   * and no `members` in a room over the gateway's `presence.max_members`. Needs join permission, not membership.
+   */
+  presence(room) {
+    return this._request({ op: "presence", room });
+  }
+
+  /** How many are in `room`: `{op, id, room, count, users}` (connections, distinct non-null users). */
+  presenceStats(room) {
+    return this._request({ op: "presence_stats", room });
+  }
+
   /** True when `from` is one of this client's connections (its own messages, echoed or recovered). */
   isOwn(from) {
     return from !== undefined && this.conns.includes(from);
@@ -397,10 +412,15 @@ export class Roomwire {
       case "ack":
       case "pong":
       case "history":
+      case "presence":
+      case "presence_stats":
         return this._answer(f, null);
       case "error":
         if (f.id !== undefined && this.pending.has(f.id)) return this._answer(f, new RoomwireError(f.code, f.message));
         return this._emit("error", new RoomwireError(f.code, f.message));
+      case "member_joined":
+      case "member_left":
+        return this._member(f);
       case "gap":
         return this._emit("gap", { room: f.room, dropped: f.dropped });
       case "left": {
@@ -457,6 +477,7 @@ export class Roomwire {
         const outcome = entry.cursor.onJoinAck(ack);
         for (const w of entry.waiters.splice(0)) w.resolve(ack);
         if (outcome === "resync") this._emit("resync", room);
+        this._emit("joined", room, ack);
         return ack;
       },
       (err) => {
@@ -477,6 +498,18 @@ export class Roomwire {
     const msg = { room: f.room, data: f.data, from: f.from, seq: f.seq };
     if (f.data_b64 !== undefined) msg.dataB64 = f.data_b64;
     this._emit("message", msg);
+  }
+
+  /** A presence event: `{room, type, conn, user}` and `first` (joined) or `last` and `reason` (left). */
+  _member(f) {
+    if (!this.rooms.has(f.room)) return; // left already
+    const e = { room: f.room, type: f.op === "member_joined" ? "joined" : "left", conn: f.conn, user: f.user ?? null };
+    if (e.type === "joined") e.first = f.first;
+    else {
+      e.last = f.last;
+      e.reason = f.reason;
+    }
+    this._emit("presence", e);
   }
 
   _answer(f, err) {

@@ -187,3 +187,129 @@ test("client: a draining gateway's close adds a random delay of up to drainDelay
   FakeSocket.all[0].drop(1001, "server shutting down");
   assert.ok(delays2[0] < 10, `no drain delay: ${delays2}`);
 });
+
+/** A client joined to `room` over a fresh FakeSocket: `{ rw, sock }`. */
+async function joinedClient(t, room) {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", opts);
+  t.after(() => rw.close());
+  const joined = rw.join(room);
+  await tick();
+  const sock = FakeSocket.all[0];
+  sock.open("gw-1");
+  const j = sock.sent.find((f) => f.op === "join");
+  sock.deliver({ op: "ack", id: j.id });
+  await joined;
+  return { rw, sock };
+}
+
+test("presence: requests carry an id and resolve with the answer; an error frame rejects with its code", async (t) => {
+  const { rw, sock } = await joinedClient(t, "p");
+  const members = rw.presence("p");
+  const stats = rw.presenceStats("p");
+  const secret = rw.presence("secret");
+  const [q1, q2, q3] = sock.sent.slice(-3);
+  assert.deepEqual(q1, { op: "presence", room: "p", id: q1.id });
+  assert.deepEqual(q2, { op: "presence_stats", room: "p", id: q2.id });
+  assert.equal(new Set([q1.id, q2.id, q3.id]).size, 3, "distinct ids");
+  // Answered out of order: each promise gets the frame with its own id.
+  const statsAnswer = { op: "presence_stats", id: q2.id, room: "p", count: 2, users: 1 };
+  const answer = {
+    op: "presence",
+    id: q1.id,
+    room: "p",
+    count: 2,
+    users: 1,
+    members: [
+      { conn: "gw-1", user: null },
+      { conn: "gw-7", user: "u1" },
+    ],
+  };
+  sock.deliver(statsAnswer);
+  sock.deliver({ op: "error", id: q3.id, code: "forbidden", message: "not allowed" });
+  sock.deliver(answer);
+  assert.deepEqual(await members, answer);
+  assert.deepEqual(await stats, statsAnswer);
+  await assert.rejects(secret, { name: "RoomwireError", code: "forbidden" });
+  // Over max_members: counts only.
+  const big = rw.presence("p");
+  const q4 = sock.sent.at(-1);
+  sock.deliver({ op: "presence", id: q4.id, room: "p", count: 5000, users: 4000, truncated: true });
+  const b = await big;
+  assert.equal(b.truncated, true);
+  assert.equal(b.members, undefined);
+});
+
+test("presence: like history, a request while offline rejects disconnected, and so does one the drop interrupts", async (t) => {
+  const { rw, sock } = await joinedClient(t, "p");
+  const inFlight = rw.presence("p");
+  const statsInFlight = rw.presenceStats("p");
+  sock.drop();
+  await assert.rejects(inFlight, { code: "disconnected" });
+  await assert.rejects(statsInFlight, { code: "disconnected" });
+  await assert.rejects(rw.presence("p"), { code: "disconnected" });
+  await assert.rejects(rw.presenceStats("p"), { code: "disconnected" });
+  rw.close();
+  await assert.rejects(rw.presence("p"), { code: "disconnected" });
+  FakeSocket.all = [];
+  const unanswered = connect("wss://gw.test/ws", { ...opts, requestTimeout: 5 });
+  t.after(() => unanswered.close());
+  await tick();
+  FakeSocket.all[0].open("gw-9");
+  await assert.rejects(unanswered.presence("p"), { code: "timeout" });
+});
+
+test("presence: member_joined / member_left become presence events; other rooms' are dropped", async (t) => {
+  const { rw, sock } = await joinedClient(t, "p");
+  const seen = [];
+  rw.on("presence", (e) => seen.push(e));
+  sock.deliver({ op: "member_joined", room: "p", conn: "gw-2", user: "ann", first: true });
+  sock.deliver({ op: "member_joined", room: "p", conn: "gw-3", user: null, first: true });
+  sock.deliver({ op: "member_joined", room: "elsewhere", conn: "gw-4", user: "bo", first: true });
+  sock.deliver({ op: "member_left", room: "p", conn: "gw-2", user: "ann", last: false, reason: "leave" });
+  sock.deliver({ op: "member_left", room: "p", conn: "gw-5", user: "cy", last: true, reason: "gateway_lost" });
+  assert.deepEqual(seen, [
+    { room: "p", type: "joined", conn: "gw-2", user: "ann", first: true },
+    { room: "p", type: "joined", conn: "gw-3", user: null, first: true },
+    { room: "p", type: "left", conn: "gw-2", user: "ann", last: false, reason: "leave" },
+    { room: "p", type: "left", conn: "gw-5", user: "cy", last: true, reason: "gateway_lost" },
+  ]);
+  assert.ok(!("last" in seen[0]) && !("reason" in seen[0]), "joined: no last/reason");
+  assert.ok(!("first" in seen[2]), "left: no first");
+  // After leave(), frames still in flight for the room are not delivered.
+  rw.leave("p").catch(() => {}); // never acked here
+  sock.deliver({ op: "member_left", room: "p", conn: "gw-3", user: null, last: true, reason: "disconnect" });
+  assert.equal(seen.length, 4);
+});
+
+test("joined fires on the first join ack and again after each rejoin, so presence can be reloaded", async (t) => {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", opts);
+  t.after(() => rw.close());
+  const joins = [];
+  rw.on("joined", (room, ack) => joins.push([room, ack.id]));
+  rw.join("p");
+  await tick();
+  FakeSocket.all[0].open("gw-1");
+  const j1 = FakeSocket.all[0].sent.find((f) => f.op === "join");
+  FakeSocket.all[0].deliver({ op: "ack", id: j1.id });
+  await tick();
+  assert.deepEqual(joins, [["p", j1.id]]);
+  FakeSocket.all[0].drop();
+  await new Promise((r) => setTimeout(r, 10));
+  FakeSocket.all[1].open("gw-2");
+  const j2 = FakeSocket.all[1].sent.find((f) => f.op === "join");
+  assert.equal(joins.length, 1, "not before the rejoin's ack");
+  FakeSocket.all[1].deliver({ op: "ack", id: j2.id });
+  await tick();
+  assert.deepEqual(joins, [
+    ["p", j1.id],
+    ["p", j2.id],
+  ]);
+  // A refused join is not `joined`.
+  const refused = rw.join("q");
+  const j3 = FakeSocket.all[1].sent.at(-1);
+  FakeSocket.all[1].deliver({ op: "error", id: j3.id, code: "forbidden" });
+  await assert.rejects(refused, { code: "forbidden" });
+  assert.equal(joins.length, 2);
+});
