@@ -25,7 +25,11 @@ const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.hos
 const rw = connect(wsUrl, params.get("token") ? { token: params.get("token") } : {});
 window.roomwireDemo = { rw }; // for the browser tests and the curious
 
-/** room -> { log: <li>[], seen: Set<seq>, unread, item: <li> in the room list } */
+/**
+ * room -> { log: <li>[], seen: Set<seq>, unread, item: <li> in the room list, members: Map<conn, user> (presence),
+ * count and truncated (a room over presence.max_members: counts only), loading: presence events received while a
+ * `presence` request is on its way (applied again on top of its answer), or null }
+ */
 const rooms = new Map();
 const names = new Map(); // conn id -> display name, learned from messages (`from`)
 const joinLines = new Map(); // conn id -> the "joined" line, renamed once the name is known
@@ -63,7 +67,68 @@ function show(room) {
   $("log").replaceChildren(...r.log);
   $("log").scrollTop = $("log").scrollHeight;
   $("text").placeholder = `Message #${room}`;
+  renderMembers();
 }
+
+// ---- who is in the room: the `presence` answer after every (re)join, then `presence` events ----
+
+function renderMembers() {
+  const r = active && rooms.get(active);
+  const items = [];
+  if (r && r.truncated) items.push(el("li", "count", `${r.count} connections`));
+  else if (r) {
+    for (const [conn, user] of r.members) {
+      const li = el("li", rw.isOwn(conn) ? "me" : "", who(conn, user));
+      li.dataset.conn = conn;
+      items.push(li);
+    }
+    items.sort((a, b) => a.textContent.localeCompare(b.textContent));
+  }
+  $("members").replaceChildren(...items);
+  $("member-count").textContent = r && (r.truncated || r.members.size) ? `(${r.truncated ? r.count : r.members.size})` : "";
+}
+
+function applyPresence(r, e) {
+  if (e.type === "joined") r.members.set(e.conn, e.user);
+  else r.members.delete(e.conn);
+}
+
+async function loadPresence(room) {
+  const r = rooms.get(room);
+  if (!r) return;
+  const loading = [];
+  r.loading = loading;
+  try {
+    const p = await rw.presence(room);
+    if (r.loading !== loading) return; // a newer load is on its way
+    r.count = p.count;
+    r.truncated = !!p.truncated;
+    r.members = new Map((p.members || []).map((m) => [m.conn, m.user]));
+    // Events that came while asking: replayed in order, they give the same result whether or not the answer counted them.
+    for (const e of loading) applyPresence(r, e);
+  } catch {
+    // presence off for this room, or the connection dropped (the rejoin's `joined` loads again)
+  } finally {
+    if (r.loading === loading) r.loading = null;
+  }
+  if (room === active) renderMembers();
+}
+
+const hello = (room) => rw.publish(room, { type: "hello", name, ts: Date.now() }).catch(() => {});
+// After the first join and every rejoin: say who we are (a reconnect is a new conn) and reload the member list.
+rw.on("joined", (room) => {
+  hello(room);
+  loadPresence(room);
+});
+rw.on("presence", (e) => {
+  const r = rooms.get(e.room);
+  if (!r) return;
+  r.loading?.push(e);
+  applyPresence(r, e);
+  // Names travel in `hello` messages: greet newcomers so they can name everyone already here.
+  if (e.type === "joined" && !rw.isOwn(e.conn)) hello(e.room);
+  if (e.room === active) renderMembers();
+});
 
 function append(room, li) {
   const r = rooms.get(room);
@@ -110,6 +175,7 @@ function render(room, { data, from, seq }, recovered) {
       line.textContent = `→ ${data.name} joined`;
       joinLines.delete(from);
     }
+    if (room === active) renderMembers();
     return undefined;
   }
   const text = data && typeof data === "object" ? (data.text ?? JSON.stringify(data)) : String(data);
@@ -138,7 +204,12 @@ rw.on("resync", async (room) => {
   notice(room, "could not recover everything missed: showing the latest");
   loadHistory(room);
 });
-rw.on("left", ({ room, reason }) => notice(room, `removed from #${room}: ${reason}`));
+rw.on("left", ({ room, reason }) => {
+  notice(room, `removed from #${room}: ${reason}`);
+  const r = rooms.get(room);
+  if (r) r.members.clear();
+  if (room === active) renderMembers();
+});
 rw.on("error", (e) => active && notice(active, `error: ${e.code} ${e.message}`));
 
 async function loadHistory(room) {
@@ -156,13 +227,12 @@ async function join(room) {
     item.append(el("span", "badge"));
     item.addEventListener("click", () => show(room));
     $("rooms").append(item);
-    rooms.set(room, { log: [], seen: new Set(), unread: 0, item });
+    rooms.set(room, { log: [], seen: new Set(), unread: 0, item, members: new Map(), count: 0, truncated: false, loading: null });
   }
   show(room);
   try {
     const ack = await rw.join(room);
     if (ack.epoch !== undefined) await loadHistory(room);
-    rw.publish(room, { type: "hello", name, ts: Date.now() }).catch(() => {});
   } catch (e) {
     notice(room, `could not join: ${e.code || ""} ${e.message}`);
   }

@@ -83,7 +83,7 @@ export class Stack {
     this.natsPort = Number(ports.nats[0].split(":").pop());
   }
 
-  /** Writes the gateway's config, with history for rooms `h-*`. */
+  /** Writes the gateway's config, with history for rooms `h-*` and presence in every room. */
   writeConfig() {
     const base = `
 [server]
@@ -102,7 +102,7 @@ join = ["*"]
 publish = ["*"]
 `;
     this.config = path.join(this.dir, "gateway.toml");
-    fs.writeFileSync(this.config, `${base}\n[history]\nenabled = true\nrooms = ["h-*"]\n`);
+    fs.writeFileSync(this.config, `${base}\n[history]\nenabled = true\nrooms = ["h-*"]\n[presence]\nenabled = true\n`);
     execFileSync(this.bin, ["check-config", "--config", this.config], { stdio: "inherit" });
     return true;
   }

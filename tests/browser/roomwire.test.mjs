@@ -43,7 +43,9 @@ async function clientPage(room) {
       window.rw = rw;
       window.got = [];
       window.states = [];
+      window.presence = [];
       rw.on("message", (m) => window.got.push(m));
+      rw.on("presence", (e) => window.presence.push(e));
       rw.on("state", (s) => window.states.push(s));
       return rw.join(room);
     },
@@ -156,4 +158,79 @@ test("after a gateway restart the page shows the messages sent meanwhile once, i
   assert.ok(got.every((m, i) => i === 0 || m.seq > got[i - 1].seq), "increasing seq");
   assert.ok((await page.evaluate(() => window.states)).includes("reconnecting"));
   await page.close();
+});
+
+/** The conns `page`'s client gets from `rw.presence(room)`, sorted. */
+const presentConns = (page, room) =>
+  page.evaluate(async (room) => (await window.rw.presence(room)).members.map((m) => m.conn).sort(), room);
+
+/** Resolves with the first presence event of `page` matching `want` (a subset of its fields). */
+const presenceEvent = (page, want) =>
+  page
+    .waitForFunction(
+      (want) => window.presence.find((e) => Object.entries(want).every(([k, v]) => e[k] === v)),
+      want,
+      { timeout: WAIT },
+    )
+    .then((h) => h.jsonValue());
+
+test("presence: two pages see each other arrive and leave", async () => {
+  const room = "p-two";
+  const a = (await clientPage(room)).page;
+  const aConn = await a.evaluate(() => window.rw.conn);
+  const b = (await clientPage(room)).page;
+  const bConn = await b.evaluate(() => window.rw.conn);
+  // A was there first: it hears B's arrival as an event ...
+  const joined = await presenceEvent(a, { type: "joined", conn: bConn });
+  assert.deepEqual(joined, { room, type: "joined", conn: bConn, user: null, first: true });
+  // ... and B, arriving second, finds A in the room's presence (as A does B).
+  const both = [aConn, bConn].sort();
+  await until(async () => JSON.stringify(await presentConns(b, room)) === JSON.stringify(both), "B lists A and B");
+  await until(async () => JSON.stringify(await presentConns(a, room)) === JSON.stringify(both), "A lists A and B");
+  const stats = await b.evaluate((room) => window.rw.presenceStats(room), room);
+  assert.deepEqual({ ...stats, id: 0 }, { op: "presence_stats", id: 0, room, count: 2, users: 0 });
+  // Everyone hears every arrival, their own included.
+  await presenceEvent(b, { type: "joined", conn: bConn });
+  // B closes its tab: A sees it leave with `disconnect`, and the presence no longer lists it.
+  await b.close();
+  const left = await presenceEvent(a, { type: "left", conn: bConn });
+  assert.deepEqual(left, { room, type: "left", conn: bConn, user: null, last: true, reason: "disconnect" });
+  assert.deepEqual(await presentConns(a, room), [aConn]);
+  // A third page that sends `leave` leaves with `leave`.
+  const c = (await clientPage(room)).page;
+  const cConn = await c.evaluate(() => window.rw.conn);
+  await presenceEvent(a, { type: "joined", conn: cConn });
+  await c.evaluate((room) => window.rw.leave(room), room);
+  assert.equal((await presenceEvent(a, { type: "left", conn: cConn })).reason, "leave");
+  await c.close();
+  await a.close();
+});
+
+const members = (page) => page.$$eval("#members li", (lis) => lis.map((li) => li.textContent));
+
+test("presence: the demo lists who is in the room, live", async () => {
+  const alice = await demoPage("alice", "p-demo");
+  await until(async () => (await members(alice)).join() === "alice (you)", "alice lists herself");
+  const bob = await demoPage("bob", "p-demo");
+  // Names come with the `hello` each page sends on joining and to every newcomer.
+  await until(async () => (await members(alice)).join() === "alice (you),bob", `alice lists bob: ${await members(alice)}`);
+  await until(async () => (await members(bob)).join() === "alice,bob (you)", `bob lists alice: ${await members(bob)}`);
+  assert.equal(await alice.$eval("#member-count", (s) => s.textContent), "(2)");
+  // After a gateway restart both come back as new connections: each page reloads the list when it has rejoined.
+  const conns = async (page) => page.$$eval("#members li", (lis) => lis.map((li) => li.dataset.conn).sort().join());
+  const before = await conns(alice);
+  await stack.restartGateway();
+  for (const [page, want] of [
+    [alice, "alice (you),bob"],
+    [bob, "alice,bob (you)"],
+  ]) {
+    await until(
+      async () => (await members(page)).join() === want && (await conns(page)) !== before,
+      `${want} after the restart: ${await members(page)}`,
+    );
+  }
+  assert.deepEqual(await conns(alice), await conns(bob));
+  await bob.close();
+  await until(async () => (await members(alice)).join() === "alice (you)", "bob gone from alice's list");
+  await alice.close();
 });
