@@ -56,18 +56,28 @@ async function freePort() {
 }
 
 export class Stack {
-  static async start() {
+  /**
+   * Options: `presenceTtl` (the gateways' `presence.ttl`, default the gateway's), `certFrom` (another stack: use its
+   * certificate, so a browser launched for that one trusts this one too).
+   */
+  static async start(opts = {}) {
     const st = new Stack();
+    st.opts = opts;
     st.dir = fs.mkdtempSync(path.join(os.tmpdir(), "roomwire-bt-"));
     st.bin = process.env.ROOMWIRE_BIN || path.join(root, "target/debug/roomwire");
     await st.startNats();
-    execFileSync(st.bin, ["gen-cert", "--dir", st.dir], { stdio: "ignore" });
+    if (opts.certFrom) {
+      for (const f of ["dev-cert.pem", "dev-key.pem"]) fs.copyFileSync(path.join(opts.certFrom.dir, f), path.join(st.dir, f));
+    } else {
+      execFileSync(st.bin, ["gen-cert", "--dir", st.dir], { stdio: "ignore" });
+    }
     const pem = fs.readFileSync(path.join(st.dir, "dev-cert.pem"), "utf8");
     st.pem = pem;
     const spki = new X509Certificate(pem).publicKey.export({ type: "spki", format: "der" });
     st.spkiHash = createHash("sha256").update(spki).digest("base64");
     st.port = await freePort();
-    st.history = st.writeConfig();
+    st.config = st.writeConfig(st.port, "gateway.toml");
+    st.history = true;
     await st.startGateway();
     return st;
   }
@@ -84,10 +94,10 @@ export class Stack {
   }
 
   /** Writes the gateway's config, with history for rooms `h-*` and presence in every room. */
-  writeConfig() {
+  writeConfig(port, name) {
     const base = `
 [server]
-listen = "127.0.0.1:${this.port}"
+listen = "127.0.0.1:${port}"
 demo = true
 shutdown_grace = "2s"
 [tls]
@@ -101,23 +111,41 @@ allow_anonymous = true
 join = ["*"]
 publish = ["*"]
 `;
-    this.config = path.join(this.dir, "gateway.toml");
-    fs.writeFileSync(this.config, `${base}\n[history]\nenabled = true\nrooms = ["h-*"]\n[presence]\nenabled = true\n`);
-    execFileSync(this.bin, ["check-config", "--config", this.config], { stdio: "inherit" });
-    return true;
+    const ttl = this.opts.presenceTtl ? `ttl = "${this.opts.presenceTtl}"\n` : "";
+    const config = path.join(this.dir, name);
+    fs.writeFileSync(config, `${base}\n[history]\nenabled = true\nrooms = ["h-*"]\n[presence]\nenabled = true\n${ttl}`);
+    execFileSync(this.bin, ["check-config", "--config", config], { stdio: "inherit" });
+    return config;
   }
 
   async startGateway() {
-    const log = fs.openSync(path.join(this.dir, "gateway.log"), "a");
-    this.gateway = track(spawn(this.bin, ["--config", this.config], { stdio: ["ignore", log, log] }));
-    // Ready when /healthz answers over TLS, the certificate verified against itself (it is self-signed).
-    await until(() => this.healthz(), "gateway /healthz");
+    this.gateway = await this.spawnGateway(this.config, this.port, "gateway.log");
   }
 
-  healthz() {
+  async spawnGateway(config, port, logName) {
+    const log = fs.openSync(path.join(this.dir, logName), "a");
+    const child = track(spawn(this.bin, ["--config", config], { stdio: ["ignore", log, log] }));
+    // Ready when /healthz answers over TLS, the certificate verified against itself (it is self-signed).
+    await until(() => this.healthz(port), "gateway /healthz");
+    return child;
+  }
+
+  /**
+   * A second gateway on the same NATS (its own port, the same settings): `{ process, port, origin, wsUrl }`. Killed
+   * with the test process, or by the test (`process.kill("SIGKILL")`).
+   */
+  async addGateway() {
+    const port = await freePort();
+    const n = (this.extra = (this.extra || 1) + 1);
+    const config = this.writeConfig(port, `gateway-${n}.toml`);
+    const child = await this.spawnGateway(config, port, `gateway-${n}.log`);
+    return { process: child, port, origin: `https://localhost:${port}`, wsUrl: `wss://localhost:${port}/ws` };
+  }
+
+  healthz(port = this.port) {
     return new Promise((resolve) => {
       const req = https.get(
-        { host: "127.0.0.1", port: this.port, path: "/healthz", servername: "localhost", ca: this.pem },
+        { host: "127.0.0.1", port, path: "/healthz", servername: "localhost", ca: this.pem },
         (res) => {
           res.resume();
           resolve(res.statusCode === 200);

@@ -31,11 +31,14 @@ async function demoPage(name, room, extra = "") {
   return page;
 }
 
-/** A page running the client library directly (on the demo page's origin), with fast retries for the tests. */
-async function clientPage(room) {
+/**
+ * A page running the client library directly (on the demo page's origin), with fast retries for the tests; `gw` (a
+ * stack, or a gateway from `addGateway`) is the gateway it is served by and connects to.
+ */
+async function clientPage(room, gw = stack) {
   const page = await browser.newPage();
   page.on("pageerror", (e) => console.error("page error:", e));
-  await page.goto(`${stack.origin}/healthz`);
+  await page.goto(`${gw.origin}/healthz`);
   const ack = await page.evaluate(
     async ({ url, room }) => {
       const { connect } = await import("/client/roomwire.js");
@@ -49,7 +52,7 @@ async function clientPage(room) {
       rw.on("state", (s) => window.states.push(s));
       return rw.join(room);
     },
-    { url: stack.wsUrl, room },
+    { url: gw.wsUrl, room },
   );
   return { page, ack };
 }
@@ -233,4 +236,23 @@ test("presence: the demo lists who is in the room, live", async () => {
   await bob.close();
   await until(async () => (await members(alice)).join() === "alice (you)", "bob gone from alice's list");
   await alice.close();
+});
+
+test("presence: the members of a killed gateway leave with gateway_lost", async (t) => {
+  // Its own stack: two gateways on one NATS, with a short presence.ttl (a lost gateway's entry expires after it).
+  const two = await Stack.start({ presenceTtl: "3s", certFrom: stack });
+  t.after(() => two.stop());
+  const other = await two.addGateway();
+  const room = "p-lost";
+  const a = (await clientPage(room, two)).page;
+  const aConn = await a.evaluate(() => window.rw.conn);
+  const b = (await clientPage(room, other)).page;
+  const bConn = await b.evaluate(() => window.rw.conn);
+  await presenceEvent(a, { type: "joined", conn: bConn });
+  other.process.kill("SIGKILL");
+  const left = await presenceEvent(a, { type: "left", conn: bConn });
+  assert.deepEqual(left, { room, type: "left", conn: bConn, user: null, last: true, reason: "gateway_lost" });
+  assert.deepEqual(await presentConns(a, room), [aConn]);
+  await b.close();
+  await a.close();
 });
