@@ -27,6 +27,7 @@ try {
   };
   const alice = await open("alice");
   const bob = await open("bob");
+  await open("carol"); // stays: the member list shows her
   await say(bob, "hi alice! is this going over NATS?");
   await say(alice, "yes: browser → gateway → NATS → your tab");
   await say(bob, "!time");
@@ -37,6 +38,7 @@ try {
   await alice.click("#rooms li:first-child");
   await bob.close();
   await until(async () => (await alice.$$("#log li.event")).length >= 3, "bob's leave relayed");
+  await until(async () => (await alice.$$("#members li")).length === 2, "bob gone from the member list");
   await alice.fill("#text", "see you tomorrow");
   await alice.screenshot({ path: path.join(root, "docs/demo.png") });
   console.log("wrote docs/demo.png");
