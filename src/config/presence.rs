@@ -32,6 +32,10 @@ pub struct PresenceConfig {
     /// lists, no `member_joined`/`member_left` events. Also bounds what one gateway writes and reads per entry.
     /// Default 1000.
     pub max_members: usize,
+    /// `presence` and `presence_stats` reads of rooms this gateway holds no member of, at once, gateway-wide: each
+    /// costs a short-lived JetStream consumer, so a client cannot make the gateway open one per request at will.
+    /// A read that finds no slot within its 2 s deadline is answered `unavailable`. Default 16.
+    pub max_concurrent_reads: usize,
 }
 
 impl Default for PresenceConfig {
@@ -44,6 +48,7 @@ impl Default for PresenceConfig {
             replicas: 1,
             manage_bucket: true,
             max_members: 1000,
+            max_concurrent_reads: 16,
         }
     }
 }
@@ -75,6 +80,9 @@ impl PresenceConfig {
         }
         if self.ttl < Duration::from_secs(1) || self.ttl > Duration::from_secs(24 * 3600) {
             return Err(invalid("presence.ttl", "must be between 1s and 24h"));
+        }
+        if self.max_concurrent_reads == 0 {
+            return Err(invalid("presence.max_concurrent_reads", "must be at least 1"));
         }
         if !matches!(self.replicas, 1..=5) {
             return Err(invalid("presence.replicas", "must be between 1 and 5"));

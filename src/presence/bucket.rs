@@ -64,6 +64,8 @@ pub struct Presence {
     metrics: Arc<Metrics>,
     /// Test hook ([`Presence::vanish`]): stop every write and removal, as if the process had been killed.
     vanished: AtomicBool,
+    /// Reads of rooms without local members at once (`presence.max_concurrent_reads`): each costs a consumer.
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -93,6 +95,7 @@ impl Presence {
             store: ArcSwapOption::empty(),
             metrics,
             vanished: AtomicBool::new(false),
+            reads: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_reads)),
         }
     }
 
@@ -237,6 +240,7 @@ impl Presence {
     /// `deadline`.
     pub async fn read(&self, room: &str, deadline: Instant) -> Result<Summary, PresenceError> {
         let read = async {
+            let _slot = self.reads.acquire().await.map_err(|_| PresenceError::Unavailable)?;
             let mut watch = self.watch(room).await?;
             let mut view = View::new(self.cfg.max_members);
             let mut left = watch.pending.min(MAX_ENTRIES as u64);
