@@ -44,6 +44,10 @@ const REWATCH_DELAY: Duration = Duration::from_secs(1);
 /// recreates itself in about 10 s, or never: see the module's doc.)
 pub const STALE_AFTER: Duration = Duration::from_secs(5);
 
+/// Longest wait before a failed write is tried again ([`retry_after`]): an entry is rewritten within this long of
+/// the bucket answering again.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Most own writes awaiting their sighting by the watch (at one per [`FLUSH_INTERVAL`], more than [`STALE_AFTER`]
 /// holds); a newer write is not tracked when full, the oldest one decides staleness anyway.
 const MAX_UNSEEN: usize = 64;
@@ -172,7 +176,9 @@ impl RoomPresence {
         }
     }
 
-    async fn put(&self) {
+    /// Writes this instance's value; whether the write went through. A failed write's departures are kept for the
+    /// next one, so they keep their reason.
+    async fn put(&self) -> bool {
         let value = self.value();
         match self.presence.put(&self.room, &value).await {
             Ok(Some(seq)) => {
@@ -182,9 +188,18 @@ impl RoomPresence {
                 }
                 drop(unseen);
                 self.written.notify_one();
+                true
             }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(room = %self.room, error = %e, "presence write failed"),
+            Ok(None) => true,
+            Err(e) => {
+                tracing::debug!(room = %self.room, error = %e, "presence write failed");
+                let mut local = self.local.lock();
+                let mut left = value.left;
+                left.append(&mut local.left);
+                left.truncate(self.presence.config().max_members);
+                local.left = left;
+                false
+            }
         }
     }
 
@@ -238,10 +253,13 @@ impl RoomPresence {
     }
 
     /// The writer: one write per [`FLUSH_INTERVAL`] at most while the membership changes, and one every `ttl / 3`.
+    /// A failed write is tried again sooner ([`retry_after`]): waiting a whole `ttl / 3` after each failure, two
+    /// failures in a row (a leader election of the bucket's stream takes seconds) let the entry expire.
     async fn write(&self, cancel: &CancellationToken) {
         let refresh = self.presence.config().ttl / 3;
         let mut last: Option<Instant> = None;
         let mut next_refresh = Instant::now() + refresh;
+        let mut failures = 0u32;
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
@@ -263,13 +281,19 @@ impl RoomPresence {
                 }
             }
             let started = Instant::now();
-            tokio::select! {
+            let written = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                _ = self.put() => {}
-            }
+                w = self.put() => w,
+            };
             last = Some(started);
-            next_refresh = started + refresh;
+            failures = if written { 0 } else { failures + 1 };
+            next_refresh = started
+                + if written {
+                    refresh
+                } else {
+                    retry_after(failures).min(refresh)
+                };
         }
     }
 
@@ -353,5 +377,25 @@ impl RoomPresence {
                 m.outbox.try_push_control(frame.clone());
             }
         }
+    }
+}
+
+/// How long the writer waits before trying again after `failures` failed writes in a row (at least 1): from
+/// [`FLUSH_INTERVAL`], doubling, at most [`RETRY_MAX`] (the writer also caps it at `ttl / 3`).
+fn retry_after(failures: u32) -> Duration {
+    FLUSH_INTERVAL
+        .saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_writes_are_retried_with_a_bounded_backoff() {
+        let ms = |n| retry_after(n).as_millis();
+        assert_eq!([ms(1), ms(2), ms(3), ms(4), ms(5)], [150, 300, 600, 1200, 2000]);
+        assert_eq!(ms(1000), 2000);
     }
 }
