@@ -1,7 +1,8 @@
 //! Presence across gateways on a real `nats-server -js` (issue 24, `docs/presence.md`): two in-process gateways on
 //! one NATS, real TLS clients. Each sees the other's members and their arrivals; a leave is `leave`, a drained
 //! gateway's members `disconnect`, a vanished gateway's members `gateway_lost` once its entries expire; refusals;
-//! and the KV writes of a room are coalesced.
+//! and the KV writes of a room are coalesced, also under churn across rooms (and, run by hand, the write-rate figure of
+//! BENCHMARKS.md: `presence_write_rate`).
 
 mod common;
 
@@ -317,8 +318,8 @@ async fn churn(c: &Churn, tweak: impl FnOnce(&mut Config)) -> Measured {
     let bucket = gw.gw.config().presence.bucket.clone();
     let room = |i: usize| format!("p-churn-{i:04}");
 
-    // Residents: one per room, each joined and its own arrival seen (the room's first write is made), then read
-    // and discarded in the background.
+    // Residents: one per room, each joined and listed by `presence` (the room's first write is made and watched),
+    // then read and discarded in the background.
     let mut drains = Vec::new();
     for batch in (0..c.rooms).collect::<Vec<_>>().chunks(50) {
         let residents = futures_util::future::join_all(batch.iter().map(|&i| {
@@ -328,7 +329,7 @@ async fn churn(c: &Churn, tweak: impl FnOnce(&mut Config)) -> Measured {
                 let mut r = gw.client().await;
                 join(&mut r, &name).await;
                 let me = r.conn.clone();
-                wait_for(&mut r, Duration::from_secs(5), joined(&name, &me)).await;
+                presence_lists(&mut r, &name, &[&me], Duration::from_secs(10)).await;
                 r
             }
         }))
