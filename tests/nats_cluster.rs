@@ -1,6 +1,7 @@
 //! The gateway on a 3-node nats-server cluster (issue 13): it is given every node's URL; when the node it is connected
 //! to dies, or enters lame-duck mode, it moves to another node, its rooms are subscribed again there, and the
-//! WebSocket clients stay connected and get messages again. Three gateways on the cluster share rooms both ways.
+//! WebSocket clients stay connected and get messages again. Three gateways on the cluster share rooms both ways. An R3
+//! history stream and an R3 presence bucket survive the loss of a node.
 
 mod common;
 
@@ -213,21 +214,7 @@ async fn three_gateways_on_three_nodes_share_rooms_both_ways() {
 async fn an_r3_history_stream_survives_a_node_and_recovery_stays_exact() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = cluster_with(dir.path(), true).await;
-    // JetStream answers once the cluster has elected its meta leader.
-    let probe = async_nats::jetstream::new(nodes[0].client().await);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = probe.query_account().await;
-        if r.is_ok() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "JetStream cluster not ready: {r:?}\n{}",
-            nodes[0].log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    js_ready(&nodes).await;
     let gw = TestGateway::start(&nodes[0], |c| {
         c.nats.url = all_urls(&nodes);
         c.history.enabled = true;
@@ -311,4 +298,216 @@ async fn an_r3_history_stream_survives_a_node_and_recovery_stays_exact() {
         stored,
         "the stored sequences, in order"
     );
+}
+
+/// Waits for JetStream on a fresh cluster: it answers once the nodes have elected a meta leader.
+async fn js_ready(nodes: &[NatsServer]) {
+    let probe = async_nats::jetstream::new(nodes[0].client().await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = probe.query_account().await;
+        if r.is_ok() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "JetStream cluster not ready: {r:?}\n{}",
+            nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A JetStream API request (`$JS.API.<api>`) over `nc`: the answer, or `None` if none came.
+async fn js_api(nc: &async_nats::Client, api: &str, body: Value) -> Option<Value> {
+    let r = nc
+        .request(format!("$JS.API.{api}"), body.to_string().into())
+        .await
+        .ok()?;
+    serde_json::from_slice(&r.payload).ok()
+}
+
+/// A client's next frame matching `want` within `deadline`; every frame read on the way (the matching one
+/// included) is added to `log`.
+async fn next_logged(
+    c: &mut WsClient,
+    deadline: tokio::time::Instant,
+    log: &mut Vec<Value>,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> Value {
+    loop {
+        let msg = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut c.ws))
+            .await
+            .unwrap_or_else(|_| panic!("{what} in time; seen meanwhile: {log:?}"));
+        match msg {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                log.push(v.clone());
+                if want(&v) {
+                    return v;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended while waiting for {what}: {other:?}"),
+        }
+    }
+}
+
+/// The first frame of `log` matching `want`, else the client's next one ([`next_logged`]).
+async fn event(
+    c: &mut WsClient,
+    deadline: tokio::time::Instant,
+    log: &mut Vec<Value>,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> Value {
+    match log.iter().find(|v| want(v)) {
+        Some(v) => v.clone(),
+        None => next_logged(c, deadline, log, what, want).await,
+    }
+}
+
+/// Joins `room`; presence events may come before the ack (logged).
+async fn join_logged(c: &mut WsClient, room: &str, log: &mut Vec<Value>) {
+    c.send(json!({"op":"join","room":room,"id":1})).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let r = next_logged(c, deadline, log, "the join's answer", |v| v["id"] == 1).await;
+    assert_eq!(r["op"], "ack", "join {room}: {r}");
+}
+
+/// Asks `presence` of `room` until it lists exactly the conns of `want`, before `deadline`.
+async fn lists(c: &mut WsClient, room: &str, want: &[&str], deadline: tokio::time::Instant, log: &mut Vec<Value>) {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    for id in 10_000u64.. {
+        c.send(json!({"op":"presence","room":room,"id":id})).await;
+        let r = next_logged(c, deadline, log, "a presence answer", |v| v["id"] == id).await;
+        let mut conns: Vec<String> = r["members"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["conn"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        conns.sort();
+        if r["op"] == "presence" && conns == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence of {room} is {r}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Presence with `replicas = 3` (issue 24) survives the loss of a node: two gateways on the cluster, a member on
+/// each, the bucket's stream leader moved to the node gateway `a` is connected to, and that node killed. The bucket
+/// elects a new leader, `a` moves to another node, and presence goes on: a member joining on either side afterwards
+/// is seen by the other (`member_joined`), `presence` lists everyone on both, and nobody is reported gone (no
+/// `member_left` at all, so no spurious `gateway_lost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_presence_survives_the_loss_of_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster_with(dir.path(), true).await;
+    js_ready(&nodes).await;
+    let room = "p-r3";
+    let gateway = |id: &'static str, nodes: &[NatsServer]| {
+        let urls = all_urls(nodes);
+        move |c: &mut roomwire::Config| {
+            c.nats.url = urls;
+            c.server.gateway_id = Some(id.into());
+            c.presence.enabled = true;
+            c.presence.rooms = vec![roomwire::room_pattern::RoomPattern::new("p-*")];
+            c.presence.replicas = 3;
+            // Entries are at most ttl / 3 old when the node dies and must be rewritten before they expire, after
+            // the bucket's leader election (nats-server's raft waits 4-9 s before electing): 20 s leaves room.
+            c.presence.ttl = Duration::from_secs(20);
+            c.auth.anonymous.join = vec![roomwire::room_pattern::RoomPattern::new("p-*")];
+        }
+    };
+    let a_gw = TestGateway::start(&nodes[0], gateway("gw-a", &nodes)).await;
+    let b_gw = TestGateway::start(&nodes[1], gateway("gw-b", &nodes)).await;
+    // The R3 bucket may need a retry at start while the cluster settles (`ensure_later`).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for gw in [&a_gw, &b_gw] {
+        while !gw.gw.presence().expect("presence on").is_available() {
+            assert!(tokio::time::Instant::now() < deadline, "presence bucket not set up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (mut a_log, mut b_log) = (Vec::new(), Vec::new());
+    let within = |s| tokio::time::Instant::now() + Duration::from_secs(s);
+    let is_joined = |conn: &str| {
+        let conn = conn.to_owned();
+        move |v: &Value| v["op"] == "member_joined" && v["room"] == room && v["conn"] == conn.as_str()
+    };
+    let mut a = a_gw.client().await;
+    join_logged(&mut a, room, &mut a_log).await;
+    let mut b = b_gw.client().await;
+    join_logged(&mut b, room, &mut b_log).await;
+    let (ac, bc) = (a.conn.clone(), b.conn.clone());
+    event(&mut a, within(5), &mut a_log, "a: b joined", is_joined(&bc)).await;
+    event(&mut b, within(5), &mut b_log, "b: b joined", is_joined(&bc)).await;
+    lists(&mut a, room, &[&ac, &bc], within(5), &mut a_log).await;
+    lists(&mut b, room, &[&ac, &bc], within(5), &mut b_log).await;
+
+    // The bucket's stream leader onto the node `a` is connected to, then that node dies: the worst node to lose.
+    let stream = format!("KV_{}", a_gw.gw.config().presence.bucket);
+    let dead = connected_node(&a_gw, &nodes);
+    let dead_name = format!("n{dead}");
+    let admin = nodes[(dead + 1) % 3].client().await;
+    let leader = || async {
+        js_api(&admin, &format!("STREAM.INFO.{stream}"), json!({}))
+            .await
+            .and_then(|i| i["cluster"]["leader"].as_str().map(str::to_owned))
+    };
+    let deadline = within(20);
+    while leader().await.as_deref() != Some(dead_name.as_str()) {
+        let r = js_api(
+            &admin,
+            &format!("STREAM.LEADER.STEPDOWN.{stream}"),
+            json!({"placement":{"preferred": dead_name}}),
+        )
+        .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bucket's leader never moved to {dead_name}: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let b_node = connected_node(&b_gw, &nodes);
+    nodes[dead].stop();
+    eprintln!("killed n{dead}: the bucket's leader and gw-a's node (gw-b on n{b_node})");
+
+    // A new leader is elected among the two left.
+    let deadline = within(30);
+    loop {
+        match leader().await {
+            Some(l) if l != dead_name => break,
+            l => assert!(tokio::time::Instant::now() < deadline, "no new leader: {l:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Presence goes on, both ways: a new member on each side is seen by the other.
+    let (mut c_log, mut d_log) = (Vec::new(), Vec::new());
+    let mut c = a_gw.client().await;
+    join_logged(&mut c, room, &mut c_log).await;
+    let mut d = b_gw.client().await;
+    join_logged(&mut d, room, &mut d_log).await;
+    let (cc, dc) = (c.conn.clone(), d.conn.clone());
+    event(&mut b, within(30), &mut b_log, "b: c joined", is_joined(&cc)).await;
+    event(&mut a, within(30), &mut a_log, "a: d joined", is_joined(&dc)).await;
+    let everyone = [ac.as_str(), bc.as_str(), cc.as_str(), dc.as_str()];
+    lists(&mut a, room, &everyone, within(10), &mut a_log).await;
+    lists(&mut b, room, &everyone, within(10), &mut b_log).await;
+    lists(&mut c, room, &everyone, within(10), &mut c_log).await;
+    assert_ne!(connected_node(&a_gw, &nodes), dead, "gw-a moved off the dead node");
+    // Both gateways have written their entry since the loss (the joins above), so no entry of theirs can still
+    // expire from the outage, and an expiry before those writes would have come first, in order: nobody left.
+    for (who, log) in [("a", &a_log), ("b", &b_log), ("c", &c_log), ("d", &d_log)] {
+        let gone: Vec<&Value> = log.iter().filter(|v| v["op"] == "member_left").collect();
+        assert!(
+            gone.is_empty(),
+            "{who} was told of departures: {gone:?}; all it saw: {log:?}"
+        );
+    }
 }

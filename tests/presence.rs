@@ -1,7 +1,8 @@
 //! Presence across gateways on a real `nats-server -js` (issue 24, `docs/presence.md`): two in-process gateways on
 //! one NATS, real TLS clients. Each sees the other's members and their arrivals; a leave is `leave`, a drained
 //! gateway's members `disconnect`, a vanished gateway's members `gateway_lost` once its entries expire; refusals;
-//! and the KV writes of a room are coalesced.
+//! and the KV writes of a room are coalesced, also under churn across rooms (and, run by hand, the write-rate figure of
+//! BENCHMARKS.md: `presence_write_rate`).
 
 mod common;
 
@@ -261,4 +262,217 @@ async fn writes_of_a_room_are_coalesced() {
         "{made} writes for 40 changes in {total:?} (bound {bound})"
     );
     assert!(made < 20, "{made} writes for 40 changes");
+}
+
+/// What [`churn`] drives: `churners` clients joining and leaving among `rooms` rooms at `rate` joins and leaves per
+/// second in all, for `secs`; each room also has one resident member (so the rooms live through the run, and the
+/// figure is the churn's, not rooms being made and ended).
+struct Churn {
+    rooms: usize,
+    churners: usize,
+    rate: u32,
+    secs: f64,
+}
+
+/// What [`churn`] measured over its window.
+#[derive(Debug)]
+struct Measured {
+    events: u64,
+    secs: f64,
+    /// `roomwire_presence_writes_total` over the window.
+    writes: u64,
+    /// Messages on the bucket's subjects (`$KV.<bucket>.>`) seen by a NATS subscriber over the window.
+    kv_messages: u64,
+    /// The shortest time between two messages on one key, as the subscriber received them.
+    min_gap: Duration,
+    /// Keys that got messages.
+    keys: usize,
+}
+
+impl Measured {
+    fn events_per_s(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+    fn writes_per_s(&self) -> f64 {
+        self.writes as f64 / self.secs
+    }
+}
+
+/// One gateway with presence, `c.rooms` residents, then `c.churners` real TLS WebSocket clients, each joining a room
+/// and leaving it in turn on a fixed schedule (together `c.rate` events per second; each waits for its ack). Counts
+/// the presence writes (the metric, and the KV messages a NATS subscriber sees) over the churn.
+async fn churn(c: &Churn, tweak: impl FnOnce(&mut Config)) -> Measured {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    let (nats, _store) = nats_js().await;
+    let gw = TestGateway::start(&nats, |cfg| {
+        presence(cfg);
+        cfg.rooms.max_rooms_per_user = 100_000;
+        cfg.rooms.room_creations_per_second = 100_000;
+        cfg.rooms.room_creations_burst = 100_000;
+        tweak(cfg);
+    })
+    .await;
+    let bucket = gw.gw.config().presence.bucket.clone();
+    let room = |i: usize| format!("p-churn-{i:04}");
+
+    // Residents: one per room, each joined and listed by `presence` (the room's first write is made and watched),
+    // then read and discarded in the background.
+    let mut drains = Vec::new();
+    for batch in (0..c.rooms).collect::<Vec<_>>().chunks(50) {
+        let residents = futures_util::future::join_all(batch.iter().map(|&i| {
+            let gw = &gw;
+            let name = room(i);
+            async move {
+                let mut r = gw.client().await;
+                join(&mut r, &name).await;
+                let me = r.conn.clone();
+                presence_lists(&mut r, &name, &[&me], Duration::from_secs(10)).await;
+                r
+            }
+        }))
+        .await;
+        for mut r in residents {
+            drains.push(tokio::spawn(async move { while r.ws.next().await.is_some() {} }));
+        }
+    }
+    let mut churners = futures_util::future::join_all((0..c.churners).map(|_| gw.client())).await;
+
+    // Every message on the bucket's subjects, with when it was received.
+    let watcher = nats.client().await;
+    let mut kv = watcher
+        .subscribe(format!("$KV.{bucket}.>"))
+        .await
+        .expect("subscribe to the bucket's subjects");
+    watcher.flush().await.expect("flush");
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::<(String, Instant)>::new()));
+    let recorder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(m) = kv.next().await {
+                seen.lock().push((m.subject.to_string(), Instant::now()));
+            }
+        })
+    };
+
+    let events = Arc::new(AtomicU64::new(0));
+    let period = Duration::from_secs_f64(c.churners as f64 / f64::from(c.rate));
+    let per_client = (c.secs / period.as_secs_f64()).round() as u64;
+    let writes = || gw.gw.metrics().presence_writes.get();
+    let (before, started) = (writes(), Instant::now());
+    futures_util::future::join_all(churners.iter_mut().enumerate().map(|(n, client)| {
+        let events = events.clone();
+        let offset = period.mul_f64(n as f64 / c.churners as f64);
+        let name = move |k: u64| room((n * 7 + k as usize * 13) % c.rooms);
+        async move {
+            let mut tick = tokio::time::interval_at(started + offset, period);
+            for k in 0..per_client {
+                tick.tick().await;
+                let (op, r) = if k % 2 == 0 {
+                    ("join", name(k))
+                } else {
+                    ("leave", name(k - 1))
+                };
+                let reply = ask(client, json!({"op":op,"room":r}), k + 1).await;
+                assert_eq!(reply["op"], "ack", "{op} {r}: {reply}");
+                events.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }))
+    .await;
+    let (after, ended) = (writes(), Instant::now());
+    // Messages sent by the end of the window have arrived once a round trip made after it returns.
+    watcher.flush().await.expect("flush");
+    recorder.abort();
+    for d in drains {
+        d.abort();
+    }
+
+    let mut per_key: std::collections::HashMap<String, Vec<Instant>> = Default::default();
+    let mut kv_messages = 0;
+    for (subject, at) in seen.lock().iter() {
+        if (started..=ended).contains(at) {
+            kv_messages += 1;
+            per_key.entry(subject.clone()).or_default().push(*at);
+        }
+    }
+    let min_gap = per_key
+        .values()
+        .flat_map(|t| t.windows(2).map(|w| w[1] - w[0]))
+        .min()
+        .unwrap_or(Duration::MAX);
+    Measured {
+        events: events.load(Ordering::Relaxed),
+        secs: (ended - started).as_secs_f64(),
+        writes: after - before,
+        kv_messages,
+        min_gap,
+        keys: per_key.len(),
+    }
+}
+
+fn report(c: &Churn, m: &Measured) {
+    let flush = roomwire::presence::FLUSH_INTERVAL.as_secs_f64();
+    println!(
+        "presence_write_rate: {} rooms, {} churning clients, {:.0} joins+leaves/s for {:.1} s ({}): \
+         {} writes = {:.0} writes/s (KV messages seen: {}, {:.0}/s, on {} keys; shortest gap on one key {:?}); \
+         bound {:.0}/s ({} rooms / {:.0} ms), a write per event would be {:.0}/s",
+        c.rooms,
+        c.churners,
+        m.events_per_s(),
+        m.secs,
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        m.writes,
+        m.writes_per_s(),
+        m.kv_messages,
+        m.kv_messages as f64 / m.secs,
+        m.keys,
+        m.min_gap,
+        c.rooms as f64 / flush,
+        c.rooms,
+        flush * 1000.0,
+        m.events_per_s(),
+    );
+}
+
+/// The write-rate figure of BENCHMARKS.md ("Presence writes"): 1,000 joins and leaves per second across 100 rooms,
+/// by 200 real clients, for 10 s; KV writes per second against the bound (one per room per `FLUSH_INTERVAL`) and
+/// against a write per event. Other shapes: `CHURN_RATE`, `CHURN_ROOMS`, `CHURN_CLIENTS`, `CHURN_SECS`.
+/// `cargo test --release --test presence presence_write_rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run by hand"]
+async fn presence_write_rate() {
+    let env = |k: &str, d: f64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let c = Churn {
+        rooms: env("CHURN_ROOMS", 100.0) as usize,
+        churners: env("CHURN_CLIENTS", 200.0) as usize,
+        rate: env("CHURN_RATE", 1000.0) as u32,
+        secs: env("CHURN_SECS", 10.0),
+    };
+    // The shipped ttl (30 s: a refresh every 10 s), not the tests' short one.
+    let m = churn(&c, |cfg| cfg.presence.ttl = Duration::from_secs(30)).await;
+    report(&c, &m);
+    let bound = c.rooms as f64 / roomwire::presence::FLUSH_INTERVAL.as_secs_f64();
+    assert!(m.writes_per_s() <= bound * 1.05, "{m:?}");
+}
+
+/// The same churn, small: 10 rooms at 200 joins and leaves per second for 2 s make at most one write per room per
+/// flush interval (a write per event would be twice that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_across_rooms_stays_under_a_write_per_room_per_flush() {
+    let c = Churn {
+        rooms: 10,
+        churners: 20,
+        rate: 200,
+        secs: 2.0,
+    };
+    let m = churn(&c, |_| {}).await;
+    report(&c, &m);
+    let flush = roomwire::presence::FLUSH_INTERVAL;
+    let bound = c.rooms as u64 * ((m.secs / flush.as_secs_f64()) as u64 + 1);
+    assert!(m.writes <= bound, "{} writes, bound {bound}: {m:?}", m.writes);
+    assert!(m.events >= 300, "the churn ran: {m:?}");
+    assert!(m.writes < m.events / 2, "{m:?}");
 }

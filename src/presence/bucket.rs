@@ -179,19 +179,20 @@ impl Presence {
         self.vanished.store(true, Ordering::Relaxed);
     }
 
-    /// Writes this instance's entry for `room`. One write per call; the caller coalesces.
-    pub async fn put(&self, room: &str, value: &Value) -> Result<(), PresenceError> {
+    /// Writes this instance's entry for `room`. One write per call; the caller coalesces. Returns the write's
+    /// stream sequence (`None`: nothing written, [`Presence::vanish`]).
+    pub async fn put(&self, room: &str, value: &Value) -> Result<Option<u64>, PresenceError> {
         if self.vanished.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(None);
         }
         let store = self.store.load_full().ok_or(PresenceError::Unavailable)?;
         let bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| PresenceError::Api(e.to_string()))?);
         self.metrics.presence_writes.inc();
-        store
+        let seq = store
             .put(entry::key(room, &self.instance), bytes)
             .await
             .map_err(|e| PresenceError::Api(e.to_string()))?;
-        Ok(())
+        Ok(Some(seq))
     }
 
     /// Removes this instance's entry for `room` (watchers see its members leave with `disconnect`).
@@ -270,6 +271,8 @@ pub struct Seen {
     pub change: Change,
     /// Messages still to come that existed when this one was delivered (0: caught up).
     pub pending: u64,
+    /// The message's stream sequence.
+    pub seq: u64,
 }
 
 /// A watch of one room's entries ([`Presence::watch`]).
@@ -291,7 +294,7 @@ impl Watch {
                 return Some(None);
             }
         };
-        let pending = msg.info().map_or(0, |i| i.pending);
+        let (pending, seq) = msg.info().map_or((0, 0), |i| (i.pending, i.stream_sequence));
         let key = msg.subject.strip_prefix(self.prefix.as_str()).unwrap_or_default();
         let Some((_room, instance)) = key.split_once('.') else {
             return Some(None);
@@ -308,6 +311,7 @@ impl Watch {
             key: instance.to_owned(),
             change,
             pending,
+            seq,
         }))
     }
 }

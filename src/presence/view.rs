@@ -139,6 +139,26 @@ impl View {
         events
     }
 
+    /// Replaces this view by `snapshot`, a fresh read of every entry (a watch made again after it ended or went
+    /// stale), and returns the events the difference means: what changed while no watch was looking is reported as
+    /// if seen live. An entry missing from the snapshot is gone for the reason `gone` gives its last value.
+    pub fn resync(&mut self, snapshot: View, gone: impl Fn(&Value) -> Departure) -> Vec<Event> {
+        let mut events = Vec::new();
+        let missing: Vec<(String, Departure)> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| !snapshot.entries.contains_key(k.as_str()))
+            .map(|(k, v)| (k.clone(), gone(v)))
+            .collect();
+        for (key, reason) in missing {
+            events.extend(self.apply(&key, Change::Gone(reason)));
+        }
+        for (key, value) in snapshot.entries {
+            events.extend(self.apply(&key, Change::Put(value)));
+        }
+        events
+    }
+
     /// One more listed connection of `user`; whether it is the user's first.
     fn count_user(&mut self, user: Option<&str>) -> bool {
         let Some(user) = user else { return true };
@@ -290,6 +310,47 @@ mod tests {
             Change::Put(value(vec![m("a-1", Some("u1"))], vec![("a-2", Departure::Leave)])),
         );
         assert_eq!(ev, vec![left("a-2", Some("u2"), true, Departure::Leave)]);
+    }
+
+    #[test]
+    fn a_resync_reports_what_changed_unseen() {
+        let mut v = View::new(100);
+        v.apply(
+            "a",
+            Change::Put(value(vec![m("a-1", Some("alice")), m("a-2", None)], vec![])),
+        );
+        v.apply("b", Change::Put(value(vec![m("b-1", None)], vec![])));
+        v.apply("c", Change::Put(value(vec![m("c-1", Some("alice"))], vec![])));
+        // Unseen: a-2 left, a-3 joined; b's entry is gone; c unchanged; d arrived.
+        let mut snapshot = View::new(100);
+        snapshot.apply(
+            "a",
+            Change::Put(value(
+                vec![m("a-1", Some("alice")), m("a-3", Some("bob"))],
+                vec![("a-2", Departure::Leave)],
+            )),
+        );
+        snapshot.apply("c", Change::Put(value(vec![m("c-1", Some("alice"))], vec![])));
+        snapshot.apply("d", Change::Put(value(vec![m("d-1", Some("alice"))], vec![])));
+        let mut ev = v.resync(snapshot, |_| Departure::GatewayLost);
+        ev.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(
+            ev,
+            vec![
+                joined("a-3", Some("bob"), true),
+                joined("d-1", Some("alice"), false),
+                left("a-2", None, true, Departure::Leave),
+                left("b-1", None, true, Departure::GatewayLost),
+            ]
+        );
+        let s = v.summary();
+        assert_eq!((s.count, s.users), (4, 2));
+        // The same snapshot again: nothing happened.
+        let mut again = View::new(100);
+        for (k, e) in &v.entries {
+            again.apply(k, Change::Put(e.clone()));
+        }
+        assert!(v.resync(again, |_| Departure::Disconnect).is_empty());
     }
 
     #[test]
