@@ -200,6 +200,49 @@ async fn a_vanished_gateways_members_are_lost_when_its_entries_expire() {
     presence_lists(&mut a, room, &[&ac], Duration::from_secs(1)).await;
 }
 
+/// A gateway restarting after a crash is a new instance: its new members are listed beside the old entry until that
+/// expires (`gateway_lost`), and nothing of the old run comes back, although both runs share the gateway id and so
+/// the connection ids (`gw-re-1` twice).
+#[tokio::test]
+async fn a_restarted_gateway_never_resurrects_its_old_entries() {
+    let (nats, _store) = nats_js().await;
+    let one = TestGateway::start(&nats, named("gw-one")).await;
+    let room = "p-restart";
+    let mut a = one.client().await;
+    join(&mut a, room).await;
+    let ac = a.conn.clone();
+
+    let mut first = TestGateway::start(&nats, named("gw-re")).await;
+    let mut old = first.client().await;
+    join(&mut old, room).await;
+    let oc = old.conn.clone();
+    wait_for(&mut a, Duration::from_secs(2), joined(room, &oc)).await;
+    // kill -9, then a restart under the same gateway id.
+    first.gw.presence().expect("presence on").vanish();
+    first.shutdown().await;
+    drop(old);
+    let second = TestGateway::start(&nats, named("gw-re")).await;
+    let mut new = second.client().await;
+    join(&mut new, room).await;
+    let nc = new.conn.clone();
+    assert_eq!(nc, oc, "both runs number their connections alike: the instance tells them apart");
+    // The old run's entry expires and is reported as such; the new run's member stays.
+    let ev = wait_for(&mut a, Duration::from_secs(2) + Duration::from_secs(5), |v| {
+        v["op"] == "member_left" && v["room"] == room && v["reason"] == "gateway_lost"
+    })
+    .await;
+    assert_eq!(ev["conn"], oc.as_str(), "{ev}");
+    let listed = presence_lists(&mut a, room, &[&ac, &nc], Duration::from_secs(2)).await;
+    assert_eq!(listed["count"], 2, "{listed}");
+    // Nothing of the old run comes back at its next refresh time (ttl / 3) or later.
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < quiet {
+        let r = presence_lists(&mut a, room, &[&ac, &nc], Duration::from_secs(1)).await;
+        assert_eq!(r["count"], 2, "{r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn presence_needs_join_permission_and_a_presence_room() {
     let (nats, _store) = nats_js().await;
