@@ -225,7 +225,10 @@ async fn a_restarted_gateway_never_resurrects_its_old_entries() {
     let mut new = second.client().await;
     join(&mut new, room).await;
     let nc = new.conn.clone();
-    assert_eq!(nc, oc, "both runs number their connections alike: the instance tells them apart");
+    assert_eq!(
+        nc, oc,
+        "both runs number their connections alike: the instance tells them apart"
+    );
     // The old run's entry expires and is reported as such; the new run's member stays.
     let ev = wait_for(&mut a, Duration::from_secs(2) + Duration::from_secs(5), |v| {
         v["op"] == "member_left" && v["room"] == room && v["reason"] == "gateway_lost"
