@@ -45,7 +45,10 @@ fn check_accepted(text: &str, req: protocol::Request<'_>) {
                 assert!(since.epoch.len() <= protocol::MAX_EPOCH_LEN);
             }
         }
-        ClientOp::Leave { room } | ClientOp::History { room, .. } => check_room(&room),
+        ClientOp::Leave { room }
+        | ClientOp::History { room, .. }
+        | ClientOp::Presence { room }
+        | ClientOp::PresenceStats { room } => check_room(&room),
         ClientOp::Publish { room, data, msg_id, .. } => {
             check_room(&room);
             if let Some(m) = msg_id {
