@@ -88,6 +88,7 @@ impl Authenticator {
                 personal_room: cfg.personal_room.clone(),
                 rooms_claim: cfg.rooms_claim.clone(),
                 publish_claim: cfg.publish_claim.clone(),
+                rpc_claim: cfg.rpc_claim.clone(),
                 leeway: Duration::from_secs(cfg.leeway_secs),
                 max_keys_per_token: cfg.max_keys_per_token,
                 verifications: AtomicU64::new(0),
@@ -209,6 +210,7 @@ mod tests {
         f.cfg.anonymous = Permissions {
             join: vec!["public-*".into()],
             publish: vec![],
+            rpc: vec![],
         };
         let auth = f.auth();
         let id = auth.authenticate(None).expect("anonymous");

@@ -34,11 +34,13 @@ mod connect;
 mod error;
 mod publish;
 mod room_sub;
+mod rpc;
 
 pub use error::BridgeError;
 pub use publish::{HDR_CONN, HDR_ECHO, HDR_GATEWAY, HDR_USER, Published};
 pub use room_sub::RoomSub;
 use room_sub::Subjects;
+pub use rpc::{HDR_DEADLINE, RpcFailure};
 
 pub use crate::metrics::Failure;
 

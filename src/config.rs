@@ -19,6 +19,7 @@ mod log;
 mod nats;
 mod presence;
 mod rooms;
+mod rpc;
 mod secret;
 mod server;
 
@@ -37,6 +38,7 @@ pub use self::{
     nats::{NatsConfig, OneOrMany},
     presence::PresenceConfig,
     rooms::{RoomPolicy, RoomsConfig},
+    rpc::RpcConfig,
     secret::{Secret, SecretSource},
     server::{AdminConfig, ForwardedHeader, ServerConfig, TlsConfig},
 };
@@ -62,6 +64,8 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Room presence across gateways in a JetStream KV bucket (`docs/presence.md`).
     pub presence: PresenceConfig,
+    /// Browser calls to NATS services (`rpc` op).
+    pub rpc: RpcConfig,
     /// Log format and level.
     pub log: LogConfig,
     /// The admin listener (metrics, health, `/connz`), off unless `listen` is set.
@@ -105,6 +109,13 @@ impl Config {
         self.history.validate(&self.nats)?;
         self.presence.validate()?;
         self.auth.validate()?;
+        if self.rpc.enabled {
+            self.rpc.validate(&[
+                ("rooms.subject_prefix", &self.rooms.subject_prefix),
+                ("nats.events_prefix", &self.nats.events_prefix),
+                ("history.live_prefix", &self.history.live_prefix),
+            ])?;
+        }
         self.log.validate()?;
         self.admin.validate(&self.server)
     }

@@ -74,6 +74,7 @@ mod ops;
 mod presence;
 mod recovery;
 mod replies;
+mod rpc;
 
 use deadlines::{Deadlines, Due};
 pub use ending::read_error_close;

@@ -195,6 +195,9 @@ pub struct Outbox {
     space_wanted: std::sync::atomic::AtomicBool,
     max_messages: usize,
     max_bytes: usize,
+    /// The connection's RPC calls awaiting their answer (`rpc.max_inflight_per_connection`): kept here, on the heap
+    /// the connection already shares, so an idle connection's task does not grow.
+    rpc_inflight: std::sync::atomic::AtomicUsize,
 }
 
 impl Outbox {
@@ -207,7 +210,21 @@ impl Outbox {
             space_wanted: std::sync::atomic::AtomicBool::new(false),
             max_messages,
             max_bytes,
+            rpc_inflight: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Takes one of `max` RPC call slots; false when all are taken. Give it back with [`Outbox::release_rpc`].
+    pub fn try_acquire_rpc(&self, max: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.rpc_inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Gives back a slot taken by [`Outbox::try_acquire_rpc`].
+    pub fn release_rpc(&self) {
+        self.rpc_inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn fits(&self, s: &State, len: usize) -> bool {

@@ -17,6 +17,15 @@ pub fn valid_room(room: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'@' | b'=' | b'+'))
 }
 
+/// Longest RPC method name, in bytes.
+pub const MAX_METHOD_LEN: usize = 128;
+
+/// Whether an RPC method name is 1 to 128 bytes of room-name tokens separated by single dots (`orders.create`): no
+/// empty token, wildcard, `$` or whitespace, so `<prefix>.<method>` is a plain subject.
+pub fn valid_method(method: &str) -> bool {
+    !method.is_empty() && method.len() <= MAX_METHOD_LEN && method.split('.').all(valid_room)
+}
+
 /// Whether a configured subject prefix is dot-separated non-empty tokens of `[A-Za-z0-9_-]`.
 pub fn valid_subject_prefix(prefix: &str) -> bool {
     !prefix.is_empty()

@@ -60,6 +60,7 @@ async fn anonymous_has_its_own_permissions_and_no_user() {
         c.auth.anonymous = Permissions {
             join: vec!["public-*".into()],
             publish: vec!["public-chat".into()],
+            rpc: vec![],
         };
     })
     .await;

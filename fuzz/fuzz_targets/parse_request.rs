@@ -71,6 +71,12 @@ fn check_accepted(text: &str, req: protocol::Request<'_>) {
             }
             assert_json(protocol::message(&room, data.as_bytes(), None, Some(u64::MAX)));
         }
+        ClientOp::Rpc { data, .. } => {
+            // `id` is required; the method is checked by the connection (so the error carries the id).
+            let id = req.id.expect("an accepted rpc has an id");
+            assert!(serde_json::from_str::<serde_json::Value>(&data).is_ok() || data.contains('e'));
+            assert_json(protocol::rpc_result(id, data.as_bytes()));
+        }
         ClientOp::Ping => assert_json(protocol::pong(req.id)),
         // The token is only handed to the verifier, which has its own tests.
         ClientOp::Refresh { .. } => {}

@@ -46,6 +46,8 @@ pub struct Identity {
     pub(super) join: Vec<RoomPattern>,
     /// `*` glob patterns of rooms that may be published to.
     pub(super) publish: Vec<RoomPattern>,
+    /// `*` glob patterns of RPC methods that may be called.
+    pub(super) rpc: Vec<RoomPattern>,
     /// The personal room (`auth.personal_room` with `{sub}` replaced), matched exactly, never as a glob: a `sub`
     /// containing `*` must not widen the grant.
     pub(super) personal: Option<String>,
@@ -60,6 +62,7 @@ impl Identity {
             grace: Duration::ZERO,
             join: perms.join.clone(),
             publish: perms.publish.clone(),
+            rpc: perms.rpc.clone(),
             personal: None,
         }
     }
@@ -77,6 +80,11 @@ impl Identity {
     /// Whether `room` may be joined.
     pub fn may_join(&self, room: &str) -> bool {
         self.personal.as_deref() == Some(room) || self.join.iter().any(|p| p.matches(room))
+    }
+
+    /// Whether the RPC `method` may be called.
+    pub fn may_call(&self, method: &str) -> bool {
+        self.rpc.iter().any(|p| p.matches(method))
     }
 
     /// Whether messages may be published to `room`.

@@ -29,6 +29,7 @@ pub(super) struct Verifier {
     pub(super) personal_room: Option<String>,
     pub(super) rooms_claim: String,
     pub(super) publish_claim: String,
+    pub(super) rpc_claim: String,
     /// `auth.leeway_secs`: a token is accepted, and its connection lives, until `exp` plus this.
     pub(super) leeway: Duration,
     /// `auth.max_keys_per_token`: most candidate keys (signature checks) one token may cost.
@@ -121,12 +122,14 @@ impl Verifier {
         };
         let join = pattern_list(claims.get(&self.rooms_claim))?.unwrap_or_default();
         let publish = pattern_list(claims.get(&self.publish_claim))?.unwrap_or_else(|| join.clone());
+        let rpc = pattern_list(claims.get(&self.rpc_claim))?.unwrap_or_default();
         let identity = Identity {
             user: Some(sub),
             expires_at,
             grace: self.leeway,
             join,
             publish,
+            rpc,
             personal,
         };
         // jsonwebtoken compares whole seconds; decide with the same instant the connection's deadline will use, so

@@ -75,6 +75,8 @@ pub struct Permissions {
     pub join: Vec<RoomPattern>,
     /// Patterns of rooms that may be published to. Default `["*"]`.
     pub publish: Vec<RoomPattern>,
+    /// Patterns of RPC methods that may be called. Default empty (none).
+    pub rpc: Vec<RoomPattern>,
 }
 
 impl Default for Permissions {
@@ -82,6 +84,7 @@ impl Default for Permissions {
         Self {
             join: vec![RoomPattern::new("*")],
             publish: vec![RoomPattern::new("*")],
+            rpc: Vec::new(),
         }
     }
 }
@@ -113,6 +116,8 @@ pub struct AuthConfig {
     pub rooms_claim: String,
     /// Name of the claim holding publish patterns. Default `publish`.
     pub publish_claim: String,
+    /// Name of the claim holding RPC method patterns. Default `rpc`.
+    pub rpc_claim: String,
     /// A `token_expiring` warning is sent this long before `exp`. Default `60s`.
     #[serde(with = "humantime_serde")]
     pub expiry_warning: Duration,
@@ -146,6 +151,7 @@ impl Default for AuthConfig {
             personal_room: None,
             rooms_claim: "rooms".into(),
             publish_claim: "publish".into(),
+            rpc_claim: "rpc".into(),
             expiry_warning: Duration::from_secs(60),
             max_session: Duration::from_secs(24 * 3600),
             max_keys_per_token: 3,

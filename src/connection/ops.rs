@@ -103,6 +103,16 @@ impl Conn {
                 };
             }
             ClientOp::Refresh { token } => self.refresh(id, &token).await,
+            ClientOp::Rpc {
+                method,
+                data,
+                timeout_ms,
+            } => {
+                return match self.rpc(id, &method, &data, timeout_ms).await {
+                    Some(call) => Handled::Confirm(call),
+                    None => Handled::Done,
+                };
+            }
         }
         Handled::Done
     }

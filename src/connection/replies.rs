@@ -1,7 +1,13 @@
 //! What the client sees when an op is refused: one function per error type, giving the error frame's code and
 //! message (`docs/protocol.md`), so each mapping is written once. Closes are mapped in `super::close`.
 
-use crate::{auth::AuthError, bridge::BridgeError, protocol::ErrorCode, room_quota::QuotaError, rooms::JoinError};
+use crate::{
+    auth::AuthError,
+    bridge::{BridgeError, RpcFailure},
+    protocol::ErrorCode,
+    room_quota::QuotaError,
+    rooms::JoinError,
+};
 
 /// A `join` the registry refused.
 pub(super) fn join_refused(e: &JoinError) -> (ErrorCode, &'static str) {
@@ -23,6 +29,19 @@ pub(super) fn publish_refused(e: &BridgeError) -> (ErrorCode, &'static str) {
     match e {
         BridgeError::TooLarge => (ErrorCode::TooLarge, "message over the backend's maximum payload"),
         _ => (ErrorCode::Unavailable, "messaging backend unavailable"),
+    }
+}
+
+/// An `rpc` call that got no answer.
+pub(super) fn rpc_failed(e: RpcFailure) -> (ErrorCode, &'static str) {
+    match e {
+        RpcFailure::NoResponders => (ErrorCode::NoResponders, "no service answers this method"),
+        RpcFailure::Timeout => (
+            ErrorCode::Timeout,
+            "no answer in time; the service may still have acted",
+        ),
+        RpcFailure::TooLarge => (ErrorCode::TooLarge, "request over the backend's maximum payload"),
+        RpcFailure::Unavailable => (ErrorCode::Unavailable, "messaging backend unavailable"),
     }
 }
 

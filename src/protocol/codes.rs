@@ -51,6 +51,10 @@ pub enum ErrorCode {
     TooManyRooms,
     /// A `refresh` token was refused.
     Unauthorized,
+    /// `rpc`: nobody serves the method.
+    NoResponders,
+    /// `rpc`: no answer in time (the service may still have acted).
+    Timeout,
 }
 
 impl ErrorCode {
@@ -66,6 +70,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NoResponders => "no_responders",
+            ErrorCode::Timeout => "timeout",
         }
     }
 }

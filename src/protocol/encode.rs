@@ -223,6 +223,31 @@ fn push_message(b: &mut Vec<u8>, room: &str, payload: &[u8], from: Option<&str>,
     b.push(b'}');
 }
 
+/// `{"op":"rpc_result","id":N,"data":D}`: a service's answer; the payload is carried as in room messages.
+pub fn rpc_result(id: &str, payload: &[u8]) -> String {
+    let mut b = Vec::with_capacity(48 + id.len() + payload.len());
+    b.extend_from_slice(br#"{"op":"rpc_result","id":"#);
+    b.extend_from_slice(id.as_bytes());
+    push_payload(&mut b, payload);
+    b.push(b'}');
+    into_string(b)
+}
+
+/// `{"op":"rpc_result","id":N,"error":{"code":C,"message":M}}`: the service answered an error (ADR-32); `M` is cut to
+/// [`MAX_ERROR_TEXT`] bytes.
+pub fn rpc_error(id: &str, code: &str, message: &str) -> String {
+    let message = short(message);
+    let mut b = Vec::with_capacity(64 + id.len() + code.len() + message.len());
+    b.extend_from_slice(br#"{"op":"rpc_result","id":"#);
+    b.extend_from_slice(id.as_bytes());
+    b.extend_from_slice(br#","error":{"code":"#);
+    push_json_str(&mut b, code);
+    b.extend_from_slice(br#","message":"#);
+    push_json_str(&mut b, &message);
+    b.extend_from_slice(b"}}");
+    into_string(b)
+}
+
 fn push_from(b: &mut Vec<u8>, from: Option<&str>) {
     if let Some(from) = from {
         b.extend_from_slice(br#","from":"#);

@@ -34,6 +34,10 @@ struct RawOp<'a> {
     msg_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     limit: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    timeout_ms: Option<&'a RawValue>,
 }
 
 /// Where a recovering join starts: the last message the client has (`seq`) in the stream it came from (`epoch`).
@@ -106,6 +110,16 @@ pub enum ClientOp<'a> {
         echo: bool,
         /// Client's idempotency key: a retried publish with the same key is stored once (history rooms).
         msg_id: Option<Cow<'a, str>>,
+    },
+    /// Call an RPC method: a NATS request on `<rpc.subject_prefix>.<method>` (validated later, so the error can carry
+    /// the id).
+    Rpc {
+        /// Method name.
+        method: Cow<'a, str>,
+        /// Compact JSON text of the payload (`null` when absent).
+        data: Cow<'a, str>,
+        /// The client's deadline in milliseconds (capped by `rpc.max_timeout`).
+        timeout_ms: Option<u64>,
     },
     /// Application-level ping (browsers cannot see WebSocket pings).
     Ping,
@@ -228,6 +242,25 @@ pub fn parse_request_with_depth(text: &str, max_depth: usize) -> Result<Request<
                 data: compact_json(data.get()),
                 echo: raw.echo.unwrap_or(false),
                 msg_id,
+            }
+        }
+        "rpc" => {
+            if id.is_none() {
+                return Err(bad(None, "missing field `id`"));
+            }
+            let method = raw.method.ok_or_else(|| bad(id, "missing field `method`"))?;
+            let data = raw.data.map_or(Cow::Borrowed("null"), |d| compact_json(d.get()));
+            let timeout_ms = match raw.timeout_ms {
+                None => None,
+                Some(v) => Some(
+                    serde_json::from_str::<u64>(v.get())
+                        .map_err(|_| bad(id, "`timeout_ms` must be an integer >= 0"))?,
+                ),
+            };
+            ClientOp::Rpc {
+                method,
+                data,
+                timeout_ms,
             }
         }
         "ping" => ClientOp::Ping,
