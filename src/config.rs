@@ -110,6 +110,12 @@ impl Config {
         self.presence.validate()?;
         self.auth.validate()?;
         if self.rpc.enabled {
+            if self.rpc.max_inflight_per_connection > self.limits.max_inflight_publishes {
+                return Err(ConfigError::Invalid {
+                    key: "rpc.max_inflight_per_connection",
+                    message: "must be at most limits.max_inflight_publishes (calls share that bound)".into(),
+                });
+            }
             self.rpc.validate(&[
                 ("rooms.subject_prefix", &self.rooms.subject_prefix),
                 ("nats.events_prefix", &self.nats.events_prefix),

@@ -15,8 +15,8 @@ use futures_util::StreamExt;
 use roomwire::{config::Config, room_pattern::RoomPattern};
 use serde_json::{Value, json};
 
-/// Answers `rpc.echo` with what it saw (payload and headers), `rpc.fail` with an ADR-32 error and never answers
-/// `rpc.slow`.
+/// Answers `rpc.echo` with what it saw (payload and headers), `rpc.fail` with an ADR-32 error, `rpc.late` after
+/// 400 ms and never answers `rpc.slow`.
 async fn responder(nats: &NatsServer) -> async_nats::Client {
     let nc = async_nats::connect(nats.url()).await.expect("responder connects");
     let mut sub = nc.subscribe("rpc.*").await.expect("subscribe");
@@ -53,6 +53,14 @@ async fn responder(nats: &NatsServer) -> async_nats::Client {
                     h.insert("Nats-Service-Error-Code", "409");
                     h.insert("Nats-Service-Error", "x".repeat(400).as_str());
                     answer.publish_with_headers(reply, h, "".into()).await.unwrap();
+                }
+                "rpc.late" => {
+                    let answer = answer.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        let _ = answer.publish(reply, "\"late\"".into()).await;
+                        let _ = answer.flush().await;
+                    });
                 }
                 _ => {}
             }
@@ -287,6 +295,49 @@ async fn calls_over_the_in_flight_cap_are_rate_limited() {
     assert_eq!(r["op"], "rpc_result", "{r}");
 }
 
+#[tokio::test]
+async fn a_late_answer_is_dropped_and_a_closed_connection_abandons_its_calls() {
+    let nats = NatsServer::start().await;
+    let _service = responder(&nats).await;
+    let keys = Keys::new();
+    let gw = TestGateway::start(&nats, rpc(&keys)).await;
+    let mut c = alice(&gw, json!(["*"])).await;
+    expect_error(
+        &mut c,
+        json!({"op":"rpc","method":"late","timeout_ms":100}),
+        1,
+        "timeout",
+    )
+    .await;
+    // The answer comes at 400 ms: nothing more is written for call 1.
+    c.expect_silence(Duration::from_millis(700)).await;
+    let r = c.request(json!({"op":"rpc","method":"late"}), 2).await;
+    assert_eq!(
+        (r["op"].clone(), r["data"].clone()),
+        (json!("rpc_result"), json!("late")),
+        "{r}"
+    );
+
+    // Closing mid-call: the connection ends at once (its call is dropped with it, no task is left behind).
+    c.send(json!({"op":"rpc","id":3,"method":"late"})).await;
+    c.send(json!({"op":"rpc","id":4,"method":"slow"})).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.ws.close(None).await.expect("close");
+    // A close without a status is answered without one (1005).
+    c.expect_close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while gw.gw.metrics().connections_open.get() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the connection ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The late answer to a closed connection harms nobody; a new connection is served.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut d = alice(&gw, json!(["*"])).await;
+    let r = d.request(json!({"op":"rpc","method":"echo"}), 3).await;
+    assert_eq!(r["op"], "rpc_result", "{r}");
+    d.expect_silence(Duration::from_millis(300)).await;
+}
+
 #[test]
 fn rpc_config_is_validated() {
     let mut c = Config::default();
@@ -296,4 +347,11 @@ fn rpc_config_is_validated() {
     c.rpc.subject_prefix = c.rooms.subject_prefix.clone();
     let e = c.validate().expect_err("overlap refused").to_string();
     assert!(e.contains("rpc.subject_prefix"), "{e}");
+    c.rpc.subject_prefix = format!("{}.calls", c.nats.events_prefix);
+    let e = c.validate().expect_err("overlap refused").to_string();
+    assert!(e.contains("rpc.subject_prefix"), "{e}");
+    c.rpc.subject_prefix = "rpc".into();
+    c.rpc.max_inflight_per_connection = c.limits.max_inflight_publishes + 1;
+    let e = c.validate().expect_err("over the shared bound").to_string();
+    assert!(e.contains("rpc.max_inflight_per_connection"), "{e}");
 }
