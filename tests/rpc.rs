@@ -54,6 +54,10 @@ async fn responder(nats: &NatsServer) -> async_nats::Client {
                     h.insert("Nats-Service-Error", "x".repeat(400).as_str());
                     answer.publish_with_headers(reply, h, "".into()).await.unwrap();
                 }
+                "rpc.big" => {
+                    let body = format!("\"{}\"", "b".repeat(100_000));
+                    answer.publish(reply, body.into()).await.unwrap();
+                }
                 "rpc.late" => {
                     let answer = answer.clone();
                     tokio::spawn(async move {
@@ -336,6 +340,22 @@ async fn a_late_answer_is_dropped_and_a_closed_connection_abandons_its_calls() {
     let r = d.request(json!({"op":"rpc","method":"echo"}), 3).await;
     assert_eq!(r["op"], "rpc_result", "{r}");
     d.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn an_answer_over_the_message_size_is_too_large_and_refresh_replaces_the_methods() {
+    let nats = NatsServer::start().await;
+    let _service = responder(&nats).await;
+    let keys = Keys::new();
+    let gw = TestGateway::start(&nats, rpc(&keys)).await;
+    let mut c = alice(&gw, json!(["echo", "big"])).await;
+    expect_error(&mut c, json!({"op":"rpc","method":"big"}), 1, "too_large").await;
+    let r = c.request(json!({"op":"rpc","method":"echo"}), 2).await;
+    assert_eq!(r["op"], "rpc_result", "{r}");
+    let t = token("alice", json!({ "rooms": ["*"], "rpc": ["big"] }));
+    let r = c.request(json!({"op":"refresh","token":t}), 3).await;
+    assert_eq!(r["op"], "ack", "{r}");
+    expect_error(&mut c, json!({"op":"rpc","method":"echo"}), 4, "forbidden").await;
 }
 
 #[test]
