@@ -358,6 +358,17 @@ async fn an_answer_over_the_message_size_is_too_large_and_refresh_replaces_the_m
     expect_error(&mut c, json!({"op":"rpc","method":"echo"}), 4, "forbidden").await;
 }
 
+#[tokio::test]
+async fn a_call_while_nats_is_down_is_unavailable() {
+    let mut nats = NatsServer::start().await;
+    let keys = Keys::new();
+    let gw = TestGateway::start(&nats, rpc(&keys)).await;
+    let mut c = alice(&gw, json!(["*"])).await;
+    nats.stop();
+    gw.wait_ready(false).await;
+    expect_error(&mut c, json!({"op":"rpc","method":"echo"}), 1, "unavailable").await;
+}
+
 #[test]
 fn rpc_config_is_validated() {
     let mut c = Config::default();
