@@ -133,6 +133,20 @@ impl Conn {
         true
     }
 
+    /// Whether the client may read `room` (`history`, `presence`): a valid name it may join; otherwise answers the
+    /// error (`invalid_room` or `forbidden`).
+    pub(super) async fn may_read(&self, id: Option<&str>, room: &str) -> bool {
+        if !self.check_room(id, room).await {
+            return false;
+        }
+        if !self.identity.may_join(room) {
+            self.error(id, ErrorCode::Forbidden, "not allowed to join this room")
+                .await;
+            return false;
+        }
+        true
+    }
+
     pub(super) async fn check_room(&self, id: Option<&str>, room: &str) -> bool {
         if protocol::valid_room(room) {
             return true;

@@ -14,13 +14,8 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 impl Conn {
     /// `{"op":"presence","room":R}` (or `presence_stats` when `stats`).
     pub(super) async fn presence(&mut self, id: Option<&str>, room: &str, stats: bool) {
-        if !self.check_room(id, room).await {
+        if !self.may_read(id, room).await {
             return;
-        }
-        if !self.identity.may_join(room) {
-            return self
-                .error(id, ErrorCode::Forbidden, "not allowed to join this room")
-                .await;
         }
         let Some(p) = self.gw.presence().filter(|p| p.covers(room)).cloned() else {
             return self.error(id, ErrorCode::BadRequest, "this room has no presence").await;

@@ -208,13 +208,8 @@ impl Conn {
     /// `{"op":"history","room":R,"limit":N}`: the last N (capped) stored messages of a history room the client may
     /// join, newest kept when they exceed `history.max_history_bytes`.
     pub(super) async fn history(&mut self, id: Option<&str>, room: &str, limit: u64) {
-        if !self.check_room(id, room).await {
+        if !self.may_read(id, room).await {
             return;
-        }
-        if !self.identity.may_join(room) {
-            return self
-                .error(id, ErrorCode::Forbidden, "not allowed to join this room")
-                .await;
         }
         let Some(h) = self.gw.history().filter(|h| h.covers(room)).cloned() else {
             return self
