@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthConfig, Permissions};
 pub use error::AuthError;
-pub use identity::{Identity, MAX_SUB_LEN, valid_sub};
+pub use identity::{Identity, MAX_JTI_LEN, MAX_SUB_LEN, valid_sub};
 use keys::load_keys;
 pub use session::Session;
 use verifier::{Verifier, unverified_sub};
@@ -89,6 +89,8 @@ impl Authenticator {
                 rooms_claim: cfg.rooms_claim.clone(),
                 publish_claim: cfg.publish_claim.clone(),
                 rpc_claim: cfg.rpc_claim.clone(),
+                subs_claim: cfg.subs_claim.clone(),
+                join_personal_room: cfg.join_personal_room,
                 leeway: Duration::from_secs(cfg.leeway_secs),
                 max_keys_per_token: cfg.max_keys_per_token,
                 verifications: AtomicU64::new(0),

@@ -122,14 +122,73 @@ impl Config {
                 ("history.live_prefix", &self.history.live_prefix),
             ])?;
         }
+        self.check_prefixes()?;
         self.log.validate()?;
         self.admin.validate(&self.server)
+    }
+}
+
+impl Config {
+    /// Refuses a configuration in which two subject prefixes in use overlap (equal, or one a token-wise prefix of
+    /// the other): a browser's room, call or event could then reach a backend command, or the reverse. The key
+    /// named is the later one in this list.
+    fn check_prefixes(&self) -> Result<(), ConfigError> {
+        let mut used: Vec<(&'static str, &str)> = vec![
+            ("rooms.subject_prefix", &self.rooms.subject_prefix),
+            ("nats.events_prefix", &self.nats.events_prefix),
+        ];
+        if self.history.enabled {
+            used.push(("history.live_prefix", &self.history.live_prefix));
+        }
+        if self.rpc.enabled {
+            used.push(("rpc.subject_prefix", &self.rpc.subject_prefix));
+        }
+        if self.nats.control {
+            used.push(("nats.control_prefix", &self.nats.control_prefix));
+        }
+        for (i, (key, prefix)) in used.iter().enumerate() {
+            if let Some((other, _)) = used[..i]
+                .iter()
+                .find(|(_, p)| crate::room_name::prefixes_overlap(p, prefix))
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("overlaps `{other}`; choose a prefix of its own"),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_prefixes_are_refused() {
+        let base = "[auth]\nallow_anonymous = true\n";
+        for (extra, key) in [
+            ("[nats]\ncontrol_prefix = \"rooms\"\n", "nats.control_prefix"),
+            (
+                "[nats]\ncontrol_prefix = \"roomwire.events.ctl\"\n",
+                "nats.control_prefix",
+            ),
+            ("[nats]\ncontrol_prefix = \"roomwire\"\n", "nats.control_prefix"),
+            ("[nats]\nevents_prefix = \"rooms.ev\"\n", "nats.events_prefix"),
+            (
+                "[rpc]\nenabled = true\nsubject_prefix = \"roomwire.control\"\n",
+                "prefix",
+            ),
+        ] {
+            let err = Config::parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("overlaps"), "{extra}: {err}");
+        }
+        // Turned off, the control prefix is not in use.
+        assert!(Config::parse(&format!("{base}[nats]\ncontrol = false\ncontrol_prefix = \"rooms\"\n")).is_ok());
+        // A shared first token is no overlap.
+        assert!(Config::parse(&format!("{base}[nats]\ncontrol_prefix = \"roomwire.ctl\"\n")).is_ok());
+    }
 
     #[test]
     fn empty_file_gets_defaults_but_needs_auth() {

@@ -61,7 +61,7 @@ use crate::{
     frame::Frame,
     gateway::Gateway,
     limits::ConnSlot,
-    outbox::{CloseRequest, Outbox},
+    outbox::{CloseRequest, Directive, Outbox},
     protocol::{self, ErrorCode, close},
     rooms::Membership,
     shutdown::{Stop, StopWatch},
@@ -75,6 +75,7 @@ mod presence;
 mod recovery;
 mod replies;
 mod rpc;
+mod server_rooms;
 
 use deadlines::{Deadlines, Due};
 pub use ending::read_error_close;
@@ -89,6 +90,8 @@ pub struct Accepted {
     pub peer: SocketAddr,
     /// Who the client is.
     pub identity: Identity,
+    /// Where the client got to in its server-side history rooms (the upgrade's `recover` parameter).
+    pub recover: Vec<(String, protocol::Since)>,
     /// The connection's global permit and per-address count; released when the connection ends.
     pub slot: ConnSlot,
 }
@@ -184,14 +187,18 @@ impl Endpoint for RoomEndpoint {
 }
 
 /// Starts serving one upgraded WebSocket; the returned future is the connection's task.
-pub fn start<IO>(gw: Arc<Gateway>, wire: Wire<IO>, accepted: Accepted) -> ConnTask<IO>
+pub fn start<IO>(gw: Arc<Gateway>, wire: Wire<IO>, mut accepted: Accepted) -> ConnTask<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let recover = std::mem::take(&mut accepted.recover);
     let conn = Conn::new(gw.clone(), accepted);
-    // The queue is empty, so the welcome always fits.
-    let welcome = protocol::welcome(&conn.conn_id, gw.id(), conn.identity.user.as_deref());
-    conn.outbox.try_push_control(Frame::text(welcome));
+    // The queue is empty, so the welcome always fits. With server-side rooms, the first handler sends it once they
+    // are joined (`server_rooms`).
+    if conn.identity.subs.is_empty() {
+        let welcome = protocol::welcome(&conn.conn_id, gw.id(), conn.identity.user.as_deref());
+        conn.outbox.try_push_control(Frame::text(welcome));
+    }
     tracing::debug!(conn = %conn.conn_id, user = conn.identity.user.as_deref(), "connected");
     let now = Instant::now();
     let (warn, expire) = conn.token_deadlines();
@@ -205,11 +212,11 @@ where
     let outbox = conn.outbox.clone();
     let cancel = conn.cancel.clone();
     ConnTask {
-        // The first handler publishes the `connect` event: no op of the client's is handled (and no other event
-        // published) before it, while the welcome is written meanwhile.
+        // The first handler publishes the `connect` event and joins the server-side rooms: no op of the client's is
+        // handled (and no other event published) before it, while the welcome is written meanwhile.
         phase: Phase::Open {
             wire,
-            state: State::Busy(handle(conn, Work::Event("connect"))),
+            state: State::Busy(handle(conn, Work::Connect(recover))),
         },
         driver: Driver {
             timer: tokio::time::sleep_until(deadlines.next(&gw, None, false)),
@@ -350,6 +357,13 @@ impl Driver {
                 rearm(this.timer.as_mut(), this.deadlines, gw, wire, state.is_busy());
                 continue;
             }
+            // A room change a backend asked for (`crate::control`), between the client's ops.
+            if !state.is_busy()
+                && let Some(directive) = this.outbox.take_directive()
+            {
+                state.begin(Work::Directive(directive));
+                continue;
+            }
             let inflight = this.confirms.as_ref().map_or(0, FuturesUnordered::len);
             let reading =
                 !state.is_busy() && inflight < gw.config().limits.max_inflight_publishes && !wire.peer_closed();
@@ -429,8 +443,10 @@ where
 
 /// What a handler does with the connection.
 enum Work {
-    /// Publish a lifecycle event of the connection (`connect`).
-    Event(&'static str),
+    /// Start: publish the `connect` event, join the server-side rooms (recovering those the client names), welcome.
+    Connect(Vec<(String, protocol::Since)>),
+    /// A room change a backend asked for.
+    Directive(Directive),
     /// Handle a message read at `arrived`, refused or not by the rate limits.
     Message(Message, bool, Instant),
     /// Queue a frame, waiting for queue space (a publish confirmation, the token's expiry warning).
@@ -466,7 +482,7 @@ struct Conn {
     /// Ends the connection's waits: cancelled when the loop ends, by the root shutdown (it is a child), and on drop.
     cancel: CancellationToken,
     /// Joined rooms: dropping a [`Membership`] leaves its room. Bound: `rooms.max_rooms_per_connection`.
-    rooms: HashMap<Arc<str>, Membership>,
+    rooms: HashMap<Arc<str>, Joined>,
     /// Set by `refresh`: the token deadlines must be recomputed.
     token_changed: bool,
     /// End of the session (`auth.max_session` from the upgrade) and the `refresh` budget.
@@ -475,10 +491,37 @@ struct Conn {
     _slot: ConnSlot,
 }
 
+/// How a room was joined: who may make the connection leave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The client's `join`: its `leave`, or a refresh whose token no longer allows it.
+    Client,
+    /// The token's `subs`: a refresh whose token no longer lists it, or an `unsubscribe` command.
+    Token,
+    /// A `subscribe` command: an `unsubscribe` command.
+    Backend,
+}
+
+/// One joined room.
+struct Joined {
+    membership: Membership,
+    via: Via,
+}
+
+impl std::ops::Deref for Joined {
+    type Target = Membership;
+
+    fn deref(&self) -> &Membership {
+        &self.membership
+    }
+}
+
 impl Drop for Conn {
-    /// Runs however the connection ends, a panic included: rooms, outbox, gauge and slots are given back.
+    /// Runs however the connection ends, a panic included: rooms, outbox, gauge, registry entry and slots are given
+    /// back.
     fn drop(&mut self) {
         self.rooms.clear();
+        self.gw.control().registry().remove(self.id);
         self.outbox.close(close_req(close::INTERNAL, "internal error", false));
         self.cancel.cancel();
         self.gw.metrics().connections_open.dec();
@@ -491,6 +534,7 @@ impl Conn {
             id,
             peer,
             identity,
+            recover: _,
             slot,
         } = accepted;
         let conn_id: Arc<str> = format!("{}-{}", gw.id(), id).into();
@@ -500,6 +544,15 @@ impl Conn {
         ));
         gw.metrics().connections.inc();
         gw.metrics().connections_open.inc();
+        gw.control().registry().insert(
+            id,
+            crate::control::registry::Entry {
+                outbox: outbox.clone(),
+                user: identity.user.as_deref().map(Arc::from),
+                jti: identity.jti.as_deref().map(Arc::from),
+                issued_at: identity.issued_at,
+            },
+        );
         Conn {
             session: Session::new(gw.config(), &identity, Instant::now()),
             cancel: gw.shutdown().child_token(),
@@ -587,6 +640,7 @@ mod tests {
             id: gw.next_conn_id(),
             peer: SocketAddr::new(ip, 4000),
             identity: Identity::anonymous(&gw.config().auth.anonymous),
+            recover: Vec::new(),
             slot: gw.limits().admit_connection(ip).expect("slot"),
         };
         let mut conn = Conn::new(gw.clone(), accepted);
@@ -597,7 +651,11 @@ mod tests {
             hold: None,
         };
         let room = gw.rooms().join("lobby", member).await.expect("join");
-        conn.rooms.insert(room.name().clone(), room);
+        let joined = Joined {
+            membership: room,
+            via: Via::Client,
+        };
+        conn.rooms.insert(joined.name().clone(), joined);
         assert_eq!((gw.rooms().len(), gw.metrics().connections_open.get()), (1, 1));
         assert!(over_capacity(), "the only global slot is held");
         assert!(gw.limits().admit(ip).is_err(), "the per-IP slot is held");
@@ -637,6 +695,7 @@ mod size_tests {
             id: gw.next_conn_id(),
             peer,
             identity: Identity::anonymous(&gw.config().auth.anonymous),
+            recover: Vec::new(),
             slot: gw.limits().admit_connection(peer.ip()).expect("slot"),
         };
         let task = start(gw.clone(), wire, accepted);

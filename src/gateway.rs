@@ -18,6 +18,7 @@ use crate::{
     auth::{AuthError, Authenticator},
     bridge::{Bridge, BridgeError},
     config::{Config, ConfigError},
+    control::Control,
     history::{History, HistoryError},
     limits::Limits,
     metrics::Metrics,
@@ -58,6 +59,8 @@ pub struct Gateway {
     /// `None` unless `presence.enabled`; its bucket may be unavailable (no JetStream).
     presence: Option<Arc<Presence>>,
     rooms: Arc<Rooms>,
+    /// Backend commands over NATS: the open connections and the revocations.
+    control: Arc<Control>,
     auth: Authenticator,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
@@ -113,6 +116,8 @@ impl Gateway {
             tracker.clone(),
             shutdown.clone(),
         );
+        let control = Arc::new(Control::new(&config, id.clone(), metrics.clone()));
+        tracker.spawn(control.clone().run(bridge.client().clone(), shutdown.clone()));
         let limits = Arc::new(Limits::new(&config));
         let l = &config.limits;
         let ws_config = WebSocketConfig::default()
@@ -133,6 +138,7 @@ impl Gateway {
             history,
             presence,
             rooms,
+            control,
             auth,
             limits,
             metrics,
@@ -173,6 +179,11 @@ impl Gateway {
     /// The room registry and fan-out.
     pub fn rooms(&self) -> &Arc<Rooms> {
         &self.rooms
+    }
+
+    /// Backend control: the registry of open connections and the revocations.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// Token verification.
@@ -234,9 +245,13 @@ impl Gateway {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Whether the gateway should receive traffic: connected to NATS and neither draining nor shutting down.
+    /// Whether the gateway should receive traffic: connected to NATS, the stored revocations known (`crate::control`),
+    /// and neither draining nor shutting down.
     pub fn ready(&self) -> bool {
-        self.bridge.is_connected() && !self.drain.is_cancelled() && !self.shutdown.is_cancelled()
+        self.bridge.is_connected()
+            && self.control.ready()
+            && !self.drain.is_cancelled()
+            && !self.shutdown.is_cancelled()
     }
 }
 

@@ -150,6 +150,8 @@ struct Upgrade {
     on_upgrade: OnUpgrade,
     identity: Identity,
     client: SocketAddr,
+    /// Where the client got to in its server-side history rooms (the `recover` query parameter).
+    recover: Vec<(String, crate::protocol::Since)>,
     /// The per-IP slot of a client counted at the upgrade (behind a trusted proxy); `None` when the connection was
     /// counted by its peer address at accept.
     ip_guard: Option<IpGuard>,
@@ -249,6 +251,7 @@ async fn serve_http<IO, S: Endpoint>(
         id,
         peer: upgrade.client,
         identity: upgrade.identity,
+        recover: upgrade.recover,
         slot,
     };
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
@@ -370,7 +373,10 @@ async fn token_check(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr) ->
         gw.auth()
             .authenticate_bounded(token.as_deref(), gw.shutdown())
             .await
-            .map(drop)
+            .and_then(|identity| match gw.control().is_revoked(&identity) {
+                true => Err(AuthError::Revoked),
+                false => Ok(()),
+            })
             .map_err(Reject::from)
     } else {
         Err(Reject::Origin)
@@ -445,12 +451,26 @@ async fn upgrade(
         let guard = gw.limits().admit(ip).map_err(Reject::Limited)?;
         (SocketAddr::new(ip, peer.port()), Some(guard))
     };
+    // Checked before the token: a malformed one costs no signature check.
+    let recover = match req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("recover=")))
+    {
+        Some(raw) => crate::protocol::parse_recover(raw, gw.config().rooms.max_rooms_per_connection)
+            .map_err(Reject::BadUpgrade)?,
+        None => Vec::new(),
+    };
     let token = auth::extract_token(req.headers(), req.uri(), gw.config().auth.cookie.as_deref());
     // The signature check runs off the async workers, bounded (auth.max_concurrent_verifications).
     let identity = gw
         .auth()
         .authenticate_bounded(token.as_deref(), gw.shutdown())
         .await
+        .and_then(|identity| match gw.control().is_revoked(&identity) {
+            true => Err(AuthError::Revoked),
+            false => Ok(identity),
+        })
         .map_err(Reject::from)
         .inspect_err(|reject| {
             if let Reject::Unauthorized(e) = reject {
@@ -467,6 +487,7 @@ async fn upgrade(
         on_upgrade,
         identity,
         client,
+        recover,
         ip_guard,
     });
 

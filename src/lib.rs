@@ -23,6 +23,7 @@ pub mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod connection;
+pub mod control;
 pub mod frame;
 pub mod frames;
 pub mod gateway;

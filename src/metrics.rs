@@ -194,6 +194,42 @@ impl Reason for Recovery {
     }
 }
 
+/// What became of a backend command (`crate::control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlOutcome {
+    /// A `disconnect` was carried out.
+    Disconnect,
+    /// A `subscribe` was handed to the user's connections.
+    Subscribe,
+    /// An `unsubscribe` was handed to the user's connections.
+    Unsubscribe,
+    /// A `revoke` was carried out.
+    Revoke,
+    /// Not the JSON its command takes (or an invalid user, room, reason, time).
+    Malformed,
+    /// A subject naming no command.
+    Unknown,
+    /// Over `nats.control_commands_per_second`: dropped.
+    RateLimited,
+    /// A bound was reached: a connection's pending room commands, or `auth.max_revocations`.
+    Full,
+}
+
+impl Reason for ControlOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            ControlOutcome::Disconnect => "disconnect",
+            ControlOutcome::Subscribe => "subscribe",
+            ControlOutcome::Unsubscribe => "unsubscribe",
+            ControlOutcome::Revoke => "revoke",
+            ControlOutcome::Malformed => "malformed",
+            ControlOutcome::Unknown => "unknown",
+            ControlOutcome::RateLimited => "rate_limited",
+            ControlOutcome::Full => "full",
+        }
+    }
+}
+
 /// Why a connection was closed as a slow consumer (4008).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowConsumer {
@@ -276,6 +312,11 @@ pub struct Metrics {
     pub recoveries: ByReason<Recovery>,
     /// Messages replayed to recovering clients.
     pub replayed: Counter,
+    /// Backend commands, by outcome (`disconnect`, `subscribe`, `unsubscribe`, `revoke`, `malformed`, `unknown`,
+    /// `rate_limited`, `full`).
+    pub control_commands: ByReason<ControlOutcome>,
+    /// Server-side rooms (token `subs`, `subscribe` commands) that could not be joined.
+    pub server_room_failures: Counter,
     /// JetStream requests made to read history (direct gets, leader gets), set from the reader at each scrape.
     pub history_requests: Gauge<i64, AtomicI64>,
     /// Payload bytes of the messages clients sent.
@@ -318,6 +359,8 @@ impl Metrics {
             nats_slow_consumers: Counter::default(),
             recoveries: ByReason::default(),
             replayed: Counter::default(),
+            control_commands: ByReason::default(),
+            server_room_failures: Counter::default(),
             history_requests: Gauge::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
@@ -399,6 +442,16 @@ impl Metrics {
             "replayed",
             "Stored messages replayed to recovering clients",
             m.replayed.clone(),
+        );
+        registry.register(
+            "control_commands",
+            "Backend commands over NATS, by outcome",
+            m.control_commands.family.clone(),
+        );
+        registry.register(
+            "server_room_failures",
+            "Server-side rooms that could not be joined",
+            m.server_room_failures.clone(),
         );
         registry.register("bytes_in", "Payload bytes of client messages", m.bytes_in.clone());
         registry.register("bytes_out", "Bytes of frames written to clients", m.bytes_out.clone());

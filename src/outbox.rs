@@ -79,13 +79,24 @@ impl Item {
     }
 }
 
+/// A room change a backend asked of the connection (`subscribe` / `unsubscribe` over NATS, `crate::control`),
+/// carried out by the connection's own task between client ops ([`Outbox::take_directive`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Directive {
+    /// Join the room as a server-side room (`{"op":"joined"}`).
+    Join(Arc<str>),
+    /// Leave the room, however it was joined (`{"op":"left","reason":"removed"}`).
+    Leave(Arc<str>),
+}
+
 /// Why the writer must stop, set by [`Outbox::close`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseRequest {
     /// WebSocket close code (see `protocol::close`).
     pub code: u16,
-    /// Close reason (≤ 123 bytes).
-    pub reason: &'static str,
+    /// Close reason (≤ 123 bytes): a fixed text, or a backend's (`disconnect` with `reason`, checked where it
+    /// enters).
+    pub reason: std::borrow::Cow<'static, str>,
     /// Write what is queued before the close frame (graceful) or discard it (slow consumer).
     pub flush_queued: bool,
 }
@@ -145,6 +156,8 @@ struct State {
     /// Dropped counts of rooms that have no message queued yet to carry them.
     gaps: HashMap<Arc<str>, u64>,
     close: Option<CloseRequest>,
+    /// Room changes asked by backends, oldest first; at most the bound given to [`Outbox::push_directive`].
+    directives: VecDeque<Directive>,
     /// When the oldest item now queued was queued (set by the push into an empty queue).
     oldest: Option<tokio::time::Instant>,
     /// `oldest` of the batch the writer took last, for the delivery-time histogram.
@@ -198,6 +211,8 @@ pub struct Outbox {
     /// The connection's RPC calls awaiting their answer (`rpc.max_inflight_per_connection`): kept here, on the heap
     /// the connection already shares, so an idle connection's task does not grow.
     rpc_inflight: std::sync::atomic::AtomicUsize,
+    /// A directive is waiting: the connection's loop looks under the lock only then.
+    has_directives: std::sync::atomic::AtomicBool,
 }
 
 impl Outbox {
@@ -211,6 +226,7 @@ impl Outbox {
             max_messages,
             max_bytes,
             rpc_inflight: std::sync::atomic::AtomicUsize::new(0),
+            has_directives: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -312,7 +328,7 @@ impl Outbox {
         }
         s.close = Some(CloseRequest {
             code: crate::protocol::close::SLOW_CONSUMER,
-            reason: "slow consumer",
+            reason: "slow consumer".into(),
             flush_queued: false,
         });
         Pushed::Overflowed
@@ -503,6 +519,35 @@ impl Outbox {
             self.wake_writer.wake();
         }
         true
+    }
+
+    /// Queues a room change for the connection's task and wakes it; false (nothing queued) when `max` are already
+    /// waiting or the connection is closing.
+    pub fn push_directive(&self, directive: Directive, max: usize) -> bool {
+        {
+            let mut s = self.state.lock();
+            if s.close.is_some() || s.directives.len() >= max {
+                return false;
+            }
+            s.directives.push_back(directive);
+            self.has_directives.store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.wake_writer.wake();
+        true
+    }
+
+    /// The oldest waiting room change, if any (one atomic load while there is none).
+    pub fn take_directive(&self) -> Option<Directive> {
+        if !self.has_directives.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let mut s = self.state.lock();
+        let next = s.directives.pop_front();
+        if s.directives.is_empty() {
+            self.has_directives.store(false, std::sync::atomic::Ordering::Release);
+            s.directives = VecDeque::new();
+        }
+        next
     }
 
     /// Asks the writer to close the connection. The first request wins.

@@ -16,13 +16,13 @@ mod parse;
 
 pub use codes::{ErrorCode, close};
 pub use encode::{
-    MAX_ERROR_TEXT, Payload, ack, ack_join, ack_seq, classify_payload, error, gap, history, left, member_joined,
-    member_left, message, message_frame, pong, presence, presence_stats, rpc_error, rpc_result, token_expiring,
-    welcome,
+    MAX_ERROR_TEXT, Payload, ServerRoom, ack, ack_join, ack_seq, classify_payload, error, gap, history, joined, left,
+    member_joined, member_left, message, message_frame, pong, presence, presence_stats, rpc_error, rpc_result,
+    token_expiring, welcome, welcome_with_rooms,
 };
 pub use parse::{
-    ClientOp, DEFAULT_MAX_JSON_DEPTH, MAX_EPOCH_LEN, MAX_ID_LEN, MAX_MSG_ID_LEN, ParseError, Request, Since,
-    compact_json, json_depth_exceeds, parse_request, parse_request_with_depth, valid_msg_id,
+    ClientOp, DEFAULT_MAX_JSON_DEPTH, MAX_EPOCH_LEN, MAX_ID_LEN, MAX_MSG_ID_LEN, MAX_RECOVER_LEN, ParseError, Request,
+    Since, compact_json, json_depth_exceeds, parse_recover, parse_request, parse_request_with_depth, valid_msg_id,
 };
 
 pub use crate::room_name::{

@@ -34,6 +34,13 @@ pub fn valid_subject_prefix(prefix: &str) -> bool {
             .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
 }
 
+/// Whether two subject prefixes overlap: equal, or one is a token-wise prefix of the other (`a` and `a.b` do, `a`
+/// and `ab` do not).
+pub fn prefixes_overlap(a: &str, b: &str) -> bool {
+    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    long == short || long.strip_prefix(short).is_some_and(|rest| rest.starts_with('.'))
+}
+
 /// The NATS subject of a (valid) room.
 pub fn room_subject(prefix: &str, room: &str) -> String {
     let mut s = String::with_capacity(prefix.len() + 1 + room.len());

@@ -488,7 +488,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             let _ = tokio::time::timeout(timeout, ended).await;
             return;
         }
-        self.queue(Frame::close(req.code, req.reason));
+        self.queue(Frame::close(req.code, &req.reason));
         let mut budget = limits.close_linger_bytes;
         // While the close frame waits for the socket, a flooding client's bytes are dropped as they come: a client
         // blocked writing its flood would otherwise never get to read what unblocks our write.
@@ -729,7 +729,7 @@ mod tests {
         client.write_all(&[0u8; 8192]).await.expect("send more");
         let req = CloseRequest {
             code: crate::protocol::close::TOO_BIG,
-            reason: "message too big",
+            reason: "message too big".into(),
             flush_queued: false,
         };
         let closing = tokio::spawn(async move {
@@ -780,7 +780,7 @@ mod tests {
         });
         let req = CloseRequest {
             code: crate::protocol::close::TOO_BIG,
-            reason: "message too big",
+            reason: "message too big".into(),
             flush_queued: false,
         };
         let started = Instant::now();

@@ -40,6 +40,9 @@ pub enum AuthError {
     /// A `refresh` token whose `sub` is not the connection's user (read before any signature check).
     #[error("token is for another user")]
     WrongUser,
+    /// The token was revoked by a backend (`revoke` over NATS) and the revocation has not expired.
+    #[error("token revoked")]
+    Revoked,
     /// No signature-check slot freed within `auth.max_verification_wait`.
     #[error("token checks saturated")]
     Busy,
@@ -69,7 +72,9 @@ impl AuthError {
             AuthError::UnknownKey => "unknown token key",
             AuthError::WrongIssuer => "wrong token issuer",
             AuthError::WrongAudience => "wrong token audience",
-            AuthError::InvalidClaim(_) => "token `sub` not acceptable",
+            AuthError::InvalidClaim("sub") => "token `sub` not acceptable",
+            AuthError::InvalidClaim(_) => "token claim not acceptable",
+            AuthError::Revoked => "token revoked",
             AuthError::WrongUser => "token is for another user",
             AuthError::Busy => "authentication busy; try again",
             AuthError::Cancelled => "cancelled",

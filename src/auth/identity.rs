@@ -13,10 +13,32 @@ use crate::room_pattern::RoomPattern;
 /// Longest `sub` accepted, in bytes.
 pub const MAX_SUB_LEN: usize = 128;
 
+/// Longest `jti` accepted, in bytes.
+pub const MAX_JTI_LEN: usize = 128;
+
 /// Whether a `sub` claim is acceptable: 1 to [`MAX_SUB_LEN`] bytes of visible ASCII (`!` to `~`; no spaces, no
 /// control characters, nothing outside ASCII). With `auth.personal_room`, the room it yields must also be valid.
 pub fn valid_sub(sub: &str) -> bool {
     !sub.is_empty() && sub.len() <= MAX_SUB_LEN && sub.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A claim that must be an array of room names (strings): `None` if absent, `Malformed` if of another type.
+/// Duplicates are dropped (the first stays); names are checked when joined.
+pub(super) fn room_list(v: Option<&Value>) -> Result<Vec<String>, AuthError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => {
+            let mut rooms: Vec<String> = Vec::with_capacity(items.len());
+            for item in items {
+                let room = item.as_str().ok_or(AuthError::Malformed)?;
+                if !rooms.iter().any(|r| r == room) {
+                    rooms.push(room.to_owned());
+                }
+            }
+            Ok(rooms)
+        }
+        Some(_) => Err(AuthError::Malformed),
+    }
 }
 
 /// A claim that must be an array of room patterns (strings), compiled here once for the connection's life: `None`
@@ -51,6 +73,14 @@ pub struct Identity {
     /// The personal room (`auth.personal_room` with `{sub}` replaced), matched exactly, never as a glob: a `sub`
     /// containing `*` must not widen the grant.
     pub(super) personal: Option<String>,
+    /// Server-side rooms (`auth.subs_claim`, plus the personal room with `auth.join_personal_room`): joined for the
+    /// connection before its `welcome`, without a `join`. Names as the token gave them, without duplicates; each is
+    /// checked when it is joined (an invalid one is reported in `welcome`, never fails the connection).
+    pub subs: Vec<String>,
+    /// The JWT `jti` (at most [`MAX_JTI_LEN`] visible ASCII bytes): what a `revoke` by `jti` matches.
+    pub jti: Option<String>,
+    /// The JWT `iat` (unix seconds): what a `revoke` by user and `issued_before` compares.
+    pub issued_at: Option<u64>,
 }
 
 impl Identity {
@@ -64,6 +94,9 @@ impl Identity {
             publish: perms.publish.clone(),
             rpc: perms.rpc.clone(),
             personal: None,
+            subs: Vec::new(),
+            jti: None,
+            issued_at: None,
         }
     }
 

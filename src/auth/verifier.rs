@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{
     error::{AuthError, map_jwt_error},
-    identity::{Identity, pattern_list, valid_sub},
+    identity::{Identity, MAX_JTI_LEN, pattern_list, room_list, valid_sub},
     keys::Key,
 };
 use crate::protocol;
@@ -30,6 +30,9 @@ pub(super) struct Verifier {
     pub(super) rooms_claim: String,
     pub(super) publish_claim: String,
     pub(super) rpc_claim: String,
+    pub(super) subs_claim: String,
+    /// `auth.join_personal_room`: the personal room is a server-side room too.
+    pub(super) join_personal_room: bool,
     /// `auth.leeway_secs`: a token is accepted, and its connection lives, until `exp` plus this.
     pub(super) leeway: Duration,
     /// `auth.max_keys_per_token`: most candidate keys (signature checks) one token may cost.
@@ -123,6 +126,29 @@ impl Verifier {
         let join = pattern_list(claims.get(&self.rooms_claim))?.unwrap_or_default();
         let publish = pattern_list(claims.get(&self.publish_claim))?.unwrap_or_else(|| join.clone());
         let rpc = pattern_list(claims.get(&self.rpc_claim))?.unwrap_or_default();
+        let mut subs = room_list(claims.get(&self.subs_claim))?;
+        if self.join_personal_room
+            && let Some(room) = &personal
+            && !subs.contains(room)
+        {
+            subs.push(room.clone());
+        }
+        // `jti` is matched by revocations and may reach a log line: visible ASCII, bounded, like `sub`.
+        let jti = match claims.get("jti") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(j))
+                if !j.is_empty() && j.len() <= MAX_JTI_LEN && j.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Some(j.clone())
+            }
+            Some(_) => return Err(AuthError::InvalidClaim("jti")),
+        };
+        let issued_at = match claims.get("iat") {
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+            None => None,
+        };
         let identity = Identity {
             user: Some(sub),
             expires_at,
@@ -131,6 +157,9 @@ impl Verifier {
             publish,
             rpc,
             personal,
+            subs,
+            jti,
+            issued_at,
         };
         // jsonwebtoken compares whole seconds; decide with the same instant the connection's deadline will use, so
         // an accepted token never gives a connection that is closed at once.

@@ -118,6 +118,19 @@ pub struct AuthConfig {
     pub publish_claim: String,
     /// Name of the claim holding RPC method patterns. Default `rpc`.
     pub rpc_claim: String,
+    /// Name of the claim listing server-side rooms: room names (not patterns) the gateway joins for the connection
+    /// before its `welcome`, at most `rooms.max_rooms_per_connection`. Default `subs`.
+    pub subs_claim: String,
+    /// Also join the personal room (`auth.personal_room`) as a server-side room. Default false.
+    pub join_personal_room: bool,
+    /// JetStream KV bucket keeping token revocations (`revoke` commands), so a gateway started later honours them.
+    /// Created when missing; entries expire on their own. Default `ROOMWIRE_REVOKED`.
+    pub revocation_bucket: String,
+    /// Replicas of the revocation bucket when the gateway creates it. Default 1.
+    pub revocation_replicas: usize,
+    /// Revocations kept at once (in memory, and in the bucket); past it a new one is refused, logged at error
+    /// level and counted (`control_commands_total{result="full"}`). Default 100000.
+    pub max_revocations: usize,
     /// A `token_expiring` warning is sent this long before `exp`. Default `60s`.
     #[serde(with = "humantime_serde")]
     pub expiry_warning: Duration,
@@ -152,6 +165,11 @@ impl Default for AuthConfig {
             rooms_claim: "rooms".into(),
             publish_claim: "publish".into(),
             rpc_claim: "rpc".into(),
+            subs_claim: "subs".into(),
+            join_personal_room: false,
+            revocation_bucket: "ROOMWIRE_REVOKED".into(),
+            revocation_replicas: 1,
+            max_revocations: 100_000,
             expiry_warning: Duration::from_secs(60),
             max_session: Duration::from_secs(24 * 3600),
             max_keys_per_token: 3,
@@ -198,6 +216,20 @@ impl AuthConfig {
         }
         if self.max_verification_wait.is_zero() {
             return Err(invalid("auth.max_verification_wait", "must be positive"));
+        }
+        if self.join_personal_room && self.personal_room.is_none() {
+            return Err(invalid("auth.join_personal_room", "needs `auth.personal_room`"));
+        }
+        let bucket_ok =
+            |b: &str| !b.is_empty() && b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+        if !bucket_ok(&self.revocation_bucket) {
+            return Err(invalid("auth.revocation_bucket", "use [A-Za-z0-9_-]"));
+        }
+        if self.revocation_replicas == 0 || self.revocation_replicas > 5 {
+            return Err(invalid("auth.revocation_replicas", "must be between 1 and 5"));
+        }
+        if self.max_revocations == 0 {
+            return Err(invalid("auth.max_revocations", "must be at least 1"));
         }
         Ok(())
     }

@@ -84,6 +84,19 @@ pub struct NatsConfig {
     pub events_prefix: String,
     /// Publish lifecycle events. Default true.
     pub events: bool,
+    /// Act on backend commands published to `<control_prefix>.<command>` (`disconnect`, `unsubscribe`, `subscribe`,
+    /// `revoke`; `docs/protocol.md`). Default true.
+    pub control: bool,
+    /// Subject prefix of backend commands. Must overlap no other prefix, and browsers must not be allowed to publish
+    /// under it (`docs/security.md`). Default `roomwire.control`.
+    pub control_prefix: String,
+    /// Backend commands this gateway acts on per second (a burst of as many is allowed); the rest are dropped,
+    /// counted and logged. Commands waiting to be handled are bounded like a room's (`subscription_capacity`).
+    /// Default 1000.
+    pub control_commands_per_second: u32,
+    /// Room commands (`subscribe`, `unsubscribe`) waiting for one connection; past it further ones for that
+    /// connection are dropped and counted. Default 16.
+    pub control_max_pending_per_connection: usize,
 }
 
 impl Default for NatsConfig {
@@ -108,6 +121,10 @@ impl Default for NatsConfig {
             max_pending_bytes: 8 * 1024 * 1024,
             events_prefix: "roomwire.events".into(),
             events: true,
+            control: true,
+            control_prefix: "roomwire.control".into(),
+            control_commands_per_second: 1000,
+            control_max_pending_per_connection: 16,
         }
     }
 }
@@ -162,6 +179,18 @@ impl NatsConfig {
                 "nats.events_prefix",
                 "must be dot-separated tokens of [A-Za-z0-9_-]",
             ));
+        }
+        if !crate::room_name::valid_subject_prefix(&self.control_prefix) {
+            return Err(invalid(
+                "nats.control_prefix",
+                "must be dot-separated tokens of [A-Za-z0-9_-]",
+            ));
+        }
+        if self.control_commands_per_second == 0 {
+            return Err(invalid("nats.control_commands_per_second", "must be at least 1"));
+        }
+        if self.control_max_pending_per_connection == 0 {
+            return Err(invalid("nats.control_max_pending_per_connection", "must be at least 1"));
         }
         Ok(())
     }

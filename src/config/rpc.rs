@@ -36,11 +36,7 @@ impl Default for RpcConfig {
     }
 }
 
-/// Whether two subject prefixes overlap: equal, or one is a token-wise prefix of the other.
-fn overlaps(a: &str, b: &str) -> bool {
-    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    long == short || long.strip_prefix(short).is_some_and(|rest| rest.starts_with('.'))
-}
+use crate::room_name::prefixes_overlap as overlaps;
 
 impl RpcConfig {
     /// Checks `[rpc]` against the other live prefixes (`(key, prefix)` pairs).

@@ -36,7 +36,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let gw = conn.gw.clone();
-    tracing::debug!(conn = %conn.conn_id, code = end.code, reason = end.reason, "connection closing");
+    tracing::debug!(conn = %conn.conn_id, code = end.code, reason = %end.reason, "connection closing");
     // Leave every room before anything else so fan-out stops queueing for us.
     let rooms = conn.leave_all();
     // Flush (or not, per the close request) and send the close frame; bounded by write_timeout.
@@ -64,7 +64,7 @@ where
 pub(super) fn close_req(code: u16, reason: &'static str, flush_queued: bool) -> CloseRequest {
     CloseRequest {
         code,
-        reason,
+        reason: reason.into(),
         flush_queued,
     }
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Confirm, Conn, Handled, Work, ending::close_req, replies};
+use super::{Confirm, Conn, Handled, Joined, Via, Work, ending::close_req, replies};
 use crate::{
     auth::AuthError,
     protocol::{self, ClientOp, ErrorCode, close},
@@ -21,8 +21,13 @@ impl Conn {
     /// Does what a handler was started for.
     pub(super) async fn work(&mut self, work: Work) -> Handled {
         match work {
-            Work::Event(kind) => {
-                self.event(kind, None).await;
+            Work::Connect(recover) => {
+                self.event("connect", None).await;
+                self.join_server_rooms(recover).await;
+                Handled::Done
+            }
+            Work::Directive(directive) => {
+                self.directive(directive).await;
                 Handled::Done
             }
             Work::Message(msg, refused, arrived) => self.on_message(msg, refused, arrived).await,
@@ -119,15 +124,15 @@ impl Conn {
 
     /// Leaves every joined room (no events); returns their names.
     pub(super) fn leave_all(&mut self) -> Vec<Arc<str>> {
-        self.rooms.drain().map(|(name, _membership)| name).collect()
+        self.rooms.drain().map(|(name, _joined)| name).collect()
     }
 
     /// Leaves one joined room: registry, pending gap count, and the `leave` event.
-    async fn leave_room(&mut self, room: &str) -> bool {
-        let Some(membership) = self.rooms.remove(room) else {
+    pub(super) async fn leave_room(&mut self, room: &str) -> bool {
+        let Some(joined) = self.rooms.remove(room) else {
             return false;
         };
-        membership.leave();
+        joined.membership.leave();
         self.outbox.forget_room(room);
         self.event("leave", Some(room)).await;
         true
@@ -139,7 +144,9 @@ impl Conn {
         if !self.check_room(id, room).await {
             return false;
         }
-        if !self.identity.may_join(room) {
+        // A server-side room is readable while the connection is in it, whatever the join patterns say.
+        let server_side = self.rooms.get(room).is_some_and(|j| j.via != Via::Client);
+        if !server_side && !self.identity.may_join(room) {
             self.error(id, ErrorCode::Forbidden, "not allowed to join this room")
                 .await;
             return false;
@@ -207,7 +214,11 @@ impl Conn {
                     self.send(protocol::left(room, crate::rooms::ENDED_REASON)).await;
                     return;
                 }
-                self.rooms.insert(entry.name().clone(), entry);
+                let joined = Joined {
+                    membership: entry,
+                    via: Via::Client,
+                };
+                self.rooms.insert(joined.name().clone(), joined);
                 self.event("join", Some(room)).await;
             }
             Err(e) => {
@@ -221,6 +232,15 @@ impl Conn {
     async fn leave(&mut self, id: Option<&str>, room: &str) {
         if !self.check_room(id, room).await {
             return;
+        }
+        if self.rooms.get(room).is_some_and(|j| j.via != Via::Client) {
+            return self
+                .error(
+                    id,
+                    ErrorCode::Forbidden,
+                    "a server-side room cannot be left by the client",
+                )
+                .await;
         }
         if !self.leave_room(room).await {
             return self.error(id, ErrorCode::NotJoined, "not in this room").await;
@@ -330,14 +350,29 @@ impl Conn {
                 .error(id, ErrorCode::Unauthorized, "token is for another user")
                 .await;
         }
+        if self.gw.control().is_revoked(&identity) {
+            let (code, message) = replies::refresh_refused(&AuthError::Revoked);
+            return self.error(id, code, message).await;
+        }
         self.identity = identity;
         self.token_changed = true;
-        // Leave rooms the new claims no longer allow, and say so.
+        self.gw.control().registry().update_token(
+            self.id,
+            self.identity.jti.as_deref().map(Arc::from),
+            self.identity.issued_at,
+        );
+        // Leave rooms the new claims no longer allow, and say so: rooms the client joined that its join patterns no
+        // longer match, and server-side rooms of the old token that the new one does not list (rooms a backend
+        // subscribed it to stay). New `subs` are not joined by a refresh.
         let revoked: Vec<Arc<str>> = self
             .rooms
-            .keys()
-            .filter(|r| !self.identity.may_join(r))
-            .cloned()
+            .iter()
+            .filter(|(r, j)| match j.via {
+                Via::Client => !self.identity.may_join(r),
+                Via::Token => !self.identity.subs.iter().any(|s| s.as_str() == &***r),
+                Via::Backend => false,
+            })
+            .map(|(r, _)| r.clone())
             .collect();
         for room in revoked {
             self.leave_room(&room).await;

@@ -103,6 +103,33 @@ fn frame(room: &str, m: &Stored) -> Frame {
     protocol::message_frame(room, &m.payload, from, Some(m.seq))
 }
 
+/// What reading the stream gave a join, and what is left to do once the join's reply (an ack, the `welcome`, a
+/// `joined`) is queued: replay the missed messages, then release the hold.
+pub(super) struct HistoryJoin {
+    h: Arc<History>,
+    outcome: Outcome,
+}
+
+impl HistoryJoin {
+    /// The answer to a recovery (`since`), if one was asked.
+    pub(super) fn recovered(&self) -> Option<bool> {
+        match self.outcome {
+            Outcome::Recovered { .. } => Some(true),
+            Outcome::NotRecovered { .. } => Some(false),
+            Outcome::Plain { .. } | Outcome::NoPosition { .. } => None,
+        }
+    }
+
+    /// The room's position, when the stream answered.
+    pub(super) fn position(&self) -> Option<(&str, u64)> {
+        match &self.outcome {
+            Outcome::Plain { epoch, last } | Outcome::Recovered { epoch, last, .. } => Some((epoch, *last)),
+            Outcome::NotRecovered { position, .. } => position.as_ref().map(|(e, l)| (&**e, *l)),
+            Outcome::NoPosition { .. } => None,
+        }
+    }
+}
+
 impl Conn {
     /// Acks the join of a history room with its position, replays what `since` missed, then lets live frames
     /// through.
@@ -113,46 +140,61 @@ impl Conn {
         hold: Arc<Hold>,
         since: Option<Since>,
     ) {
-        let Some(h) = self.gw.history().cloned() else {
+        let Some(join) = self.read_history(room, &hold, since).await else {
             hold.release_all(|f| self.push_live(room, f));
             return self.ack(id).await;
         };
-        let name = room.name().clone();
-        let subject = protocol::room_subject(&self.gw.config().rooms.subject_prefix, &name);
+        self.send(protocol::ack_join(id, room.name(), join.recovered(), join.position()))
+            .await;
+        self.complete_history(room, &hold, join).await;
+    }
+
+    /// Reads the stream for the join of a history room whose live frames `hold` keeps: its position and, for
+    /// `since`, the missed messages. `None` without history here, or when the connection ends meanwhile.
+    pub(super) async fn read_history(
+        &self,
+        room: &Arc<Room>,
+        hold: &Hold,
+        since: Option<Since>,
+    ) -> Option<HistoryJoin> {
+        let h = self.gw.history().cloned()?;
+        let subject = protocol::room_subject(&self.gw.config().rooms.subject_prefix, room.name());
         let deadline = Instant::now() + h.config().recover_timeout;
         let outcome = tokio::select! {
-            _ = self.cancel.cancelled() => return,
+            _ = self.cancel.cancelled() => return None,
             o = read(&h, &subject, since.as_ref(), hold.floor(), deadline) => o,
         };
         let metrics = self.gw.metrics();
-        match outcome {
-            Outcome::Plain { epoch, last } => {
-                self.send(protocol::ack_join(id, &name, None, Some((&epoch, last))))
-                    .await;
-                self.release(&h, room, &hold, &subject, last).await;
-            }
-            Outcome::Recovered { epoch, last, missed } => {
+        match &outcome {
+            Outcome::Recovered { missed, .. } => {
                 metrics.recoveries.inc(crate::metrics::Recovery::Recovered);
                 metrics.replayed.inc_by(missed.len() as u64);
-                self.send(protocol::ack_join(id, &name, Some(true), Some((&epoch, last))))
-                    .await;
-                for m in missed.iter() {
-                    self.send(frame(&name, m)).await;
-                }
-                self.release(&h, room, &hold, &subject, last).await;
             }
-            Outcome::NotRecovered { position, why } => {
+            Outcome::NotRecovered { why, .. } => {
                 metrics.recoveries.inc(crate::metrics::Recovery::NotRecovered);
-                tracing::debug!(room = %name, why, "recovering join answered recovered:false");
-                let position = position.as_ref().map(|(e, l)| (&**e, *l));
-                self.send(protocol::ack_join(id, &name, Some(false), position)).await;
-                hold.release_all(|f| self.push_live(room, f));
+                tracing::debug!(room = %room.name(), why, "recovering join answered recovered:false");
             }
             Outcome::NoPosition { why } => {
-                tracing::debug!(room = %name, why, "history join acked without a position");
-                self.send(protocol::ack_join(id, &name, None, None)).await;
-                hold.release_all(|f| self.push_live(room, f));
+                tracing::debug!(room = %room.name(), why, "history join acked without a position");
             }
+            Outcome::Plain { .. } => {}
+        }
+        Some(HistoryJoin { h, outcome })
+    }
+
+    /// After the join's reply: replays what was missed, then releases the hold (reading again when it overflowed).
+    pub(super) async fn complete_history(&self, room: &Arc<Room>, hold: &Hold, join: HistoryJoin) {
+        let HistoryJoin { h, outcome } = join;
+        let subject = protocol::room_subject(&self.gw.config().rooms.subject_prefix, room.name());
+        match outcome {
+            Outcome::Plain { last, .. } => self.release(&h, room, hold, &subject, last).await,
+            Outcome::Recovered { last, missed, .. } => {
+                for m in missed.iter() {
+                    self.send(frame(room.name(), m)).await;
+                }
+                self.release(&h, room, hold, &subject, last).await;
+            }
+            Outcome::NotRecovered { .. } | Outcome::NoPosition { .. } => hold.release_all(|f| self.push_live(room, f)),
         }
     }
 

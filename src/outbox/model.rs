@@ -100,7 +100,7 @@ impl Model {
             Overflow::Disconnect => {
                 self.close = Some(CloseRequest {
                     code: crate::protocol::close::SLOW_CONSUMER,
-                    reason: "slow consumer",
+                    reason: "slow consumer".into(),
                     flush_queued: false,
                 });
                 Pushed::Overflowed
@@ -464,7 +464,7 @@ impl Harness {
     fn close(&mut self, flush_queued: bool) {
         let request = CloseRequest {
             code: if flush_queued { 1001 } else { 4008 },
-            reason: "test",
+            reason: "test".into(),
             flush_queued,
         };
         if self.model.close.is_none() && !flush_queued {

@@ -28,6 +28,8 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4001;
     /// The client did not read fast enough (overflow policy `disconnect`, or write timeout).
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// A backend disconnected the connection (`disconnect` over NATS); the client library does not reconnect.
+    pub const DISCONNECTED: u16 = 4003;
 }
 
 /// Error codes carried by `{"op":"error"}` frames.

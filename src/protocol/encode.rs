@@ -33,6 +33,86 @@ pub fn welcome(conn: &str, gateway: &str, user: Option<&str>) -> String {
     into_string(b)
 }
 
+/// How a server-side room (token `subs`, a `subscribe` command) came out: joined (with the room's position for a
+/// history room, and `recovered` when the client asked to recover it), or not joined, with the error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerRoom<'a> {
+    /// Joined.
+    Joined {
+        /// The room.
+        room: &'a str,
+        /// Answer to a recovery asked for in the upgrade's `recover`.
+        recovered: Option<bool>,
+        /// `(epoch, seq)` of a history room whose stream answered.
+        position: Option<(&'a str, u64)>,
+    },
+    /// Not joined.
+    Failed {
+        /// The room as the token or the command named it.
+        room: &'a str,
+        /// Why.
+        code: ErrorCode,
+    },
+}
+
+fn push_server_room(b: &mut Vec<u8>, r: &ServerRoom<'_>) {
+    match r {
+        ServerRoom::Joined {
+            room,
+            recovered,
+            position,
+        } => {
+            b.extend_from_slice(br#""room":"#);
+            push_json_str(b, room);
+            if let Some((epoch, seq)) = position {
+                b.extend_from_slice(br#","epoch":"#);
+                push_json_str(b, epoch);
+                b.extend_from_slice(format!(r#","seq":{seq}"#).as_bytes());
+            }
+            if let Some(r) = recovered {
+                b.extend_from_slice(if *r {
+                    br#","recovered":true"#
+                } else {
+                    br#","recovered":false"#
+                });
+            }
+        }
+        ServerRoom::Failed { room, code } => {
+            b.extend_from_slice(br#""room":"#);
+            push_json_str(b, room);
+            b.extend_from_slice(br#","error":"#);
+            push_json_str(b, code.as_str());
+        }
+    }
+}
+
+/// `{"op":"welcome","conn":C,"gateway":G,"user":U?,"rooms":[{"room":R,"epoch":E?,"seq":S?,"recovered":B?} or
+/// {"room":R,"error":CODE}, ...]}`: the welcome of a connection with server-side rooms.
+pub fn welcome_with_rooms(conn: &str, gateway: &str, user: Option<&str>, rooms: &[ServerRoom<'_>]) -> String {
+    let mut w = welcome(conn, gateway, user).into_bytes();
+    w.pop();
+    w.extend_from_slice(br#","rooms":["#);
+    for (i, r) in rooms.iter().enumerate() {
+        if i > 0 {
+            w.push(b',');
+        }
+        w.push(b'{');
+        push_server_room(&mut w, r);
+        w.push(b'}');
+    }
+    w.extend_from_slice(b"]}");
+    into_string(w)
+}
+
+/// `{"op":"joined","room":R,"epoch":E?,"seq":S?}`: a backend made the connection join R (`subscribe` over NATS).
+pub fn joined(room: &ServerRoom<'_>) -> String {
+    let mut b = Vec::with_capacity(64);
+    b.extend_from_slice(br#"{"op":"joined","#);
+    push_server_room(&mut b, room);
+    b.push(b'}');
+    into_string(b)
+}
+
 /// `{"op":"ack","id":N}`
 pub fn ack(id: &str) -> String {
     format!(r#"{{"op":"ack","id":{id}}}"#)

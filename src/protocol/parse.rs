@@ -50,6 +50,39 @@ pub struct Since {
     pub epoch: String,
 }
 
+/// Longest `recover` query value accepted, in bytes, before decoding.
+pub const MAX_RECOVER_LEN: usize = 16 * 1024;
+
+/// The upgrade's `recover` query parameter (`docs/protocol.md`, "Server-side rooms"): where the client got to in each
+/// server-side history room, as a percent-encoded JSON object `{"<room>":{"epoch":"<epoch>","seq":<n>}, ...}`. The
+/// gateway recovers those rooms exactly as a `join` with `since` would. At most `max_rooms` entries; every room name
+/// and epoch is checked here, where it enters.
+pub fn parse_recover(encoded: &str, max_rooms: usize) -> Result<Vec<(String, Since)>, &'static str> {
+    if encoded.len() > MAX_RECOVER_LEN {
+        return Err("`recover` is longer than 16 KiB");
+    }
+    let json = percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .map_err(|_| "`recover` is not percent-encoded UTF-8")?;
+    if json_depth_exceeds(json.as_bytes(), 3) {
+        return Err("`recover` is nested too deeply");
+    }
+    let map: std::collections::BTreeMap<String, Since> =
+        serde_json::from_str(&json).map_err(|_| "`recover` must be {\"<room>\":{\"epoch\":<string>,\"seq\":<n>}}")?;
+    if map.len() > max_rooms {
+        return Err("`recover` names more rooms than rooms.max_rooms_per_connection");
+    }
+    for (room, since) in &map {
+        if !crate::room_name::valid_room(room) {
+            return Err("`recover` names an invalid room");
+        }
+        if since.epoch.len() > MAX_EPOCH_LEN {
+            return Err("`recover` has an epoch longer than 64 bytes");
+        }
+    }
+    Ok(map.into_iter().collect())
+}
+
 /// Longest `since.epoch` accepted (the gateway's epochs are far shorter).
 pub const MAX_EPOCH_LEN: usize = 64;
 /// Longest `msg_id` accepted.
@@ -358,6 +391,49 @@ pub fn compact_json(raw: &str) -> Cow<'_, str> {
     let out: Vec<u8> = raw.bytes().filter(|&b| !(text.structural(b) && blank(b))).collect();
     // Only ASCII whitespace was removed, so the bytes are still UTF-8.
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| raw.to_owned()))
+}
+
+#[cfg(test)]
+mod recover_tests {
+    use super::*;
+
+    #[test]
+    fn recover_positions_are_checked_where_they_enter() {
+        let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let ok = parse_recover(
+            &enc(r#"{"news":{"epoch":"e1","seq":7},"a:b":{"epoch":"e2","seq":0}}"#),
+            4,
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(
+            ok[1],
+            (
+                "news".into(),
+                Since {
+                    seq: 7,
+                    epoch: "e1".into()
+                }
+            )
+        );
+        for bad in [
+            "not json",
+            r#"{"a.b":{"epoch":"e","seq":1}}"#,
+            r#"{"a":{"epoch":"e","seq":-1}}"#,
+            r#"{"a":{"epoch":"e"}}"#,
+            r#"{"a":{"epoch":"e","seq":1,"x":1}}"#,
+            r#"[1]"#,
+            r#"{"a":{"epoch":[[[[1]]]],"seq":1}}"#,
+        ] {
+            assert!(parse_recover(&enc(bad), 4).is_err(), "{bad}");
+        }
+        let long = format!(r#"{{"a":{{"epoch":"{}","seq":1}}}}"#, "e".repeat(65));
+        assert!(parse_recover(&enc(&long), 4).is_err());
+        let many = r#"{"a":{"epoch":"e","seq":1},"b":{"epoch":"e","seq":1}}"#;
+        assert!(parse_recover(&enc(many), 1).is_err());
+        assert!(parse_recover(&"%7B".repeat(6000), 4).is_err());
+        assert!(parse_recover("%FF", 4).is_err());
+    }
 }
 
 #[cfg(test)]
