@@ -206,6 +206,7 @@ async fn upgrade_after_keep_alive_requests_still_works_within_the_deadline() {
     let mut c = common::WsClient {
         ws,
         conn: String::new(),
+        welcome: serde_json::Value::Null,
     };
     c.recv_op("welcome").await;
     assert_eq!(c.request(json!({"op": "ping"}), 1).await["op"], "pong");

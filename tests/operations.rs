@@ -173,6 +173,7 @@ impl Binary {
         let mut c = WsClient {
             ws,
             conn: String::new(),
+            welcome: serde_json::Value::Null,
         };
         let welcome = c.recv_op("welcome").await;
         c.conn = welcome["conn"].as_str().unwrap().to_string();

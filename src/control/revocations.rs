@@ -265,7 +265,8 @@ impl Revocations {
             max_bytes: i64::try_from(self.max)
                 .unwrap_or(i64::MAX / BYTES_PER_ENTRY)
                 .saturating_mul(BYTES_PER_ENTRY),
-            max_value_size: 64,
+            // The stream counts headers (the TTL, the key operation) in the size, not just the value.
+            max_value_size: 1024,
             num_replicas: self.replicas,
             // Enables per-message TTLs; markers of expired entries live a minute.
             limit_markers: Some(Duration::from_secs(60)),

@@ -255,6 +255,8 @@ pub struct WsClient {
     pub ws: WebSocketStream<TlsStream<TcpStream>>,
     /// Connection id from the welcome.
     pub conn: String,
+    /// The welcome itself.
+    pub welcome: Value,
 }
 
 impl WsClient {
@@ -541,9 +543,11 @@ async fn upgrade_over(
             let mut c = WsClient {
                 ws,
                 conn: String::new(),
+                welcome: Value::Null,
             };
             let welcome = c.recv_op("welcome").await;
             c.conn = welcome["conn"].as_str().unwrap().to_string();
+            c.welcome = welcome;
             Ok(c)
         }
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
