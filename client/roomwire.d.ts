@@ -138,9 +138,13 @@ export interface Events {
   gap: (gap: { room: string; dropped: number }) => void;
   /** A rejoin could not recover what was missed (`recovered:false`): reload the room's state. */
   resync: (room: string) => void;
-  left: (left: { room: string; reason: string }) => void;
-  /** The join of `room` was acked: the first time and after every rejoin following a reconnect. What a reconnect may
-   *  have made stale (the room's presence) is to be fetched again here. */
+  /** The gateway took the client out of `room`: `removed` (a backend's `unsubscribe`), or why a refresh or the room's
+   *  end did. */
+  left: (left: { room: string; reason: "removed" | string }) => void;
+  /** The join of `room` was acked: the first time and after every rejoin following a reconnect. Also for server-side
+   *  rooms: those the `welcome` lists (the token's `subs`) and those a backend adds (`subscribe`), with `ack` then
+   *  `{room, epoch?, seq?, recovered?}`. What a reconnect may have made stale (the room's presence) is to be fetched
+   *  again here. */
   joined: (room: string, ack: Ack) => void;
   /** `member_joined` / `member_left` of a presence room (not sent in rooms over `presence.max_members`). */
   presence: (event: PresenceEvent) => void;
@@ -149,6 +153,7 @@ export interface Events {
 
 export declare class Roomwire {
   readonly state: State;
+  /** Why the client stopped: e.g. `4003 <reason>` after a backend's `disconnect`, which is never retried. */
   readonly closeReason?: string;
   /** This connection's id (from `welcome`), undefined while not open. */
   readonly conn?: string;
@@ -156,7 +161,10 @@ export declare class Roomwire {
   off<E extends keyof Events>(event: E, fn?: Events[E]): this;
   /** Joins, and rejoins after every reconnect until `leave`. */
   join(room: string): Promise<Ack>;
+  /** Rejects with `forbidden` for a server-side room (the token's `subs`, a backend's `subscribe`). */
   leave(room: string): Promise<Ack>;
+  /** The rooms the client is in now: joined by it, or server-side (recovered after a reconnect by the gateway). */
+  rooms(): string[];
   /** Waits in the offline queue while not connected. */
   publish(room: string, data: unknown, options?: { echo?: boolean }): Promise<Ack>;
   history(room: string, limit?: number): Promise<HistoryAnswer>;

@@ -39,6 +39,7 @@ export const DRAIN_REASON = "going away: reconnect";
 const FATAL_CLOSE = new Map([
   [1008, "rate limit exceeded repeatedly"],
   [4001, "token expired"],
+  [4003, "disconnected by server"],
 ]);
 
 /** Join refusals worth retrying after a reconnect: the gateway may still be connecting to NATS. */
@@ -159,7 +160,7 @@ export class Roomwire {
     this.conn = undefined;
     this.conns = [];
     this.handlers = new Map();
-    this.rooms = new Map(); // room -> { cursor, waiters: [{resolve, reject}], joined }
+    this.roomState = new Map(); // room -> { cursor, waiters: [{resolve, reject}], joined, server }
     this.pending = new Map(); // id -> request
     this.queue = new OfflineQueue(this.opts.queueLimit);
     this.nextId = 1;
@@ -190,18 +191,27 @@ export class Roomwire {
 
   /** Joins `room` (again after every reconnect until `leave`). Resolves with the ack. */
   join(room) {
-    let entry = this.rooms.get(room);
+    let entry = this.roomState.get(room);
     if (!entry) {
       entry = { cursor: new RoomCursor(), waiters: [], joined: false };
-      this.rooms.set(room, entry);
+      this.roomState.set(room, entry);
     }
     const p = new Promise((resolve, reject) => entry.waiters.push({ resolve, reject }));
     if (this._isOpen() && entry.waiters.length === 1) this._sendJoin(room, entry).catch(() => {});
     return p;
   }
 
+  /** The rooms this client is in now: those it joined, and the server-side ones (token `subs`, backend `subscribe`). */
+  rooms() {
+    return [...this.roomState].filter(([, e]) => e.joined).map(([room]) => room);
+  }
+
   leave(room) {
-    this.rooms.delete(room);
+    const entry = this.roomState.get(room);
+    if (entry && entry.server) {
+      return Promise.reject(new RoomwireError("forbidden", "a server-side room cannot be left by the client"));
+    }
+    this.roomState.delete(room);
     if (!this._isOpen()) return Promise.resolve({ op: "ack" });
     return this._request({ op: "leave", room });
   }
@@ -278,9 +288,17 @@ export class Roomwire {
   }
 
   _url() {
-    if (!this.token) return this.url;
+    // Server-side history rooms are recovered by the gateway before its welcome: it needs their positions now.
+    const recover = {};
+    for (const [room, entry] of this.roomState) {
+      const since = entry.server && entry.cursor.since();
+      if (since) recover[room] = { epoch: since.epoch, seq: since.seq };
+    }
+    const hasRecover = Object.keys(recover).length > 0;
+    if (!this.token && !hasRecover) return this.url;
     const u = new URL(this.url);
-    u.searchParams.set("token", this.token);
+    if (this.token) u.searchParams.set("token", this.token);
+    if (hasRecover) u.searchParams.set("recover", JSON.stringify(recover));
     return u.toString();
   }
 
@@ -358,7 +376,7 @@ export class Roomwire {
     // Same msg_id on the re-send: in a history room the gateway's JetStream dedup keeps one copy.
     resend.sort((a, b) => a.order - b.order);
     this.queue.requeue(resend.map(({ frame, resolve, reject }) => ({ frame, resolve, reject })));
-    for (const entry of this.rooms.values()) entry.joined = false;
+    for (const entry of this.roomState.values()) entry.joined = false;
   }
 
   _stop(reason, code) {
@@ -368,7 +386,7 @@ export class Roomwire {
     this._detach();
     const err = new RoomwireError("closed", reason);
     for (const item of this.queue.drain()) item.reject(err);
-    for (const entry of this.rooms.values()) for (const w of entry.waiters.splice(0)) w.reject(err);
+    for (const entry of this.roomState.values()) for (const w of entry.waiters.splice(0)) w.reject(err);
     this._emit("state", "closed", { reason, code });
   }
 
@@ -424,9 +442,11 @@ export class Roomwire {
       case "gap":
         return this._emit("gap", { room: f.room, dropped: f.dropped });
       case "left": {
-        this.rooms.delete(f.room);
+        this.roomState.delete(f.room);
         return this._emit("left", { room: f.room, reason: f.reason });
       }
+      case "joined":
+        return this._serverRoom(f);
       case "token_expiring":
         return this._refresh();
       default:
@@ -442,15 +462,49 @@ export class Roomwire {
     this.user = f.user;
     this._setState("open", { conn: f.conn });
     this._schedulePing();
+    // Server-side rooms come with the welcome, already joined (and recovered); those it no longer lists are gone.
+    const listed = new Set();
+    for (const r of Array.isArray(f.rooms) ? f.rooms : []) {
+      listed.add(r.room);
+      if (r.error) {
+        const err = new RoomwireError(r.error, `server-side room ${r.room} not joined`);
+        err.room = r.room;
+        this._emit("error", err);
+      } else this._serverRoom(r);
+    }
+    for (const [room, entry] of this.roomState) {
+      if (entry.server && !listed.has(room) && entry.server !== "backend") {
+        this.roomState.delete(room);
+        this._emit("left", { room, reason: "removed" });
+      }
+    }
     // Rejoin every room, then send what waited: a publish must not reach the gateway before its room's join.
     const ws = this.ws;
     const joins = [];
-    for (const [room, entry] of this.rooms) joins.push(this._rejoin(room, entry, ws));
+    for (const [room, entry] of this.roomState) {
+      if (!listed.has(room)) joins.push(this._rejoin(room, entry, ws));
+    }
     Promise.all(joins).then(() => {
       if (this.ws !== ws || !this._isOpen()) return;
       this.ready = true;
       for (const item of this.queue.drain()) this._send(item);
     });
+  }
+
+  /** A server-side room the gateway reports joined (in `welcome`, or `joined` after a backend's `subscribe`). */
+  _serverRoom(f) {
+    let entry = this.roomState.get(f.room);
+    if (!entry) {
+      entry = { cursor: new RoomCursor(), waiters: [], joined: false };
+      this.roomState.set(f.room, entry);
+    }
+    // "token" rooms come back with every welcome; "backend" ones are rejoined after a reconnect like the client's.
+    entry.server = f.op === "joined" ? "backend" : "token";
+    entry.joined = true;
+    const outcome = entry.cursor.onJoinAck(f);
+    for (const w of entry.waiters.splice(0)) w.resolve(f);
+    if (outcome === "resync") this._emit("resync", f.room);
+    this._emit("joined", f.room, f);
   }
 
   /** A rejoin after a reconnect: transient refusals (a gateway still connecting to NATS) are retried. Never rejects. */
@@ -461,7 +515,7 @@ export class Roomwire {
       } catch (err) {
         if (!TRANSIENT.has(err.code) || attempt >= 8 || this.ws !== ws) return undefined;
         await new Promise((r) => this._timer(r, backoffDelay(attempt + 1, this.opts.backoffBase, this.opts.backoffMax)));
-        if (this.ws !== ws || this.rooms.get(room) !== entry) return undefined;
+        if (this.ws !== ws || this.roomState.get(room) !== entry) return undefined;
       }
     }
   }
@@ -472,7 +526,7 @@ export class Roomwire {
     if (since) frame.since = since;
     return this._request(frame).then(
       (ack) => {
-        if (this.rooms.get(room) !== entry) return ack; // left meanwhile
+        if (this.roomState.get(room) !== entry) return ack; // left meanwhile
         entry.joined = true;
         const outcome = entry.cursor.onJoinAck(ack);
         for (const w of entry.waiters.splice(0)) w.resolve(ack);
@@ -484,7 +538,7 @@ export class Roomwire {
         if (err.code === "disconnected") throw err; // redone after the reconnect
         if (retrying && TRANSIENT.has(err.code)) throw err; // _rejoin tries again
         // Refused (forbidden, invalid_room, ...) or, for a first join, any failure: the application decides.
-        if (this.rooms.get(room) === entry) this.rooms.delete(room);
+        if (this.roomState.get(room) === entry) this.roomState.delete(room);
         for (const w of entry.waiters.splice(0)) w.reject(err);
         throw err;
       },
@@ -492,7 +546,7 @@ export class Roomwire {
   }
 
   _message(f) {
-    const entry = this.rooms.get(f.room);
+    const entry = this.roomState.get(f.room);
     if (!entry) return; // left already
     if (!entry.cursor.accept(f.seq)) return; // already delivered
     const msg = { room: f.room, data: f.data, from: f.from, seq: f.seq };
@@ -502,7 +556,7 @@ export class Roomwire {
 
   /** A presence event: `{room, type, conn, user}` and `first` (joined) or `last` and `reason` (left). */
   _member(f) {
-    if (!this.rooms.has(f.room)) return; // left already
+    if (!this.roomState.has(f.room)) return; // left already
     const e = { room: f.room, type: f.op === "member_joined" ? "joined" : "left", conn: f.conn, user: f.user ?? null };
     if (e.type === "joined") e.first = f.first;
     else {

@@ -1,12 +1,19 @@
-//! A backend that lives only on NATS, for the demo chat: it answers `!help`, `!time`, `!echo <text>` and `!rooms`
-//! said in any room, and relays the gateway's join/leave lifecycle events into the room they concern, so browsers see
+//! A backend that lives only on NATS, for the demo chat: it answers `!help`, `!time`, `!echo <text>`, `!rooms` and
+//! `!kick <name>` said in any room, and relays the gateway's join/leave lifecycle events into the room they concern, so browsers see
 //! who comes and goes. It never talks to the gateway: a room `R` is the subject `rooms.R`, events arrive on
 //! `roomwire.events.join` / `.leave` (docs/protocol.md, "What backends see" and "Lifecycle events").
+//!
+//! `!kick <name>` disconnects whoever last spoke under that name, through the control subject
+//! (`roomwire.control.disconnect`, docs/protocol.md "Control over NATS"): the bot learns each name's connection from
+//! the `Roomwire-Conn` header of its messages. The demo trusts everyone; a real backend would check who asks.
 //!
 //! Run: `cargo run --example chat_bot -- [nats://127.0.0.1:4222]` (scripts/dev starts it). Its own messages carry
 //! `"bot": true`, and it ignores every message that does, so it never answers itself.
 
-use std::{collections::BTreeSet, time::SystemTime};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::SystemTime,
+};
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -16,6 +23,8 @@ use serde_json::{Value, json};
 /// `nats.events_prefix`).
 const ROOMS: &str = "rooms";
 const EVENTS: &str = "roomwire.events";
+/// Subject prefix of backend commands (`nats.control_prefix`).
+const CONTROL: &str = "roomwire.control";
 /// Rooms remembered for `!rooms`; bounded so a flood of room names cannot grow the bot.
 const MAX_ROOMS: usize = 1000;
 
@@ -34,6 +43,8 @@ async fn main() -> anyhow::Result<()> {
     let mut events = nc.subscribe(format!("{EVENTS}.*")).await?;
     println!("chat bot on {url}: listening to {ROOMS}.* and {EVENTS}.*");
     let mut rooms = BTreeSet::new();
+    // Display name -> the connection that last spoke under it (for `!kick`); bounded like `rooms`.
+    let mut speakers: HashMap<String, String> = HashMap::new();
     loop {
         tokio::select! {
             Some(msg) = said.next() => {
@@ -42,7 +53,15 @@ async fn main() -> anyhow::Result<()> {
                     rooms.insert(room.clone());
                 }
                 let Ok(data) = serde_json::from_slice::<Value>(&msg.payload) else { continue };
-                if let Some(reply) = answer(&data, &rooms) {
+                let conn = msg.headers.as_ref().and_then(|h| h.get("Roomwire-Conn")).map(|v| v.as_str().to_owned());
+                if let (Some(name), Some(conn)) = (data.get("name").and_then(Value::as_str), conn)
+                    && (speakers.len() < MAX_ROOMS || speakers.contains_key(name))
+                {
+                    speakers.insert(name.to_owned(), conn);
+                }
+                if let Some(reply) = kick(&nc, &data, &speakers).await {
+                    say(&nc, &room, json!({"bot": true, "name": "bot", "text": reply, "ts": now_ms()})).await;
+                } else if let Some(reply) = answer(&data, &rooms) {
                     say(&nc, &room, json!({"bot": true, "name": "bot", "text": reply, "ts": now_ms()})).await;
                 }
             }
@@ -68,7 +87,9 @@ fn answer(data: &Value, rooms: &BTreeSet<String>) -> Option<String> {
     let who = data.get("name").and_then(Value::as_str).unwrap_or("you");
     let (cmd, rest) = text.split_once(' ').unwrap_or((text, ""));
     match cmd {
-        "!help" => Some("I answer !time, !echo <text> and !rooms, and announce who joins and leaves.".into()),
+        "!help" => {
+            Some("I answer !time, !echo <text>, !rooms and !kick <name>, and announce who joins and leaves.".into())
+        }
         "!time" => Some(format!("{who}, it is {} UTC here.", utc(now_ms() / 1000))),
         // Truncated: a command must not make the bot publish more than it was sent.
         "!echo" => Some(rest.chars().take(500).collect()),
@@ -78,6 +99,36 @@ fn answer(data: &Value, rooms: &BTreeSet<String>) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// `!kick <name>`: disconnects the connection that last spoke as `name` (close 4003, which the client library does
+/// not retry). Returns what to say in the room, or `None` for any other message.
+async fn kick(nc: &async_nats::Client, data: &Value, speakers: &HashMap<String, String>) -> Option<String> {
+    if data.get("bot").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
+    let text = data.get("text")?.as_str()?.trim();
+    let target = text.strip_prefix("!kick ")?.trim();
+    let who = data.get("name").and_then(Value::as_str).unwrap_or("someone");
+    let Some(conn) = speakers.get(target) else {
+        return Some(format!("I have not heard anyone called {target:?}."));
+    };
+    // At most 123 bytes of close reason, without control characters: the name is cut short and cleaned.
+    let mut reason = String::from("kicked by ");
+    for c in who.chars().filter(|c| !c.is_control()) {
+        if reason.len() + c.len_utf8() > 123 {
+            break;
+        }
+        reason.push(c);
+    }
+    let command = json!({"conn": conn, "reason": reason});
+    if let Err(e) = nc
+        .publish(format!("{CONTROL}.disconnect"), command.to_string().into())
+        .await
+    {
+        return Some(format!("could not kick: {e}"));
+    }
+    Some(format!("{who} kicked {target}."))
 }
 
 /// A join/leave lifecycle event turned into a message for its room: `(room, message)`.

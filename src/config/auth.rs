@@ -129,7 +129,7 @@ pub struct AuthConfig {
     /// Replicas of the revocation bucket when the gateway creates it. Default 1.
     pub revocation_replicas: usize,
     /// Revocations kept at once (in memory, and in the bucket); past it a new one is refused, logged at error
-    /// level and counted (`control_commands_total{result="full"}`). Default 100000.
+    /// level and counted (`roomwire_control_commands_total{reason="full"}`). Default 100000.
     pub max_revocations: usize,
     /// A `token_expiring` warning is sent this long before `exp`. Default `60s`.
     #[serde(with = "humantime_serde")]

@@ -338,9 +338,11 @@ mod tests {
 
     #[test]
     fn jti_and_user_revocations_match_and_expire() {
-        let mut cfg = AuthConfig::default();
-        cfg.max_session = Duration::from_secs(100);
-        cfg.leeway_secs = 0;
+        let cfg = AuthConfig {
+            max_session: Duration::from_secs(100),
+            leeway_secs: 0,
+            ..Default::default()
+        };
         let r = Revocations::new(&cfg);
         let now = 1_000;
         r.insert(
@@ -397,8 +399,10 @@ mod tests {
 
     #[test]
     fn the_bound_refuses_and_prunes() {
-        let mut cfg = AuthConfig::default();
-        cfg.max_revocations = 2;
+        let cfg = AuthConfig {
+            max_revocations: 2,
+            ..Default::default()
+        };
         let r = Revocations::new(&cfg);
         let jti = |j: &str, until| Revocation::Jti { jti: j.into(), until };
         r.insert(&jti("a", 20), 10).unwrap();

@@ -26,7 +26,7 @@ async function demoPage(name, room, extra = "") {
   page.on("pageerror", (e) => console.error(`[${name}] page error:`, e));
   await page.goto(`${stack.origin}/?name=${name}&room=${room}${extra}`);
   if (!extra.includes("token=")) {
-    await page.waitForFunction((r) => window.roomwireDemo?.rw.rooms.get(r)?.joined, room, { timeout: WAIT });
+    await page.waitForFunction((r) => window.roomwireDemo?.rw.rooms().includes(r), room, { timeout: WAIT });
   }
   return page;
 }

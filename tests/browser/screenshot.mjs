@@ -17,7 +17,7 @@ try {
     const ctx = await browser.newContext({ viewport: { width: 1000, height: 620 } });
     const page = await ctx.newPage();
     await page.goto(`${stack.origin}/?name=${name}&room=lobby`);
-    await page.waitForFunction(() => window.roomwireDemo?.rw.rooms.get("lobby")?.joined);
+    await page.waitForFunction(() => window.roomwireDemo?.rw.rooms().includes("lobby"));
     return page;
   };
   const say = async (page, text) => {

@@ -313,3 +313,57 @@ test("joined fires on the first join ack and again after each rejoin, so presenc
   await assert.rejects(refused, { code: "forbidden" });
   assert.equal(joins.length, 2);
 });
+
+test("client: server-side rooms from welcome and joined; recovered through the upgrade's recover; 4003 stops", async (t) => {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", opts);
+  t.after(() => rw.close());
+  const joined = [];
+  const left = [];
+  const seen = [];
+  const states = [];
+  rw.on("joined", (room, info) => joined.push([room, info.recovered]));
+  rw.on("left", (l) => left.push([l.room, l.reason]));
+  rw.on("message", (m) => seen.push([m.room, m.seq]));
+  rw.on("state", (s, info) => states.push([s, info.reason]));
+  await tick();
+  const s1 = FakeSocket.all[0];
+  assert.equal(new URL(s1.url).searchParams.get("recover"), null, "nothing to recover on the first connection");
+  s1.onopen?.();
+  s1.deliver({
+    op: "welcome",
+    conn: "gw-1",
+    gateway: "gw",
+    rooms: [{ room: "feed", epoch: "E", seq: 3 }, { room: "team" }, { room: "a.b", error: "invalid_room" }],
+  });
+  assert.deepEqual(rw.rooms().sort(), ["feed", "team"]);
+  assert.equal(s1.sent.filter((f) => f.op === "join").length, 0, "server-side rooms are not joined by the client");
+  await assert.rejects(rw.leave("feed"), { code: "forbidden" });
+  s1.deliver({ op: "message", room: "feed", data: 1, seq: 4 });
+  s1.deliver({ op: "joined", room: "extra" });
+  assert.ok(rw.rooms().includes("extra"));
+  s1.deliver({ op: "left", room: "team", reason: "removed" });
+  assert.ok(!rw.rooms().includes("team"));
+  s1.drop();
+  await new Promise((r) => setTimeout(r, 10));
+  const s2 = FakeSocket.all[1];
+  const recover = JSON.parse(new URL(s2.url).searchParams.get("recover"));
+  assert.deepEqual(recover.feed, { epoch: "E", seq: 4 }, "the gateway recovers feed from the last delivered seq");
+  s2.onopen?.();
+  s2.deliver({ op: "welcome", conn: "gw-2", gateway: "gw", rooms: [{ room: "feed", epoch: "E", seq: 6, recovered: true }] });
+  for (const seq of [4, 5, 6]) s2.deliver({ op: "message", room: "feed", data: 1, seq });
+  assert.deepEqual(seen, [["feed", 4], ["feed", 5], ["feed", 6]], "each seq once");
+  assert.deepEqual(
+    s2.sent.filter((f) => f.op === "join").map((f) => f.room),
+    ["extra"],
+    "a backend's room is rejoined like the client's own",
+  );
+  assert.deepEqual(joined.slice(0, 3), [["feed", undefined], ["team", undefined], ["extra", undefined]]);
+  assert.deepEqual(joined[3], ["feed", true]);
+  assert.deepEqual(left, [["team", "removed"]]);
+  s2.drop(4003, "kicked by ann");
+  assert.equal(rw.state, "closed");
+  assert.equal(rw.closeReason, "4003 kicked by ann");
+  await new Promise((r) => setTimeout(r, 10));
+  assert.equal(FakeSocket.all.length, 2, "no reconnect after 4003");
+});
