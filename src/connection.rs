@@ -528,6 +528,15 @@ impl Drop for Conn {
     }
 }
 
+/// What a revocation matches of an authenticated identity's token.
+fn token_facts(identity: &Identity) -> Option<crate::control::registry::TokenFacts> {
+    Some(crate::control::registry::TokenFacts {
+        user: identity.user.as_deref()?.into(),
+        jti: identity.jti.as_deref().map(Arc::from),
+        issued_at: identity.issued_at,
+    })
+}
+
 impl Conn {
     fn new(gw: Arc<Gateway>, accepted: Accepted) -> Self {
         let Accepted {
@@ -548,9 +557,7 @@ impl Conn {
             id,
             crate::control::registry::Entry {
                 outbox: outbox.clone(),
-                user: identity.user.as_deref().map(Arc::from),
-                jti: identity.jti.as_deref().map(Arc::from),
-                issued_at: identity.issued_at,
+                token: token_facts(&identity).map(Arc::new),
             },
         );
         Conn {

@@ -260,10 +260,11 @@ fn jetstream_unusable(error: &str) -> bool {
 
 /// Whether the connection of `e` is authenticated by a token `r` revokes.
 fn revoked_entry(r: &Revocation, e: &Entry) -> bool {
+    let Some(t) = &e.token else { return false };
     match r {
-        Revocation::Jti { jti, .. } => e.jti.as_deref() == Some(jti.as_str()),
+        Revocation::Jti { jti, .. } => t.jti.as_deref() == Some(jti.as_str()),
         Revocation::User { user, issued_before } => {
-            e.user.as_deref() == Some(user.as_str()) && e.issued_at.is_none_or(|iat| iat < *issued_before)
+            &*t.user == user.as_str() && t.issued_at.is_none_or(|iat| iat < *issued_before)
         }
     }
 }

@@ -48,7 +48,8 @@ async fn monitor(port: u16, path: &str) -> Value {
     serde_json::from_str(body).expect("JSON body")
 }
 
-/// Subjects the gateway's NATS connection (client name `roomwire`) is subscribed to, per the server.
+/// Room subjects the gateway's NATS connection (client name `roomwire`) is subscribed to, per the server: its
+/// standing subscriptions (backend commands, the request inbox) are left out.
 async fn gateway_subs(port: u16) -> Vec<String> {
     let connz = monitor(port, "/connz?subs=1").await;
     let conns = connz["connections"].as_array().expect("connections");
@@ -60,6 +61,7 @@ async fn gateway_subs(port: u16) -> Vec<String> {
         .as_array()
         .map(|l| l.iter().map(|s| s.as_str().unwrap().to_string()).collect())
         .unwrap_or_default();
+    subs.retain(|s| s != "roomwire.control.*" && !s.starts_with("_INBOX."));
     subs.sort();
     subs
 }

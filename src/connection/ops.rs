@@ -356,11 +356,9 @@ impl Conn {
         }
         self.identity = identity;
         self.token_changed = true;
-        self.gw.control().registry().update_token(
-            self.id,
-            self.identity.jti.as_deref().map(Arc::from),
-            self.identity.issued_at,
-        );
+        if let Some(facts) = super::token_facts(&self.identity) {
+            self.gw.control().registry().update_token(self.id, facts);
+        }
         // Leave rooms the new claims no longer allow, and say so: rooms the client joined that its join patterns no
         // longer match, and server-side rooms of the old token that the new one does not list (rooms a backend
         // subscribed it to stay). New `subs` are not joined by a refresh.

@@ -14,17 +14,31 @@ use parking_lot::Mutex;
 
 use crate::outbox::Outbox;
 
-/// What a command needs of one connection.
+/// What a command needs of one connection. Two words: every open connection has one, anonymous ones included.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// The connection's queue: closing it closes the connection; directives reach its task through it.
     pub outbox: Arc<Outbox>,
-    /// The JWT `sub`, `None` for anonymous connections.
-    pub user: Option<Arc<str>>,
-    /// The `jti` of the token now authenticating the connection.
+    /// The token now authenticating the connection; `None` for anonymous connections.
+    pub token: Option<Arc<TokenFacts>>,
+}
+
+/// What revocations match of a connection's token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFacts {
+    /// The JWT `sub`.
+    pub user: Arc<str>,
+    /// The JWT `jti`.
     pub jti: Option<Arc<str>>,
-    /// The `iat` of that token.
+    /// The JWT `iat`.
     pub issued_at: Option<u64>,
+}
+
+impl Entry {
+    /// The connection's user, `None` when anonymous.
+    pub fn user(&self) -> Option<&str> {
+        self.token.as_deref().map(|t| &*t.user)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -44,11 +58,11 @@ impl Registry {
     /// Adds connection `id` (replacing an entry of the same number, which cannot be live).
     pub fn insert(&self, id: u64, entry: Entry) {
         let mut inner = self.inner.lock();
-        if let Some(user) = &entry.user {
-            inner.users.entry(user.clone()).or_default().push(id);
+        if let Some(token) = &entry.token {
+            inner.users.entry(token.user.clone()).or_default().push(id);
         }
         if let Some(old) = inner.conns.insert(id, entry) {
-            unlink(&mut inner.users, old.user.as_deref(), id);
+            unlink(&mut inner.users, old.user(), id);
         }
     }
 
@@ -56,7 +70,7 @@ impl Registry {
     pub fn remove(&self, id: u64) {
         let mut inner = self.inner.lock();
         if let Some(old) = inner.conns.remove(&id) {
-            unlink(&mut inner.users, old.user.as_deref(), id);
+            unlink(&mut inner.users, old.user(), id);
         }
         if inner.conns.is_empty() && inner.conns.capacity() > 1024 {
             inner.conns.shrink_to_fit();
@@ -64,11 +78,12 @@ impl Registry {
         }
     }
 
-    /// Records the token a `refresh` put in place on connection `id`.
-    pub fn update_token(&self, id: u64, jti: Option<Arc<str>>, issued_at: Option<u64>) {
-        if let Some(e) = self.inner.lock().conns.get_mut(&id) {
-            e.jti = jti;
-            e.issued_at = issued_at;
+    /// Records the token a `refresh` put in place on connection `id` (same user: a refresh cannot change it).
+    pub fn update_token(&self, id: u64, token: TokenFacts) {
+        if let Some(e) = self.inner.lock().conns.get_mut(&id)
+            && e.user() == Some(&*token.user)
+        {
+            e.token = Some(Arc::new(token));
         }
     }
 
@@ -121,9 +136,13 @@ mod tests {
     fn entry(user: Option<&str>) -> Entry {
         Entry {
             outbox: Arc::new(Outbox::new(4, 1024)),
-            user: user.map(Arc::from),
-            jti: None,
-            issued_at: None,
+            token: user.map(|u| {
+                Arc::new(TokenFacts {
+                    user: u.into(),
+                    jti: None,
+                    issued_at: None,
+                })
+            }),
         }
     }
 
@@ -142,9 +161,26 @@ mod tests {
             !r.inner.lock().users.contains_key("bob"),
             "an emptied user key is dropped"
         );
-        r.update_token(2, Some("j".into()), Some(5));
-        assert_eq!(r.get(2).and_then(|e| e.jti).as_deref(), Some("j"));
-        assert_eq!(r.matching(|e| e.issued_at == Some(5)).len(), 1);
+        let facts = |user: &str| TokenFacts {
+            user: user.into(),
+            jti: Some("j".into()),
+            issued_at: Some(5),
+        };
+        r.update_token(2, facts("mallory"));
+        assert!(
+            r.get(2).and_then(|e| e.token).is_some_and(|t| t.jti.is_none()),
+            "another user's token is ignored"
+        );
+        r.update_token(2, facts("ann"));
+        assert_eq!(
+            r.get(2).and_then(|e| e.token).and_then(|t| t.jti.clone()).as_deref(),
+            Some("j")
+        );
+        assert_eq!(
+            r.matching(|e| e.token.as_ref().is_some_and(|t| t.issued_at == Some(5)))
+                .len(),
+            1
+        );
         r.remove(2);
         r.remove(4);
         assert!(r.is_empty() && r.inner.lock().users.is_empty());
