@@ -501,7 +501,10 @@ export class Roomwire {
     // "token" rooms come back with every welcome; "backend" ones are rejoined after a reconnect like the client's.
     entry.server = f.op === "joined" ? "backend" : "token";
     entry.joined = true;
-    const outcome = entry.cursor.onJoinAck(f);
+    // A history room we had a position in, rejoined without an answer to its recovery (the `recover` parameter did
+    // not reach the gateway): what was missed is unknown, so resync rather than skip silently.
+    const unanswered = entry.cursor.recoverable && f.epoch !== undefined && f.recovered === undefined;
+    const outcome = entry.cursor.onJoinAck(unanswered ? { ...f, recovered: false } : f);
     for (const w of entry.waiters.splice(0)) w.resolve(f);
     if (outcome === "resync") this._emit("resync", f.room);
     this._emit("joined", f.room, f);
