@@ -190,7 +190,9 @@ where
 {
     let conn = Conn::new(gw.clone(), accepted);
     // The queue is empty, so the welcome always fits.
-    let welcome = protocol::welcome(&conn.conn_id, gw.id(), conn.identity.user.as_deref());
+    let rpc = &gw.config().rpc;
+    let rpc_max_inflight = rpc.enabled.then_some(rpc.max_inflight_per_connection);
+    let welcome = protocol::welcome(&conn.conn_id, gw.id(), conn.identity.user.as_deref(), rpc_max_inflight);
     conn.outbox.try_push_control(Frame::text(welcome));
     tracing::debug!(conn = %conn.conn_id, user = conn.identity.user.as_deref(), "connected");
     let now = Instant::now();
