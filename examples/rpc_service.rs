@@ -105,9 +105,7 @@ fn roll(payload: &[u8], by: Option<String>) -> Result<Value, ServiceError> {
         code: 400,
         status: format!("dice as NdM or NdM+K: 1-{MAX_DICE} dice of 2-{MAX_SIDES} sides, e.g. 2d6"),
     })?;
-    let rolls: Vec<u32> = (0..dice.count)
-        .map(|_| rand::random_range(1..=dice.sides))
-        .collect();
+    let rolls: Vec<u32> = (0..dice.count).map(|_| rand::random_range(1..=dice.sides)).collect();
     let total = rolls.iter().map(|&r| i64::from(r)).sum::<i64>() + dice.modifier;
     Ok(json!({
         "dice": dice.to_string(),
@@ -146,14 +144,8 @@ fn parse_dice(spec: &str) -> Option<Dice> {
         None => (rest, 0),
     };
     let sides: u32 = sides.parse().ok()?;
-    let ok = (1..=MAX_DICE).contains(&count)
-        && (2..=MAX_SIDES).contains(&sides)
-        && modifier.abs() <= MAX_MODIFIER;
-    ok.then_some(Dice {
-        count,
-        sides,
-        modifier,
-    })
+    let ok = (1..=MAX_DICE).contains(&count) && (2..=MAX_SIDES).contains(&sides) && modifier.abs() <= MAX_MODIFIER;
+    ok.then_some(Dice { count, sides, modifier })
 }
 
 fn now_ms() -> u64 {
@@ -169,13 +161,7 @@ mod tests {
 
     #[test]
     fn dice_specs() {
-        let d = |count, sides, modifier| {
-            Some(Dice {
-                count,
-                sides,
-                modifier,
-            })
-        };
+        let d = |count, sides, modifier| Some(Dice { count, sides, modifier });
         assert_eq!(parse_dice("2d6"), d(2, 6, 0));
         assert_eq!(parse_dice(" D20 "), d(1, 20, 0));
         assert_eq!(parse_dice("3d8+2"), d(3, 8, 2));
