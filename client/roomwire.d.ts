@@ -24,6 +24,12 @@ export interface ConnectOptions {
   /** After a draining gateway's close (1001 `going away: reconnect`), wait up to this many extra ms (random) before
    *  reconnecting, so the clients of one gateway do not reach the others all at once. Default 5000. */
   drainDelayMax?: number;
+  /** RPC calls awaiting their answer at once; one more rejects with `rate_limited` without being sent. A gateway
+   *  that states its own per-connection bound (`rpc_max_inflight` in `welcome`) lowers it. Default 64. */
+  maxPendingCalls?: number;
+  /** Milliseconds the client waits past a call's `timeoutMs` before giving up locally (`timeout`), so the gateway's
+   *  own `timeout` answer normally comes first. Calls without `timeoutMs` wait `requestTimeout`. Default 2000. */
+  rpcGrace?: number;
   /** WebSocket constructor (default `globalThis.WebSocket`). */
   WebSocket?: typeof WebSocket;
 }
@@ -127,9 +133,31 @@ export type PresenceEvent =
       reason: LeaveReason;
     };
 
-/** Settled into a promise: `code` is the gateway's error code, or `timeout`, `disconnected`, `queue_full`, `closed`. */
+/** Settled into a promise: `code` is the gateway's error code, or `timeout`, `disconnected`, `queue_full`, `closed`.
+ *  For `rpc`, when the service answered an error (ADR-32), `code` is the service's (e.g. "400") and `service` true. */
 export declare class RoomwireError extends Error {
+  constructor(code: string, message?: string, service?: boolean);
   code: string;
+  service?: true;
+}
+
+/** Codes an `rpc` call rejects with when the gateway or the client (not the service) ends it (docs/rpc.md). */
+export type RpcErrorCode =
+  | "no_responders"
+  | "timeout"
+  | "too_large"
+  | "rate_limited"
+  | "unavailable"
+  | "forbidden"
+  | "bad_request"
+  | "disconnected"
+  | "closed";
+
+export interface RpcOptions {
+  /** The call's deadline in ms, capped by the gateway's `rpc.max_timeout`; default the gateway's `rpc.timeout`. */
+  timeoutMs?: number;
+  /** Same as `timeoutMs` (which wins when both are given). */
+  timeout?: number;
 }
 
 export interface Events {
@@ -172,6 +200,11 @@ export declare class Roomwire {
    *  Like `history`, rejects with `disconnected` while not connected. */
   presence(room: string): Promise<PresenceAnswer>;
   presenceStats(room: string): Promise<PresenceStats>;
+  /** Calls a NATS service through the gateway (`<rpc.subject_prefix>.<method>`); resolves with its answer (a
+   *  `Uint8Array` when the service's bytes were not UTF-8). Never queued offline, never re-sent: rejects at once with
+   *  `disconnected` while not connected, and with `disconnected` when the connection drops before the answer (the
+   *  call may have run). See `RpcErrorCode`; a service's error answer rejects with its code and `service: true`. */
+  rpc<T = unknown>(method: string, data?: unknown, options?: RpcOptions): Promise<T>;
   /** True when `from` is one of this client's connections (now or before a reconnect). */
   isOwn(from: string | undefined): boolean;
   close(): void;

@@ -15,6 +15,9 @@
 // JetStream dedup stores each once; turns acks into promises with a timeout; pings to notice a dead link before TCP.
 // Presence (docs/presence.md): `presence`/`presenceStats` ask who is in a room over every gateway; the gateway's
 // `member_joined`/`member_left` become `presence` events; `joined` after every (re)join says when to ask again.
+// RPC (docs/rpc.md): `rpc(method, data)` calls a NATS service through the gateway and settles with its answer. Calls
+// are never queued offline nor re-sent after a reconnect (a call may have acted even when its answer was lost): they
+// reject with `disconnected` instead, and at most `maxPendingCalls` (or the gateway's bound, from `welcome`) wait.
 
 /** Default options (see `ConnectOptions` in roomwire.d.ts). */
 export const DEFAULTS = Object.freeze({
@@ -27,6 +30,8 @@ export const DEFAULTS = Object.freeze({
   queueLimit: 256, // publishes kept while offline (and unacked across a reconnect)
   checkUrl: undefined, // URL asked why a connection failed before opening; default: /client/check on the ws host
   drainDelayMax: 5000, // ms: extra random wait before reconnecting after a draining gateway's close
+  maxPendingCalls: 64, // rpc calls awaiting an answer; the gateway's own bound (welcome's rpc_max_inflight) lowers it
+  rpcGrace: 2000, // ms the client waits past a call's timeoutMs, so the gateway's `timeout` answer normally comes first
 });
 
 /**
@@ -55,13 +60,22 @@ export function backoffDelay(attempt, base = DEFAULTS.backoffBase, max = DEFAULT
   return Math.floor(random() * cap);
 }
 
-/** Error settled into a request's promise: `.code` is the gateway's error code or one of the client's own. */
+/**
+ * Error settled into a request's promise: `.code` is the gateway's error code or one of the client's own; for an
+ * `rpc` the service answered with an error (ADR-32), `.code` is the service's and `.service` is true.
+ */
 export class RoomwireError extends Error {
-  constructor(code, message) {
+  constructor(code, message, service = false) {
     super(message || code);
     this.name = "RoomwireError";
     this.code = code;
+    if (service) this.service = true;
   }
+}
+
+/** The bytes of a `data_b64` answer (a backend's payload that is not UTF-8). */
+function fromBase64(b64) {
+  return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
 }
 
 /**
@@ -162,6 +176,8 @@ export class Roomwire {
     this.handlers = new Map();
     this.roomState = new Map(); // room -> { cursor, waiters: [{resolve, reject}], joined, server }
     this.pending = new Map(); // id -> request
+    this.calls = 0; // rpc calls in `pending`: bounded by _callLimit()
+    this.rpcMaxInflight = undefined; // the gateway's per-connection bound on calls (welcome), if it said
     this.queue = new OfflineQueue(this.opts.queueLimit);
     this.nextId = 1;
     this.msgPrefix = randomPrefix();
@@ -244,6 +260,52 @@ export class Roomwire {
   /** How many are in `room`: `{op, id, room, count, users}` (connections, distinct non-null users). */
   presenceStats(room) {
     return this._request({ op: "presence_stats", room });
+  }
+
+  /**
+   * Calls `method` (a NATS request on `<rpc.subject_prefix>.<method>`, made by the gateway) with `data`; resolves with
+   * the service's answer (a `Uint8Array` when its bytes were not UTF-8). Rejects with a RoomwireError: the gateway's
+   * code (`no_responders`, `timeout`, `forbidden`, `bad_request`, `rate_limited`, `too_large`, `unavailable`), the
+   * service's (`service: true`), `disconnected` (not connected now, or the connection dropped before the answer: the
+   * call is never re-sent, and may or may not have run), `closed`, or `rate_limited` from the client itself when
+   * `maxPendingCalls` (or the gateway's bound) calls already wait. `timeoutMs` is capped by the gateway's
+   * `rpc.max_timeout`; without it the gateway's `rpc.timeout` applies.
+   */
+  rpc(method, data, { timeoutMs, timeout } = {}) {
+    const ms = timeoutMs ?? timeout;
+    return new Promise((resolve, reject) => {
+      if (this.state === "closed") return reject(new RoomwireError("closed", this.closeReason || "client closed"));
+      if (!this._isOpen()) return reject(new RoomwireError("disconnected", "not connected: calls are not queued"));
+      if (typeof method !== "string" || !method) return reject(new RoomwireError("bad_request", "method: a non-empty string"));
+      if (ms !== undefined && !(Number.isFinite(ms) && ms > 0)) {
+        return reject(new RoomwireError("bad_request", "timeoutMs: a positive number of milliseconds"));
+      }
+      const limit = this._callLimit();
+      if (this.calls >= limit) {
+        return reject(new RoomwireError("rate_limited", `${limit} calls already await an answer`));
+      }
+      const frame = { op: "rpc", method, data: data === undefined ? null : data };
+      if (ms !== undefined) frame.timeout_ms = Math.ceil(ms);
+      // Every way a call ends (answer, error, local timeout, disconnect) passes here once: the count stays exact.
+      this.calls++;
+      let settled = false;
+      const settle = (fn, value) => {
+        if (settled) return;
+        settled = true;
+        this.calls--;
+        fn(value);
+      };
+      // Past the call's own deadline plus a grace, the gateway's answer is overdue: give up locally (`timeout`).
+      const wait = ms !== undefined ? ms + this.opts.rpcGrace : this.opts.requestTimeout;
+      this._send(
+        {
+          frame,
+          resolve: (f) => settle(resolve, f.data_b64 !== undefined ? fromBase64(f.data_b64) : f.data),
+          reject: (err) => settle(reject, err),
+        },
+        wait,
+      );
+    });
   }
 
   /** True when `from` is one of this client's connections (its own messages, echoed or recovered). */
@@ -370,7 +432,10 @@ export class Roomwire {
       clearTimeout(req.timer);
       if (req.frame.op === "publish") resend.push(req);
       else if (req.frame.op === "join" || req.frame.op === "ping") continue; // joins are redone from `rooms`
-      else req.reject(new RoomwireError("disconnected", "connection lost before the answer"));
+      else if (req.frame.op === "rpc") {
+        // Never re-sent: the service may have acted on it already (the gateway never retries either).
+        req.reject(new RoomwireError("disconnected", "connection lost before the answer: the call may have run"));
+      } else req.reject(new RoomwireError("disconnected", "connection lost before the answer"));
     }
     this.pending.clear();
     // Same msg_id on the re-send: in a history room the gateway's JetStream dedup keeps one copy.
@@ -433,8 +498,16 @@ export class Roomwire {
       case "presence":
       case "presence_stats":
         return this._answer(f, null);
+      case "rpc_result": {
+        const e = f.error;
+        if (!e) return this._answer(f, null);
+        const code = typeof e === "object" && e !== null ? String(e.code) : "error";
+        return this._answer(f, new RoomwireError(code, (e && e.message) || code, true));
+      }
       case "error":
         if (f.id !== undefined && this.pending.has(f.id)) return this._answer(f, new RoomwireError(f.code, f.message));
+        // A late answer to a request already settled here (timed out locally): its promise has spoken.
+        if (typeof f.id === "number" && f.id < this.nextId) return undefined;
         return this._emit("error", new RoomwireError(f.code, f.message));
       case "member_joined":
       case "member_left":
@@ -460,6 +533,8 @@ export class Roomwire {
     if (this.conns.length > 32) this.conns.shift();
     this.openedAt = Date.now();
     this.user = f.user;
+    // Gateways with RPC on say their per-connection bound; calls over it would only be refused there.
+    this.rpcMaxInflight = Number.isInteger(f.rpc_max_inflight) && f.rpc_max_inflight > 0 ? f.rpc_max_inflight : undefined;
     this._setState("open", { conn: f.conn });
     this._schedulePing();
     // Server-side rooms come with the welcome, already joined (and recovered); those it no longer lists are gone.
@@ -584,16 +659,22 @@ export class Roomwire {
     });
   }
 
-  _send(item) {
+  /** How many rpc calls may wait at once: the option, lowered to the gateway's bound when it stated one. */
+  _callLimit() {
+    return Math.min(this.opts.maxPendingCalls, this.rpcMaxInflight ?? Infinity);
+  }
+
+  _send(item, wait = this.opts.requestTimeout) {
     const id = this.nextId++;
     const req = { ...item, frame: { ...item.frame, id }, order: id };
     req.timer = setTimeout(
       () => {
         if (this.pending.get(id) !== req) return;
+        // Forgotten here, so a late answer finds nothing to settle.
         this.pending.delete(id);
-        req.reject(new RoomwireError("timeout", `no answer to ${req.frame.op} within ${this.opts.requestTimeout} ms`));
+        req.reject(new RoomwireError("timeout", `no answer to ${req.frame.op} within ${wait} ms`));
       },
-      Math.min(this.opts.requestTimeout, 2 ** 31 - 1),
+      Math.min(wait, 2 ** 31 - 1),
     );
     this.pending.set(id, req);
     try {

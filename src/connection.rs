@@ -196,7 +196,12 @@ where
     // The queue is empty, so the welcome always fits. With server-side rooms, the first handler sends it once they
     // are joined (`server_rooms`).
     if conn.identity.subs.is_empty() {
-        let welcome = protocol::welcome(&conn.conn_id, gw.id(), conn.identity.user.as_deref());
+        let welcome = protocol::welcome(
+            &conn.conn_id,
+            gw.id(),
+            conn.identity.user.as_deref(),
+            conn.rpc_max_inflight(),
+        );
         conn.outbox.try_push_control(Frame::text(welcome));
     }
     tracing::debug!(conn = %conn.conn_id, user = conn.identity.user.as_deref(), "connected");
@@ -573,6 +578,12 @@ impl Conn {
             token_changed: false,
             _slot: slot,
         }
+    }
+
+    /// The `rpc_max_inflight` of the `welcome`: the bound of calls in flight, while RPC is on.
+    fn rpc_max_inflight(&self) -> Option<usize> {
+        let rpc = &self.gw.config().rpc;
+        rpc.enabled.then_some(rpc.max_inflight_per_connection)
     }
 
     /// Who this connection is, as NATS headers and events name it.

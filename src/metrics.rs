@@ -1,9 +1,10 @@
 //! Counters and gauges kept by every part of the gateway, exported in the Prometheus text format at `GET /metrics`.
 //!
 //! Hot-path counters are bumped once per NATS message (by the number of deliveries), never once per recipient.
-//! Labelled families are used only for rare events (rejections, drops, errors). Their one `reason` label takes its
-//! values from an enum per family ([`Reason`]), never from a string at a call site, so the number of series is bounded
-//! by the code, not by traffic; reading a counter ([`ByReason::get`]) never creates a series.
+//! Labelled families are used only for rare events (rejections, drops, errors) and for RPC calls (one count per call,
+//! which is a request/reply and never a fan-out). Their one label (`reason`; `result` for RPC calls) takes its values
+//! from an enum per family ([`Reason`]), never from a string at a call site, so the number of series is bounded by the
+//! code, not by traffic; reading a counter ([`ByReason::get`]) never creates a series.
 
 use std::{
     marker::PhantomData,
@@ -16,16 +17,18 @@ use prometheus_client::{
     registry::Registry,
 };
 
-/// Label set with one `reason` label.
+/// Label set with one label (`reason`, or the family's [`Reason::LABEL`]).
 type ReasonLabels = [(&'static str, &'static str); 1];
 
-/// A closed set of values for a family's `reason` label.
+/// A closed set of values for a family's one label.
 pub trait Reason: Copy {
+    /// The label's name: `reason` unless a family says otherwise (`result` for RPC calls, whose "ok" is no reason).
+    const LABEL: &'static str = "reason";
     /// The label value (snake_case).
     fn as_str(self) -> &'static str;
 }
 
-/// A counter family with one `reason` label whose values are the `R`s.
+/// A counter family with one label ([`Reason::LABEL`]) whose values are the `R`s.
 #[derive(Debug)]
 pub struct ByReason<R> {
     family: Family<ReasonLabels, Counter>,
@@ -49,12 +52,12 @@ impl<R: Reason> ByReason<R> {
 
     /// Counts `n` events.
     pub fn inc_by(&self, reason: R, n: u64) {
-        self.family.get_or_create(&[("reason", reason.as_str())]).inc_by(n);
+        self.family.get_or_create(&[(R::LABEL, reason.as_str())]).inc_by(n);
     }
 
     /// The count so far (0 for a reason never counted; reading creates no series).
     pub fn get(&self, reason: R) -> u64 {
-        self.family.get(&[("reason", reason.as_str())]).map_or(0, |c| c.get())
+        self.family.get(&[(R::LABEL, reason.as_str())]).map_or(0, |c| c.get())
     }
 }
 
@@ -248,6 +251,46 @@ impl Reason for SlowConsumer {
     }
 }
 
+/// How an `rpc` op ended (`roomwire_rpc_calls_total{result}`): every call is counted once, refused ones included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcResult {
+    /// `rpc_result` with the service's data.
+    Ok,
+    /// `rpc_result` with the service's ADR-32 error.
+    ServiceError,
+    /// Nobody serves the method.
+    NoResponders,
+    /// No answer within the call's timeout.
+    Timeout,
+    /// The request over NATS's `max_payload`, or the answer over `limits.max_message_size`.
+    TooLarge,
+    /// NATS is away or refused the request.
+    Unavailable,
+    /// Refused before NATS: RPC off, or a malformed method name.
+    BadRequest,
+    /// Refused before NATS: the method is outside the caller's permissions.
+    Forbidden,
+    /// Refused before NATS: `rpc.max_inflight_per_connection` calls already wait.
+    RateLimited,
+}
+
+impl Reason for RpcResult {
+    const LABEL: &'static str = "result";
+    fn as_str(self) -> &'static str {
+        match self {
+            RpcResult::Ok => "ok",
+            RpcResult::ServiceError => "service_error",
+            RpcResult::NoResponders => "no_responders",
+            RpcResult::Timeout => "timeout",
+            RpcResult::TooLarge => "too_large",
+            RpcResult::Unavailable => "unavailable",
+            RpcResult::BadRequest => "bad_request",
+            RpcResult::Forbidden => "forbidden",
+            RpcResult::RateLimited => "rate_limited",
+        }
+    }
+}
+
 /// Room messages are dropped by the room's overflow policy.
 impl Reason for crate::outbox::Overflow {
     fn as_str(self) -> &'static str {
@@ -328,6 +371,12 @@ pub struct Metrics {
     /// Time from a frame being queued for a client (for room messages: as the NATS message is fanned out) to the
     /// end of its write, sampled once per written batch (its oldest frame).
     pub delivery_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// RPC calls, by how they ended (`ok`, `service_error`, `no_responders`, `timeout`, `too_large`, `unavailable`,
+    /// and the refusals before NATS: `bad_request`, `forbidden`, `rate_limited`).
+    pub rpc_calls: ByReason<RpcResult>,
+    /// Time from an RPC request sent to NATS to its answer (or its failure: timeouts land at the call's deadline),
+    /// once per call that passed the gateway's checks (method, permission, in-flight bound).
+    pub rpc_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Default for Metrics {
@@ -370,6 +419,11 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
             ),
             nats_disconnects: Counter::default(),
+            rpc_calls: ByReason::default(),
+            // 100 µs to about 13 s (`rpc.timeout` defaults to 5 s).
+            rpc_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+            ),
             registry: Registry::default(),
         };
         registry.register(
@@ -469,6 +523,16 @@ impl Metrics {
             "history_requests",
             "JetStream requests made to read history (direct gets; shared reads count once)",
             m.history_requests.clone(),
+        );
+        registry.register(
+            "rpc_calls",
+            "RPC calls, by result (refusals before NATS included)",
+            m.rpc_calls.family.clone(),
+        );
+        registry.register(
+            "rpc_seconds",
+            "Time from an RPC request sent to NATS to its answer or failure",
+            m.rpc_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

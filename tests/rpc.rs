@@ -369,6 +369,102 @@ async fn a_call_while_nats_is_down_is_unavailable() {
     expect_error(&mut c, json!({"op":"rpc","method":"echo"}), 1, "unavailable").await;
 }
 
+/// The value of the sample line `line` (name and labels) in a scrape; a missing line fails the test.
+fn sample(text: &str, line: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {line:?} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn calls_are_counted_by_result_and_timed() {
+    let nats = NatsServer::start().await;
+    let _service = responder(&nats).await;
+    let keys = Keys::new();
+    let gw = TestGateway::start(&nats, |c| {
+        rpc(&keys)(c);
+        c.server.public_metrics = true;
+    })
+    .await;
+    let mut c = alice(&gw, json!(["echo", "fail", "nobody.*", "slow", "big"])).await;
+    let (status, before) = gw.get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        !before.contains("roomwire_rpc_calls_total{"),
+        "no series before a call: {before}"
+    );
+    assert_eq!(sample(&before, "roomwire_rpc_seconds_count"), 0.0);
+
+    for id in 1..=2 {
+        let r = c.request(json!({"op":"rpc","method":"echo"}), id).await;
+        assert_eq!(r["op"], "rpc_result", "{r}");
+    }
+    let r = c.request(json!({"op":"rpc","method":"fail"}), 3).await;
+    assert_eq!(r["error"]["code"], "409", "{r}");
+    expect_error(&mut c, json!({"op":"rpc","method":"nobody.home"}), 4, "no_responders").await;
+    expect_error(
+        &mut c,
+        json!({"op":"rpc","method":"slow","timeout_ms":50}),
+        5,
+        "timeout",
+    )
+    .await;
+    expect_error(&mut c, json!({"op":"rpc","method":"big"}), 6, "too_large").await;
+    expect_error(&mut c, json!({"op":"rpc","method":"a..b"}), 7, "bad_request").await;
+    expect_error(&mut c, json!({"op":"rpc","method":"other"}), 8, "forbidden").await;
+
+    let (_, after) = gw.get("/metrics").await.unwrap();
+    for (result, n) in [
+        ("ok", 2.0),
+        ("service_error", 1.0),
+        ("no_responders", 1.0),
+        ("timeout", 1.0),
+        ("too_large", 1.0),
+        ("bad_request", 1.0),
+        ("forbidden", 1.0),
+    ] {
+        let line = format!("roomwire_rpc_calls_total{{result=\"{result}\"}}");
+        assert_eq!(sample(&after, &line), n, "{line}");
+    }
+    // Timed: every call that passed the gateway's checks (6), none of the two refused before NATS.
+    assert_eq!(sample(&after, "roomwire_rpc_seconds_count"), 6.0, "{after}");
+    assert!(
+        sample(&after, "roomwire_rpc_seconds_sum") >= 0.05,
+        "the timeout's 50 ms at least"
+    );
+}
+
+#[tokio::test]
+async fn the_welcome_states_the_in_flight_bound_when_rpc_is_on() {
+    let nats = NatsServer::start().await;
+    for (enabled, expected) in [(true, json!(3)), (false, Value::Null)] {
+        let gw = TestGateway::start(&nats, |c| {
+            c.auth.allow_anonymous = true;
+            c.rpc.enabled = enabled;
+            c.rpc.max_inflight_per_connection = 3;
+        })
+        .await;
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(format!("wss://localhost:{}{WS}", gw.addr.port()), gw.tls().await)
+                .await
+                .expect("upgrade");
+        let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(w))) =
+            tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("welcome in time")
+        else {
+            panic!("welcome")
+        };
+        let w: Value = serde_json::from_str(&w).unwrap();
+        assert_eq!(
+            (w["op"].clone(), w["rpc_max_inflight"].clone()),
+            (json!("welcome"), expected),
+            "{w}"
+        );
+    }
+}
+
 #[test]
 fn rpc_config_is_validated() {
     let mut c = Config::default();

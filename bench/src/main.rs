@@ -17,6 +17,7 @@
 //! (`{"op":"join"}` → `{"op":"ack"}`, then plain JSON text).
 
 mod recover;
+mod rpc;
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -119,6 +120,12 @@ struct Args {
     /// Seconds to idle after the burst before measuring.
     #[arg(long, default_value_t = 30.0)]
     burst_idle: f64,
+    /// `rpc` scenario: the method called (a responder must serve `<rpc-prefix>.<method>`).
+    #[arg(long, default_value = "demo.time")]
+    method: String,
+    /// `rpc` scenario: the gateway's `rpc.subject_prefix`, for the direct requests.
+    #[arg(long, default_value = "rpc")]
+    rpc_prefix: String,
     /// Free text copied into the result (e.g. "run 2").
     #[arg(long)]
     label: Option<String>,
@@ -149,6 +156,8 @@ enum Scenario {
     Latency,
     /// Reconnect storm against history rooms (`recover.rs`).
     Recover,
+    /// RPC calls through the gateway against direct NATS requests to the same responder (`rpc.rs`).
+    Rpc,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -981,6 +990,9 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
     if args.scenario == Scenario::Recover {
         return recover::run(&args).await;
     }
+    if args.scenario == Scenario::Rpc {
+        return rpc::run(&args).await;
+    }
     let procs = if args.procs == 0 {
         args.conns.div_ceil(CONNS_PER_PROC).max(1)
     } else {
@@ -1135,7 +1147,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
 
     let limit_us = (args.p99_limit_ms * 1000.0) as u64;
     let best = match args.scenario {
-        Scenario::Idle | Scenario::Recover => None,
+        Scenario::Idle | Scenario::Recover | Scenario::Rpc => None,
         Scenario::Fanout => steps
             .iter()
             .filter(|s| s.closed == 0)

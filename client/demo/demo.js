@@ -245,12 +245,41 @@ $("room-form").addEventListener("submit", (e) => {
   $("room").value = "";
 });
 
+/**
+ * `/roll 2d6`: an RPC to `demo.roll` (examples/rpc_service.rs, through the gateway's `rpc` op; docs/rpc.md). The
+ * answer is said in the room for everyone to see; a refusal is shown to the caller only. (A real game would let the
+ * service publish the result into the room itself, so that no client could forge a roll.)
+ */
+async function roll(room, spec) {
+  try {
+    const r = await rw.rpc("demo.roll", spec || "1d6", { timeoutMs: 3000 });
+    const mod = r.modifier ? ` ${r.modifier > 0 ? "+" : "-"} ${Math.abs(r.modifier)}` : "";
+    const text = `🎲 rolled ${r.dice}: ${r.rolls.join(" + ")}${mod} = ${r.total}`;
+    await rw.publish(room, { name, text, roll: r, ts: Date.now() }, { echo: true });
+  } catch (err) {
+    notice(room, `/roll failed: ${err.code} ${err.message}`);
+  }
+}
+
+/** `/time`: the service's clock, shown to the caller. */
+async function time(room) {
+  try {
+    const t = await rw.rpc("demo.time", null, { timeoutMs: 3000 });
+    notice(room, `service time: ${new Date(t.unix_ms).toISOString()}`);
+  } catch (err) {
+    notice(room, `/time failed: ${err.code} ${err.message}`);
+  }
+}
+
 $("send-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("text").value.trim();
   if (!text || !active) return;
   $("text").value = "";
   const room = active;
+  const [cmd, arg] = text.split(/\s+/, 2);
+  if (cmd === "/roll") return void roll(room, arg);
+  if (cmd === "/time") return void time(room);
   rw.publish(room, { name, text, ts: Date.now() }, { echo: true }).catch((err) =>
     notice(room, `not sent: ${err.code} ${err.message}`),
   );

@@ -72,8 +72,13 @@ impl Conn {
                 },
             })
             .collect();
-        let welcome =
-            protocol::welcome_with_rooms(&self.conn_id, self.gw.id(), self.identity.user.as_deref(), &replies);
+        let welcome = protocol::welcome_with_rooms(
+            &self.conn_id,
+            self.gw.id(),
+            self.identity.user.as_deref(),
+            self.rpc_max_inflight(),
+            &replies,
+        );
         drop(replies);
         self.send(Frame::text(welcome)).await;
         for (_, entered) in outcomes {

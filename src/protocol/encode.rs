@@ -18,9 +18,10 @@ fn push_json_str(buf: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *buf, s);
 }
 
-/// `{"op":"welcome","conn":C,"gateway":G,"user":U?}`
-pub fn welcome(conn: &str, gateway: &str, user: Option<&str>) -> String {
-    let mut b = Vec::with_capacity(64);
+/// `{"op":"welcome","conn":C,"gateway":G,"user":U?,"rpc_max_inflight":N?}`; `rpc_max_inflight` (when RPC is on) is
+/// `rpc.max_inflight_per_connection`, so a client can bound its own pending calls instead of being refused.
+pub fn welcome(conn: &str, gateway: &str, user: Option<&str>, rpc_max_inflight: Option<usize>) -> String {
+    let mut b = Vec::with_capacity(96);
     b.extend_from_slice(br#"{"op":"welcome","conn":"#);
     push_json_str(&mut b, conn);
     b.extend_from_slice(br#","gateway":"#);
@@ -28,6 +29,10 @@ pub fn welcome(conn: &str, gateway: &str, user: Option<&str>) -> String {
     if let Some(u) = user {
         b.extend_from_slice(br#","user":"#);
         push_json_str(&mut b, u);
+    }
+    if let Some(n) = rpc_max_inflight {
+        b.extend_from_slice(br#","rpc_max_inflight":"#);
+        b.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     }
     b.push(b'}');
     into_string(b)
@@ -88,8 +93,14 @@ fn push_server_room(b: &mut Vec<u8>, r: &ServerRoom<'_>) {
 
 /// `{"op":"welcome","conn":C,"gateway":G,"user":U?,"rooms":[{"room":R,"epoch":E?,"seq":S?,"recovered":B?} or
 /// {"room":R,"error":CODE}, ...]}`: the welcome of a connection with server-side rooms.
-pub fn welcome_with_rooms(conn: &str, gateway: &str, user: Option<&str>, rooms: &[ServerRoom<'_>]) -> String {
-    let mut w = welcome(conn, gateway, user).into_bytes();
+pub fn welcome_with_rooms(
+    conn: &str,
+    gateway: &str,
+    user: Option<&str>,
+    rpc_max_inflight: Option<usize>,
+    rooms: &[ServerRoom<'_>],
+) -> String {
+    let mut w = welcome(conn, gateway, user, rpc_max_inflight).into_bytes();
     w.pop();
     w.extend_from_slice(br#","rooms":["#);
     for (i, r) in rooms.iter().enumerate() {
@@ -474,6 +485,18 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&message("r", b"a\"b\n", None, None)).unwrap();
         assert_eq!(v["data"], "a\"b\n");
+    }
+
+    #[test]
+    fn welcome_frames() {
+        assert_eq!(
+            welcome("gw-1", "gw", Some("al\"ice"), None),
+            r#"{"op":"welcome","conn":"gw-1","gateway":"gw","user":"al\"ice"}"#
+        );
+        assert_eq!(
+            welcome("gw-2", "gw", None, Some(16)),
+            r#"{"op":"welcome","conn":"gw-2","gateway":"gw","rpc_max_inflight":16}"#
+        );
     }
 
     #[test]

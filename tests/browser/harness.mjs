@@ -1,6 +1,7 @@
 // The browser tests' stack, all real and on dynamic ports: nats-server with JetStream, the gateway binary with TLS
 // (a self-signed certificate made by `roomwire gen-cert`, trusted by Chromium through its SPKI hash and nothing
-// else), Debian's chromium driven by playwright-core, and a NATS backend speaking the NATS text protocol over TCP.
+// else), Debian's chromium driven by playwright-core, a NATS backend speaking the NATS text protocol over TCP, and
+// the demo's RPC service (examples/rpc_service.rs, built by scripts/browser-tests) when a test asks for it.
 // Every process started here is killed when the test process exits (and its pid written to $ROOMWIRE_BT_PIDS, which
 // scripts/browser-tests kills on exit too, should this process die first).
 import { spawn, execFileSync } from "node:child_process";
@@ -110,6 +111,9 @@ allow_anonymous = true
 [auth.anonymous]
 join = ["*"]
 publish = ["*"]
+rpc = ["demo.*"]
+[rpc]
+enabled = true
 `;
     const ttl = this.opts.presenceTtl ? `ttl = "${this.opts.presenceTtl}"\n` : "";
     const config = path.join(this.dir, name);
@@ -140,6 +144,21 @@ publish = ["*"]
     const config = this.writeConfig(port, `gateway-${n}.toml`);
     const child = await this.spawnGateway(config, port, `gateway-${n}.log`);
     return { process: child, port, origin: `https://localhost:${port}`, wsUrl: `wss://localhost:${port}/ws` };
+  }
+
+  /**
+   * Starts the demo's RPC service (examples/rpc_service.rs) on this stack's NATS; resolves once its endpoints are
+   * subscribed (it says so on stdout). Killed with the stack's other processes.
+   */
+  async startRpcService() {
+    const bin = process.env.ROOMWIRE_RPC_SERVICE || path.join(root, "target/debug/examples/rpc_service");
+    const child = track(spawn(bin, [`nats://127.0.0.1:${this.natsPort}`], { stdio: ["ignore", "pipe", "inherit"] }));
+    let out = "";
+    child.stdout.on("data", (d) => (out += d));
+    await until(() => out.includes("rpc service on") || child.exitCode !== null, "the rpc service's endpoints");
+    if (child.exitCode !== null) throw new Error(`rpc service exited: ${child.exitCode}`);
+    this.rpcService = child;
+    return child;
   }
 
   healthz(port = this.port) {
@@ -180,6 +199,7 @@ publish = ["*"]
   }
 
   async stop() {
+    this.rpcService?.kill("SIGTERM");
     await this.stopGateway();
     this.nats.kill("SIGTERM");
     fs.rmSync(this.dir, { recursive: true, force: true });

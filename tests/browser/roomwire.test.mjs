@@ -1,5 +1,6 @@
 // Roomwire in a real browser: Debian's chromium (playwright-core), the gateway binary over wss with a test
-// certificate, a real nats-server with JetStream, a NATS backend in node. Run by scripts/browser-tests.
+// certificate, a real nats-server with JetStream, a NATS backend in node, the demo's RPC service (examples/
+// rpc_service.rs). Run by scripts/browser-tests.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { Stack, Nats, launchBrowser, until, WAIT } from "./harness.mjs";
@@ -255,4 +256,95 @@ test("presence: the members of a killed gateway leave with gateway_lost", async 
   assert.deepEqual(await presentConns(a, room), [aConn]);
   await b.close();
   await a.close();
+});
+
+test("rpc: a page calls the example service over wss; service errors and gateway refusals reject with their codes", async () => {
+  if (!stack.rpcService) await stack.startRpcService();
+  const { page } = await clientPage("rpc");
+  const got = await page.evaluate(async () => {
+    const rw = window.rw;
+    const outcome = (p) =>
+      p.then(
+        (data) => ({ data }),
+        (e) => ({ code: e.code, service: e.service ?? false, message: e.message }),
+      );
+    return {
+      conn: rw.conn,
+      roll: await outcome(rw.rpc("demo.roll", "3d6", { timeoutMs: 5000 })),
+      time: await outcome(rw.rpc("demo.time")),
+      bad: await outcome(rw.rpc("demo.roll", "3x6")),
+      nobody: await outcome(rw.rpc("demo.nobody")),
+      forbidden: await outcome(rw.rpc("orders.create", { item: 1 })),
+      hostile: await outcome(rw.rpc("demo.>")),
+    };
+  });
+  const { roll } = got;
+  assert.equal(roll.data.dice, "3d6", JSON.stringify(got));
+  assert.equal(roll.data.rolls.length, 3);
+  assert.ok(roll.data.total >= 3 && roll.data.total <= 18, JSON.stringify(roll));
+  assert.equal(roll.data.by, got.conn, "the service saw the caller's connection, stamped by the gateway");
+  assert.ok(Math.abs(got.time.data.unix_ms - Date.now()) < 60000, JSON.stringify(got.time));
+  assert.equal(got.bad.code, "400");
+  assert.equal(got.bad.service, true);
+  assert.match(got.bad.message, /NdM/);
+  assert.deepEqual([got.nobody.code, got.nobody.service], ["no_responders", false]);
+  assert.equal(got.forbidden.code, "forbidden", "anonymous may call demo.* only");
+  assert.equal(got.hostile.code, "bad_request");
+  await page.close();
+});
+
+test("rpc: a call while offline rejects disconnected at once; one the drop interrupts too, and is not re-sent", async () => {
+  if (!stack.rpcService) await stack.startRpcService();
+  // A responder that never answers: the call is still pending when the gateway goes.
+  const hung = await nats.sub("rpc.demo.hang");
+  const { page } = await clientPage("rpc-drop");
+  await page.evaluate(() => {
+    window.rw.rpc("demo.hang", { n: 1 }, { timeoutMs: 20000 }).then(
+      () => (window.hang = "resolved"),
+      (e) => (window.hang = e.code),
+    );
+  });
+  await until(() => hung.length === 1, "the call reached NATS");
+  await stack.stopGateway();
+  await page.waitForFunction(() => window.hang !== undefined, null, { timeout: WAIT });
+  assert.equal(await page.evaluate(() => window.hang), "disconnected");
+  const offline = await page.evaluate(async () => {
+    const started = performance.now();
+    const code = await window.rw.rpc("demo.time").then(
+      () => "resolved",
+      (e) => e.code,
+    );
+    return { code, ms: performance.now() - started };
+  });
+  assert.equal(offline.code, "disconnected");
+  assert.ok(offline.ms < 100, `rejected at once, not after a timeout: ${offline.ms} ms`);
+  await stack.startGateway();
+  await page.waitForFunction(() => window.rw.state === "open", null, { timeout: WAIT });
+  const after = await page.evaluate(() => window.rw.rpc("demo.roll", "1d4"));
+  assert.ok(after.total >= 1 && after.total <= 4, JSON.stringify(after));
+  await nats.flush();
+  assert.equal(hung.length, 1, "the interrupted call was not re-sent after the reconnect");
+  await page.close();
+});
+
+test("rpc: /roll 2d6 in the demo is answered by the service and said in the room", async () => {
+  if (!stack.rpcService) await stack.startRpcService();
+  const alice = await demoPage("alice", "dice");
+  const bob = await demoPage("bob", "dice");
+  await alice.fill("#text", "/roll 2d6");
+  await alice.press("#text", "Enter");
+  const rolled = (page) => texts(page).then((ts) => ts.find((t) => /^🎲 rolled 2d6: \d+ \+ \d+ = \d+$/.test(t)));
+  const seen = await until(() => rolled(bob), "bob sees alice's roll");
+  assert.equal(await until(() => rolled(alice), "alice sees her roll"), seen);
+  const [a, b, total] = seen.match(/\d+/g).slice(2).map(Number);
+  assert.ok(a >= 1 && a <= 6 && b >= 1 && b <= 6 && total === a + b, seen);
+  // A malformed roll is the service's error, shown to the caller only.
+  await alice.fill("#text", "/roll 99d6");
+  await alice.press("#text", "Enter");
+  await until(
+    () => alice.$$eval("#log li.notice", (lis) => lis.some((li) => li.textContent.startsWith("/roll failed: 400"))),
+    "the service's refusal shown",
+  );
+  await alice.close();
+  await bob.close();
 });

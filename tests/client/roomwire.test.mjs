@@ -367,3 +367,111 @@ test("client: server-side rooms from welcome and joined; recovered through the u
   await new Promise((r) => setTimeout(r, 10));
   assert.equal(FakeSocket.all.length, 2, "no reconnect after 4003");
 });
+
+/** A client open over a fresh FakeSocket whose welcome carries `welcome` extras (e.g. `rpc_max_inflight`). */
+async function openClient(t, extra = {}, welcome = {}) {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", { ...opts, ...extra });
+  t.after(() => rw.close());
+  await tick();
+  const sock = FakeSocket.all[0];
+  sock.onopen?.();
+  sock.deliver({ op: "welcome", conn: "gw-1", gateway: "gw", ...welcome });
+  return { rw, sock };
+}
+
+test("rpc: the frame is the protocol's; answers resolve with data, errors reject with the gateway's or service's code", async (t) => {
+  const { rw, sock } = await openClient(t);
+  const roll = rw.rpc("demo.roll", "2d6", { timeoutMs: 1500 });
+  const f = sock.sent.at(-1);
+  assert.deepEqual(f, { op: "rpc", method: "demo.roll", data: "2d6", timeout_ms: 1500, id: f.id });
+  const plain = rw.rpc("demo.time");
+  const g = sock.sent.at(-1);
+  assert.deepEqual(g, { op: "rpc", method: "demo.time", data: null, id: g.id }, "no data: null; no timeout: the gateway's");
+  const bytes = rw.rpc("blob", { a: 1 }, { timeout: 10 }); // `timeout` is an alias of timeoutMs
+  const b = sock.sent.at(-1);
+  assert.equal(b.timeout_ms, 10);
+  const missing = rw.rpc("nobody.home");
+  const m = sock.sent.at(-1);
+  const failing = rw.rpc("demo.roll", "2x6");
+  const e = sock.sent.at(-1);
+  // Out of order, each to its own promise.
+  sock.deliver({ op: "rpc_result", id: g.id, data: { unix_ms: 5 } });
+  sock.deliver({ op: "error", id: m.id, code: "no_responders", message: "no service answers this method" });
+  sock.deliver({ op: "rpc_result", id: e.id, error: { code: "400", message: "dice as NdM" } });
+  sock.deliver({ op: "rpc_result", id: b.id, data_b64: "AP8=" });
+  sock.deliver({ op: "rpc_result", id: f.id, data: { total: 7 } });
+  assert.deepEqual(await roll, { total: 7 });
+  assert.deepEqual(await plain, { unix_ms: 5 });
+  assert.deepEqual(await bytes, new Uint8Array([0, 255]));
+  await assert.rejects(missing, (err) => err.code === "no_responders" && err.service === undefined);
+  await assert.rejects(failing, { name: "RoomwireError", code: "400", message: "dice as NdM", service: true });
+  assert.equal(rw.calls, 0, "every slot given back");
+  // Refused locally, nothing sent.
+  const sent = sock.sent.length;
+  await assert.rejects(rw.rpc(""), { code: "bad_request" });
+  await assert.rejects(rw.rpc(5), { code: "bad_request" });
+  await assert.rejects(rw.rpc("m", 1, { timeoutMs: -1 }), { code: "bad_request" });
+  await assert.rejects(rw.rpc("m", 1, { timeoutMs: NaN }), { code: "bad_request" });
+  assert.equal(sock.sent.length, sent);
+});
+
+test("rpc: offline calls reject disconnected at once and are never queued; a drop rejects the pending ones", async (t) => {
+  FakeSocket.all = [];
+  const rw = connect("wss://gw.test/ws", opts);
+  t.after(() => rw.close());
+  await assert.rejects(rw.rpc("demo.time"), { code: "disconnected" }, "connecting: not open yet");
+  await tick();
+  const s1 = FakeSocket.all[0];
+  s1.open("gw-1");
+  const a = rw.rpc("demo.slow");
+  const b = rw.rpc("demo.slow", 1, { timeoutMs: 60000 });
+  assert.equal(rw.calls, 2);
+  s1.drop();
+  await assert.rejects(a, { code: "disconnected" });
+  await assert.rejects(b, (err) => err.code === "disconnected" && /may have run/.test(err.message));
+  assert.equal(rw.calls, 0);
+  await assert.rejects(rw.rpc("demo.time"), { code: "disconnected" }, "reconnecting: not queued");
+  await new Promise((r) => setTimeout(r, 10));
+  const s2 = FakeSocket.all[1];
+  s2.open("gw-2");
+  await tick();
+  assert.equal(s2.sent.filter((f) => f.op === "rpc").length, 0, "nothing re-sent after the reconnect");
+  // The old connection's answer, should one arrive, settles nothing and raises no error event.
+  const errors = [];
+  rw.on("error", (e) => errors.push(e));
+  s2.deliver({ op: "error", id: s1.sent.find((f) => f.op === "rpc").id, code: "timeout" });
+  assert.deepEqual(errors, []);
+  rw.close();
+  await assert.rejects(rw.rpc("demo.time"), { code: "closed" });
+});
+
+test("rpc: pending calls are bounded by the gateway's rpc_max_inflight and maxPendingCalls, and freed by timeouts", async (t) => {
+  const { rw, sock } = await openClient(t, { maxPendingCalls: 5, rpcGrace: 5 }, { rpc_max_inflight: 2 });
+  const one = rw.rpc("m", 1);
+  const two = rw.rpc("m", 2, { timeoutMs: 10 }); // given up locally at 10 + 5 ms
+  await assert.rejects(rw.rpc("m", 3), { code: "rate_limited" }, "the gateway's bound (2), not the option's (5)");
+  assert.equal(sock.sent.filter((f) => f.op === "rpc").length, 2, "the refused call was not sent");
+  await assert.rejects(two, { code: "timeout" });
+  assert.equal(rw.pending.size, 1, "the timed-out call is forgotten");
+  const three = rw.rpc("m", 4);
+  const [f1, f2, f3] = sock.sent.filter((f) => f.op === "rpc");
+  // The gateway's late answer to the call given up: dropped, no error event.
+  const errors = [];
+  rw.on("error", (e) => errors.push(e));
+  sock.deliver({ op: "error", id: f2.id, code: "timeout", message: "late" });
+  sock.deliver({ op: "rpc_result", id: f2.id, data: "late" });
+  assert.deepEqual(errors, []);
+  sock.deliver({ op: "rpc_result", id: f1.id, data: "a" });
+  sock.deliver({ op: "rpc_result", id: f3.id, data: "c" });
+  assert.deepEqual(await Promise.all([one, three]), ["a", "c"]);
+  assert.equal(rw.calls, 0);
+  // A gateway that states no bound (RPC off, or an older one): the option alone bounds.
+  const { rw: rw2 } = await openClient(t, { maxPendingCalls: 3 });
+  const calls = [1, 2, 3].map((n) => rw2.rpc("m", n));
+  await assert.rejects(rw2.rpc("m", 4), { code: "rate_limited" });
+  assert.equal(rw2.calls, 3);
+  rw2.close();
+  for (const c of calls) await assert.rejects(c, { code: "disconnected" });
+  assert.equal(rw2.calls, 0);
+});
