@@ -122,6 +122,23 @@ test("a refused token stops reconnection with a visible reason", async () => {
   await page.close();
 });
 
+test("a backend's disconnect stops the page with 4003 and its reason, without reconnecting", async () => {
+  const page = await demoPage("dave", "kickroom");
+  let sockets = 0;
+  page.on("websocket", () => sockets++);
+  const conn = await page.evaluate(() => window.roomwireDemo.rw.conn);
+  assert.match(conn, /-\d+$/, conn);
+  nats.pub("roomwire.control.disconnect", { conn, reason: "kicked by the test" });
+  await page.waitForFunction(() => document.querySelector("#status").dataset.state === "closed", null, {
+    timeout: WAIT,
+  });
+  const shown = await page.textContent("#status");
+  assert.match(shown, /4003 kicked by the test/, shown);
+  await page.waitForTimeout(1500); // a retry would come within the backoff (500 ms first)
+  assert.equal(sockets, 0, "no reconnection after 4003");
+  await page.close();
+});
+
 test("the offline queue delivers after the reconnect", async () => {
   const { page } = await clientPage("q");
   const seen = await nats.sub("rooms.q");
