@@ -201,7 +201,16 @@ impl Control {
                         tracing::error!("revocation refused: auth.max_revocations reached (connections still closed)");
                     }
                 }
-                let entries = self.registry.matching(|e| revoked_entry(r, e));
+                // By user through the users index; by `jti` a scan of the registry (a jti names no user).
+                let entries: Vec<Entry> = match r {
+                    Revocation::User { user, .. } => self
+                        .registry
+                        .of_user(user)
+                        .into_iter()
+                        .filter(|e| revoked_entry(r, e))
+                        .collect(),
+                    Revocation::Jti { .. } => self.registry.matching(|e| revoked_entry(r, e)),
+                };
                 for e in &entries {
                     e.outbox.close(CloseRequest {
                         code: close::TOKEN_EXPIRED,

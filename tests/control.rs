@@ -381,3 +381,50 @@ async fn overlapping_control_prefix_refuses_to_start() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_connection_dropped_while_its_server_side_rooms_are_joined_leaves_nothing() {
+    let nats = NatsServer::start().await;
+    let keys = Keys::new();
+    let gw = TestGateway::start(&nats, authed(&keys, "gw1")).await;
+    let t = token("ann", json!({"subs": ["s-1", "s-2"]}));
+    // NATS frozen: the first server-side join waits for its subscription, before any welcome.
+    nats.pause_and_wait().await;
+    let connecting = {
+        let t = t.clone();
+        let addr = gw.addr;
+        let ca = gw.ca.clone();
+        tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let tls = ca
+                .connector()
+                .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+                "wss://localhost:{}{WS}",
+                addr.port()
+            ))
+            .unwrap();
+            req.headers_mut().insert("authorization", bearer(&t).parse().unwrap());
+            let (ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+            // Held open until the task is aborted; the welcome never comes while NATS is frozen.
+            std::future::pending::<()>().await;
+            drop(ws);
+        })
+    };
+    until(
+        || gw.gw.rooms().members_of("s-1") == 1,
+        "the first server-side room's member registered",
+    )
+    .await;
+    assert_eq!(gw.gw.control().registry().len(), 1);
+    connecting.abort();
+    let _ = connecting.await;
+    until(|| gw.gw.metrics().connections_open.get() == 0, "the connection to end").await;
+    assert_eq!(gw.gw.rooms().members_of("s-1"), 0, "ghost member");
+    assert_eq!(gw.gw.rooms().members_of("s-2"), 0);
+    assert!(gw.gw.control().registry().is_empty(), "registry entry left");
+    nats.resume();
+    until(|| gw.gw.rooms().is_empty(), "every room dropped").await;
+}
