@@ -51,9 +51,9 @@ where
     let limits = &gw.config().limits;
     let write_timeout = limits.write_timeout;
     let config = gw.ws_config();
-    let end = |code, reason| CloseRequest {
+    let end = |code, reason: &'static str| CloseRequest {
         code,
-        reason,
+        reason: reason.into(),
         flush_queued: true,
     };
     loop {
