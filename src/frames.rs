@@ -345,6 +345,76 @@ mod tests {
         }
     }
 
+    /// On a deflating connection the first frame of a compressed message is shown to tungstenite as binary without
+    /// RSV1, and its verdict says what it was; RSV1 anywhere else, or without the extension, is left for tungstenite
+    /// to refuse. Whatever the chunking.
+    #[test]
+    fn compressed_messages_are_marked_and_rewritten_whatever_the_chunking() {
+        let with_rsv = |rsv: u8, fin: bool, opcode: u8, len: u64| {
+            let mut f = frame(fin, opcode, len);
+            f[0] |= rsv << 4;
+            f
+        };
+        let stream: Vec<u8> = [
+            with_rsv(4, true, 1, 3),    // compressed text
+            with_rsv(0, true, 1, 3),    // plain text
+            with_rsv(4, false, 2, 200), // compressed binary, fragmented
+            with_rsv(0, true, 9, 0),    // a ping in between
+            with_rsv(0, true, 0, 70_000),
+            with_rsv(4, true, 9, 0),  // RSV1 on a ping: untouched
+            with_rsv(4, false, 1, 1), // compressed text ...
+            with_rsv(4, true, 0, 1),  // ... RSV1 on its continuation: untouched
+            with_rsv(2, true, 1, 1),  // RSV2: untouched
+        ]
+        .concat();
+        for chunk in [1, 2, 5, 13, 4096, stream.len()] {
+            for deflate in [true, false] {
+                let mut m = FrameMeter::new(limiter(1000, 1000)).deflate(deflate);
+                let mut bytes = stream.clone();
+                for c in bytes.chunks_mut(chunk) {
+                    assert!(m.charge(c));
+                }
+                let verdicts: Vec<_> = (0..8).map(|_| m.next_verdict().deflated).collect();
+                let starts: Vec<u8> = {
+                    let mut v = Vec::new();
+                    let mut s = Scanner::default();
+                    let mut b = bytes.clone();
+                    s.feed(&mut b, |e| {
+                        if let Event::Start(b0) = e {
+                            v.push(*b0)
+                        }
+                    });
+                    v
+                };
+                if deflate {
+                    assert_eq!(
+                        verdicts,
+                        [
+                            Some(Deflated::Text),
+                            None,
+                            None,
+                            Some(Deflated::Binary),
+                            None,
+                            // tungstenite refuses its continuation's RSV1 before this verdict is read.
+                            Some(Deflated::Text),
+                            None,
+                            None
+                        ],
+                        "chunk {chunk}"
+                    );
+                    assert_eq!(
+                        starts,
+                        [0x82, 0x81, 0x02, 0x89, 0x80, 0xC9, 0x02, 0xC0, 0xA1],
+                        "chunk {chunk}"
+                    );
+                } else {
+                    assert!(verdicts.iter().all(Option::is_none), "chunk {chunk}");
+                    assert_eq!(bytes, stream, "nothing rewritten without the extension");
+                }
+            }
+        }
+    }
+
     #[test]
     fn huge_lengths_saturate() {
         let mut h = vec![0x82, 0x80 | 127];

@@ -761,6 +761,52 @@ mod tests {
         assert_eq!(outbox.capacity(), 0, "the outbox's storage was not given back");
     }
 
+    /// A compressed message on a deflating connection comes out inflated (text again), keeps nothing afterwards (the
+    /// inflater is the thread's), and one that inflates past `max_message_size` fails as a capacity error (1009).
+    #[tokio::test]
+    async fn a_compressed_message_is_inflated_and_leaves_nothing_behind() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let config = crate::Config::default();
+        let limits = std::sync::Arc::new(crate::limits::Limits::new(&config));
+        let ws = WebSocketConfig::default()
+            .read_buffer_size(config.limits.read_buffer_size)
+            .max_message_size(Some(config.limits.max_message_size))
+            .max_frame_size(Some(config.limits.max_frame_size));
+        let meter = FrameMeter::new(limits.message_limiter(None)).deflate(true);
+        let mut wire = Wire::new(server, &[], meter, &ws);
+        let masked = |payload: &[u8]| {
+            let mut frame = vec![0xC1, 0x80 | 127];
+            frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            frame.extend_from_slice(&[0; 4]);
+            frame.extend_from_slice(payload);
+            frame
+        };
+        let text: String = (0..2000).map(|i| format!("{{\"n\":{i}}} ")).collect();
+        let mut compressed = Vec::new();
+        crate::deflate::compress(text.as_bytes(), 1, &mut compressed);
+        client.write_all(&masked(&compressed)).await.expect("send");
+        let read = std::future::poll_fn(|cx| wire.poll_read(cx, &ws)).await.expect("read");
+        let Incoming::Message(Message::Text(got), false) = read else {
+            panic!("not a text message");
+        };
+        assert_eq!(got.as_str(), text);
+        drop(got);
+        let dry = std::future::poll_fn(|cx| Poll::Ready(wire.poll_read(cx, &ws).is_pending())).await;
+        assert!(dry, "nothing more to read");
+        assert_eq!(wire.retained_bytes(), 0, "a compressed message left state behind");
+
+        let mut bomb = Vec::new();
+        crate::deflate::compress(&vec![b'a'; config.limits.max_message_size + 1], 9, &mut bomb);
+        client.write_all(&masked(&bomb)).await.expect("send");
+        let read = std::future::poll_fn(|cx| wire.poll_read(cx, &ws)).await;
+        assert!(matches!(read, Err(tungstenite::Error::Capacity(_))), "{:?}", read.err());
+    }
+
     /// After a read error tungstenite's state is never read again: the close lingers on raw reads. It used to read
     /// on from the failed context, which tripped a debug assertion in tungstenite (a panic in every Autobahn case
     /// closed for size) and, in release, could take the next read for the end of the stream.
