@@ -92,8 +92,8 @@ where
             }
         };
         let echo = match deflate {
-            Some(d) if echo.len() >= d.min_size => echo.deflated(d.level).unwrap_or(echo),
-            _ => echo,
+            Some(d) => echo.compressed(d.level),
+            None => echo,
         };
         if !wire.send(echo, write_timeout).await {
             return;

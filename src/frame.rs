@@ -66,6 +66,13 @@ impl Frame {
     /// This frame's message compressed (permessage-deflate, RSV1 set), once, for every member that negotiated it;
     /// `None` when compressing would not make it smaller. Only for text and binary frames.
     pub fn deflated(&self, level: u8) -> Option<Frame> {
+        let frame = self.compressed(level);
+        (frame.len() < self.len()).then_some(frame)
+    }
+
+    /// This frame's message compressed even when that makes it larger (the conformance echo: see
+    /// `crate::conformance`).
+    pub fn compressed(&self, level: u8) -> Frame {
         let opcode = self.wire.first().map_or(OP_TEXT, |b| b & 0x0f);
         debug_assert!(
             opcode == OP_TEXT || opcode == OP_BINARY,
@@ -76,17 +83,14 @@ impl Frame {
         b.resize(HEADROOM, 0);
         crate::deflate::compress(payload, level, &mut b);
         let len = b.len() - HEADROOM;
-        if len >= payload.len() {
-            return None;
-        }
         let (mut header, n) = header(opcode, len);
         header[0] |= RSV1;
         let start = HEADROOM - n;
         b[start..HEADROOM].copy_from_slice(&header[..n]);
-        Some(Frame {
+        Frame {
             wire: Bytes::from(b).slice(start..),
             header: n as u8,
-        })
+        }
     }
 
     /// Whether this is a compressed frame (RSV1 set).
