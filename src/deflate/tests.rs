@@ -230,3 +230,4 @@ fn empty_messages_final_blocks_and_garbage() {
     // The next message inflates fine after an invalid one: the inflater is reset.
     assert_eq!(inflate(&fin, 100).as_deref(), Ok(&b"hello hello hello"[..]));
 }
+
