@@ -231,3 +231,74 @@ fn empty_messages_final_blocks_and_garbage() {
     assert_eq!(inflate(&fin, 100).as_deref(), Ok(&b"hello hello hello"[..]));
 }
 
+/// What compressing a room message costs, in thread CPU time (so other processes on the machine do not count): the
+/// figure behind BENCHMARKS.md's "compression per delivery" (divide by the room's members). Chat-like JSON of 200 to
+/// 800 bytes, as `roomwire-bench --payload-kind chat` publishes. Run with
+/// `cargo test --lib deflate::tests::compression_cost -- --ignored --nocapture` (miniz_oxide is optimised even in
+/// dev builds, see Cargo.toml).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn compression_cost() {
+    fn thread_cpu_ns() -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid timespec for the duration of the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+    let words = [
+        "the", "to", "and", "meeting", "deploy", "today", "release", "review", "please", "thanks", "ok", "lunch",
+        "build", "fixed", "issue", "ticket", "customer", "call", "later", "done", "merged", "branch", "test", "green",
+    ];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let messages: Vec<String> = (0..2000)
+        .map(|i| {
+            let target = 200 + (next() % 601) as usize;
+            let mut m = format!(
+                r#"{{"op":"message","room":"r0","data":{{"ts":1764941234567890123,"id":"m{i}","user":{{"id":"u{}","name":"user-{}"}},"kind":"chat","text":""#,
+                next() % 10_000,
+                next() % 500
+            );
+            while m.len() + 20 < target {
+                m.push_str(words[(next() % words.len() as u64) as usize]);
+                m.push(' ');
+            }
+            m.push_str(r#"","reactions":[]}}"#);
+            m
+        })
+        .collect();
+    let plain: usize = messages.iter().map(String::len).sum();
+    for level in [1u8, 6] {
+        let mut out = Vec::new();
+        let mut compressed = 0;
+        let t0 = thread_cpu_ns();
+        for m in &messages {
+            out.clear();
+            compress(m.as_bytes(), level, &mut out);
+            compressed += out.len();
+        }
+        let per = (thread_cpu_ns() - t0) as f64 / messages.len() as f64 / 1000.0;
+        let t1 = thread_cpu_ns();
+        let mut one = Vec::new();
+        for m in &messages {
+            one.clear();
+            compress(m.as_bytes(), level, &mut one);
+            let _ = inflate(&one, 1 << 20).expect("inflate");
+        }
+        let both = (thread_cpu_ns() - t1) as f64 / messages.len() as f64 / 1000.0;
+        eprintln!(
+            "level {level}: {:.1} µs to compress a message (mean {} → {} bytes); compress + inflate {:.1} µs; per delivery \
+             in a room of 1,000: {:.4} µs",
+            per,
+            plain / messages.len(),
+            compressed / messages.len(),
+            both,
+            per / 1000.0
+        );
+    }
+}
