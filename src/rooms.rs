@@ -632,6 +632,86 @@ mod tests {
         drop(big);
     }
 
+    /// Issue 27: a room message goes out as at most two frames, plain and deflated, each shared by the members that
+    /// take it (the same bytes, not a copy per member); a member that restricted the window below the message's
+    /// length gets the plain one; a message under `compression.min_size` is plain for everyone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fan_out_builds_at_most_two_frames_shared_by_their_members() {
+        let (_nats, gw) = crate::test_support::gateway(|_| {}).await;
+        let rooms = gw.rooms().clone();
+        let with = |id: u64, max_plain: usize| {
+            let outbox = Outbox::new(16, 1 << 20);
+            Member {
+                outbox: Arc::new(if max_plain > 0 {
+                    outbox.with_deflate(max_plain)
+                } else {
+                    outbox
+                }),
+                ..member(id)
+            }
+        };
+        let members = [with(1, usize::MAX), with(2, usize::MAX), with(3, 0), with(4, 512)];
+        let outboxes: Vec<Arc<Outbox>> = members.iter().map(|m| m.outbox.clone()).collect();
+        let mut joined = Vec::new();
+        for m in members {
+            joined.push(rooms.join("chat", m).await.expect("join"));
+        }
+        let room = joined[0].room().clone();
+        let settings = Some(crate::deflate::Settings {
+            min_size: 256,
+            level: 1,
+        });
+        let message = |payload: String| async_nats::Message {
+            subject: "rooms.chat".into(),
+            reply: None,
+            payload: payload.into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let big = format!(r#"{{"text":"{}"}}"#, "chat message text ".repeat(60));
+        fan_out(&room, &message(big.clone()), "gw", settings, gw.metrics());
+        fan_out(&room, &message(r#"{"text":"hi"}"#.into()), "gw", settings, gw.metrics());
+        let frames: Vec<Vec<Frame>> = outboxes
+            .iter()
+            .map(|o| {
+                let mut batch = std::collections::VecDeque::new();
+                futures_util::FutureExt::now_or_never(o.next_batch(&mut batch)).expect("frames queued");
+                batch
+                    .into_iter()
+                    .map(|i| match i {
+                        crate::outbox::Item::Room { frame, .. } | crate::outbox::Item::Control(frame) => frame,
+                    })
+                    .collect()
+            })
+            .collect();
+        let [a, b, plain, narrow] = &frames[..] else {
+            panic!("four members");
+        };
+        assert!(
+            a[0].is_deflated() && b[0].is_deflated(),
+            "deflating members get the deflated frame"
+        );
+        assert_eq!(a[0].wire().as_ptr(), b[0].wire().as_ptr(), "one deflated frame, shared");
+        assert!(
+            !plain[0].is_deflated() && !narrow[0].is_deflated(),
+            "the others get the plain frame"
+        );
+        assert_eq!(
+            plain[0].wire().as_ptr(),
+            narrow[0].wire().as_ptr(),
+            "one plain frame, shared"
+        );
+        assert!(big.len() > 512, "over the narrow member's window");
+        let inflated = crate::deflate::inflate(a[0].payload(), 1 << 20).expect("inflate");
+        assert_eq!(inflated, plain[0].payload(), "the same message");
+        for f in [a, b, plain, narrow] {
+            assert!(!f[1].is_deflated(), "a message under min_size is plain for everyone");
+        }
+        drop(joined);
+    }
+
     /// The map and the rooms agree under concurrent joins and leaves of a few rooms: every room in the map has
     /// members, and every member is in exactly the room it joined last.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
