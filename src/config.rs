@@ -7,11 +7,12 @@
 //! names a file or an environment variable, and the loaded value is a [`Secret`] whose `Debug` prints `MASKED`.
 //!
 //! One file per section group under `config/`: `server` (`[server]`, `[tls]`, `[admin]`), `nats`, `rooms`, `limits`,
-//! `auth` (keys, algorithms, permissions), `history`, `presence` and `log`, plus the shared leaves `error` ([`ConfigError`]) and
+//! `auth` (keys, algorithms, permissions), `history`, `presence`, `rpc`, `compression` and `log`, plus the shared leaves `error` ([`ConfigError`]) and
 //! `secret` ([`Secret`], [`SecretSource`]). This file holds the whole [`Config`], its loading and the order of the
 //! checks, and re-exports every public type, so the rest of the crate names them `crate::config::X`.
 
 mod auth;
+mod compression;
 mod error;
 mod history;
 mod limits;
@@ -31,6 +32,7 @@ pub use self::{
     auth::{
         AuthConfig, JwtKey, KeyMaterial, Permissions, SUPPORTED_ALGORITHMS, algorithm_name, is_supported_algorithm,
     },
+    compression::CompressionConfig,
     error::ConfigError,
     history::HistoryConfig,
     limits::LimitsConfig,
@@ -66,6 +68,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// Browser calls to NATS services (`rpc` op).
     pub rpc: RpcConfig,
+    /// permessage-deflate: negotiation and compression (`docs/protocol.md`).
+    pub compression: CompressionConfig,
     /// Log format and level.
     pub log: LogConfig,
     /// The admin listener (metrics, health, `/connz`), off unless `listen` is set.
@@ -123,6 +127,7 @@ impl Config {
             ])?;
         }
         self.check_prefixes()?;
+        self.compression.validate()?;
         self.log.validate()?;
         self.admin.validate(&self.server)
     }

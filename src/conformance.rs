@@ -6,7 +6,8 @@
 //! layer ([`Wire`]: tungstenite's reading with the `WebSocketConfig` built from `[limits]`, the gateway's own frame
 //! writing, the rate-limit meter). Read errors close with the codes `crate::connection` uses
 //! (`connection::read_error_close`: 1009 over a size limit, 1002 protocol error, 1007 invalid UTF-8), so Autobahn
-//! sees the frames and close codes a real client would.
+//! sees the frames and close codes a real client would. permessage-deflate is negotiated by the same upgrade and
+//! inflated by the same wire; the echo compresses its replies like the gateway's other frames.
 
 use std::sync::Arc;
 
@@ -47,6 +48,9 @@ where
 {
     // Held until the echo ends, like a real connection holds its global and per-IP slots.
     let _slot = accepted.slot;
+    // permessage-deflate negotiated: echoes of at least `compression.min_size` bytes go back compressed (Autobahn 12
+    // and 13), each compressed on its own like every frame of the gateway.
+    let deflate = accepted.deflate.map(|_| gw.config().compression.settings());
     let cancel = gw.shutdown().clone();
     let limits = &gw.config().limits;
     let write_timeout = limits.write_timeout;
@@ -86,6 +90,10 @@ where
                 wire.finish(None, &end(code, reason), &config, limits).await;
                 return;
             }
+        };
+        let echo = match deflate {
+            Some(d) => echo.compressed(d.level),
+            None => echo,
         };
         if !wire.send(echo, write_timeout).await {
             return;

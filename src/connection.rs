@@ -58,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::{Identity, Session},
     bridge::Origin,
+    deflate::Agreement,
     frame::Frame,
     gateway::Gateway,
     limits::ConnSlot,
@@ -94,6 +95,8 @@ pub struct Accepted {
     pub recover: Vec<(String, protocol::Since)>,
     /// The connection's global permit and per-address count; released when the connection ends.
     pub slot: ConnSlot,
+    /// The permessage-deflate offer accepted at the upgrade, if any.
+    pub deflate: Option<Agreement>,
 }
 
 /// A publish awaiting NATS confirmation; yields the reply frame, if the client asked for one (an `id`).
@@ -550,12 +553,18 @@ impl Conn {
             identity,
             recover: _,
             slot,
+            deflate,
         } = accepted;
         let conn_id: Arc<str> = format!("{}-{}", gw.id(), id).into();
-        let outbox = Arc::new(Outbox::new(
+        let outbox = Outbox::new(
             gw.config().limits.max_pending_messages,
             gw.config().limits.max_pending_bytes,
-        ));
+        );
+        // A flag on the shared outbox is all a connection keeps of permessage-deflate (`crate::deflate`).
+        let outbox = Arc::new(match deflate {
+            Some(a) => outbox.with_deflate(a.max_compressed_plain()),
+            None => outbox,
+        });
         gw.metrics().connections.inc();
         gw.metrics().connections_open.inc();
         gw.control().registry().insert(
@@ -613,10 +622,22 @@ impl Conn {
     /// Queues a reply, waiting for queue space (which stops reading from a client that does not read its replies)
     /// but never past the connection's end.
     async fn send(&self, frame: impl Into<Frame>) {
-        let frame = frame.into();
+        let frame = self.deflated(frame.into());
         tokio::select! {
             _ = self.cancel.cancelled() => {}
             _ = self.outbox.push_control(frame) => {}
+        }
+    }
+
+    /// A reply as this connection takes it: compressed (for this connection alone: a reply has one recipient) when
+    /// it negotiated permessage-deflate and the reply is at least `compression.min_size` bytes (history batches,
+    /// presence lists); acks and errors are smaller and stay plain.
+    fn deflated(&self, frame: Frame) -> Frame {
+        let c = &self.gw.config().compression;
+        if c.enabled && self.outbox.deflate() && frame.len() >= c.min_size && self.outbox.takes_deflated(frame.len()) {
+            frame.deflated(c.level).unwrap_or(frame)
+        } else {
+            frame
         }
     }
 
@@ -660,6 +681,7 @@ mod tests {
             identity: Identity::anonymous(&gw.config().auth.anonymous),
             recover: Vec::new(),
             slot: gw.limits().admit_connection(ip).expect("slot"),
+            deflate: None,
         };
         let mut conn = Conn::new(gw.clone(), accepted);
         let member = Member {
@@ -715,6 +737,7 @@ mod size_tests {
             identity: Identity::anonymous(&gw.config().auth.anonymous),
             recover: Vec::new(),
             slot: gw.limits().admit_connection(peer.ip()).expect("slot"),
+            deflate: None,
         };
         let task = start(gw.clone(), wire, accepted);
         let size = std::mem::size_of_val(&task);

@@ -8,6 +8,9 @@ use bytes::Bytes;
 /// Room left before a frame's payload for the longest header (2 + 8 bytes: no mask on server frames).
 const HEADROOM: usize = 10;
 
+/// RSV1: set on the first frame of a compressed message (RFC 7692).
+const RSV1: u8 = 0x40;
+
 const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
@@ -58,6 +61,41 @@ impl Frame {
             b.extend_from_slice(&code.to_be_bytes());
             b.extend_from_slice(reason);
         })
+    }
+
+    /// This frame's message compressed (permessage-deflate, RSV1 set), once, for every member that negotiated it;
+    /// `None` when compressing would not make it smaller. Only for text and binary frames.
+    pub fn deflated(&self, level: u8) -> Option<Frame> {
+        let frame = self.compressed(level);
+        (frame.len() < self.len()).then_some(frame)
+    }
+
+    /// This frame's message compressed even when that makes it larger (the conformance echo: see
+    /// `crate::conformance`).
+    pub fn compressed(&self, level: u8) -> Frame {
+        let opcode = self.wire.first().map_or(OP_TEXT, |b| b & 0x0f);
+        debug_assert!(
+            opcode == OP_TEXT || opcode == OP_BINARY,
+            "only data frames are compressed"
+        );
+        let payload = self.payload();
+        let mut b = Vec::with_capacity(HEADROOM + payload.len() / 2 + 16);
+        b.resize(HEADROOM, 0);
+        crate::deflate::compress(payload, level, &mut b);
+        let len = b.len() - HEADROOM;
+        let (mut header, n) = header(opcode, len);
+        header[0] |= RSV1;
+        let start = HEADROOM - n;
+        b[start..HEADROOM].copy_from_slice(&header[..n]);
+        Frame {
+            wire: Bytes::from(b).slice(start..),
+            header: n as u8,
+        }
+    }
+
+    /// Whether this is a compressed frame (RSV1 set).
+    pub fn is_deflated(&self) -> bool {
+        self.header > 0 && self.wire.first().is_some_and(|b| b & RSV1 != 0)
     }
 
     /// Bytes already framed elsewhere (tungstenite's pongs and close reply), written as they are.

@@ -111,6 +111,7 @@ impl Gateway {
             history.clone(),
             presence.clone(),
             config.rooms.clone(),
+            config.compression.enabled.then(|| config.compression.settings()),
             config.limits.max_tracked_keys,
             metrics.clone(),
             tracker.clone(),

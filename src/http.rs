@@ -1,7 +1,8 @@
 //! One TCP connection's life before it becomes a WebSocket: TLS handshake, HTTP/1.1 (hyper), the routes
 //! (`/healthz`, `/readyz`, `/metrics`, the WebSocket path, `/client/check`, the embedded files of [`crate::assets`]),
 //! and the upgrade checks in order: upgrade headers, Origin,
-//! client address (forwarding header from trusted proxies) and its per-IP limits, token. Every refusal is an HTTP
+//! client address (forwarding header from trusted proxies) and its per-IP limits, token; then the 101, which accepts
+//! a permessage-deflate offer when `[compression]` allows it (`crate::deflate`). Every refusal is an HTTP
 //! status with a short text body ([`Reject::response`]), never a 101.
 //!
 //! The handshake deadline (`server.handshake_timeout`) is absolute from TCP accept and covers the whole TLS + HTTP
@@ -42,6 +43,7 @@ use tracing::Instrument;
 use crate::{
     auth::{self, AuthError, Identity},
     connection::{Accepted, Endpoint},
+    deflate::Agreement,
     frames::FrameMeter,
     gateway::Gateway,
     limits::{ConnSlot, ForwardedError, IpGuard, Rejection},
@@ -155,6 +157,8 @@ struct Upgrade {
     /// The per-IP slot of a client counted at the upgrade (behind a trusted proxy); `None` when the connection was
     /// counted by its peer address at accept.
     ip_guard: Option<IpGuard>,
+    /// The permessage-deflate offer accepted, if any.
+    deflate: Option<Agreement>,
 }
 
 /// One accepted TCP connection's task: TLS (if enabled), HTTP, then the WebSocket session if upgraded, all of it
@@ -237,7 +241,8 @@ async fn serve_http<IO, S: Endpoint>(
     };
     // Every frame the client sends is charged to its rate limits as it arrives (see `crate::frames`), the bytes
     // hyper read past the upgrade request included.
-    let meter = FrameMeter::new(gw.limits().message_limiter(upgrade.identity.user.as_deref()));
+    let meter = FrameMeter::new(gw.limits().message_limiter(upgrade.identity.user.as_deref()))
+        .deflate(upgrade.deflate.is_some());
     let wire = Wire::new(parts.io.into_inner(), &parts.read_buf, meter, &gw.ws_config())
         .fragment_timeout(gw.config().limits.fragment_timeout);
     let id = gw.next_conn_id();
@@ -253,6 +258,7 @@ async fn serve_http<IO, S: Endpoint>(
         identity: upgrade.identity,
         recover: upgrade.recover,
         slot,
+        deflate: upgrade.deflate,
     };
     // The WebSocket gets a task of its own, sized for the WebSocket alone: this handshake task's state (TLS and
     // HTTP futures, their arguments) would otherwise stay allocated for the whole life of every idle connection.
@@ -478,6 +484,7 @@ async fn upgrade(
             }
         })?;
     let subprotocol = header_has_token(&req, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    let deflate = negotiate_deflate(gw, &req);
 
     let Some(tx) = tx.lock().take() else {
         return Err(Reject::BadUpgrade("connection already upgraded"));
@@ -489,6 +496,7 @@ async fn upgrade(
         client,
         recover,
         ip_guard,
+        deflate,
     });
 
     let mut resp = Response::new(Full::new(Bytes::new()));
@@ -503,5 +511,25 @@ async fn upgrade(
     if subprotocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     }
+    if let Some(agreement) = deflate
+        && let Ok(value) = HeaderValue::from_str(&agreement.response())
+    {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
+    }
     Ok(resp)
+}
+
+/// The client's permessage-deflate offer the gateway accepts (`crate::deflate::negotiate`), unless
+/// `compression.enabled = false`. A client that offers nothing is answered with no extension, as before issue 27.
+fn negotiate_deflate(gw: &Gateway, req: &Request<Incoming>) -> Option<Agreement> {
+    if !gw.config().compression.enabled {
+        return None;
+    }
+    let offers = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let user_agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok());
+    crate::deflate::negotiate(offers, user_agent)
 }

@@ -9,7 +9,8 @@
 //! [`frames`] (every incoming frame charged to the rate limits), [`auth`] (JWT verification) and [`token`] (where the
 //! token comes from), [`outbox`] (the bounded per-connection queue and its overflow policies), [`rooms`] (registry and
 //! fan-out) with [`room_quota`], [`room_pattern`] and [`room_name`] (the naming rules), [`bridge`] (NATS),
-//! [`protocol`] (wire format), [`frame`] (one server frame, built once and shared), [`metrics`] and [`shutdown`].
+//! [`protocol`] (wire format), [`frame`] (one server frame, built once and shared, and its deflated twin),
+//! [`deflate`] (permessage-deflate: negotiation, one compression per message, bounded inflation), [`metrics`] and [`shutdown`].
 //! [`history`] keeps room history in a JetStream stream and reads stored room messages back from it (JetStream
 //! direct gets); [`presence`] keeps who is in each room, over every gateway, in a JetStream KV bucket. No module imports another in a circle (`scripts/modgraph`, run by `scripts/test`).
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
@@ -24,6 +25,7 @@ pub mod config;
 pub mod conformance;
 pub mod connection;
 pub mod control;
+pub mod deflate;
 pub mod frame;
 pub mod frames;
 pub mod gateway;

@@ -126,6 +126,8 @@ pub enum Closed {
     ProtocolError,
     /// Invalid UTF-8 in a text message (1007).
     InvalidUtf8,
+    /// A compressed message that is not valid deflate data (1007).
+    InvalidCompressed,
     /// An outgoing frame over `limits.max_write_buffer_size` (1011; `Config::validate` makes it unreachable).
     WriteBufferFull,
     /// The client's connection ended without a close frame (TCP closed or reset: a tab closed, a network lost). An
@@ -143,6 +145,7 @@ impl Reason for Closed {
             Closed::FragmentTimeout => "fragment_timeout",
             Closed::ProtocolError => "protocol_error",
             Closed::InvalidUtf8 => "invalid_utf8",
+            Closed::InvalidCompressed => "invalid_compressed",
             Closed::WriteBufferFull => "write_buffer_full",
             Closed::ClientGone => "client_gone",
         }

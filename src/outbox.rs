@@ -213,6 +213,10 @@ pub struct Outbox {
     rpc_inflight: std::sync::atomic::AtomicUsize,
     /// A directive is waiting: the connection's loop looks under the lock only then.
     has_directives: std::sync::atomic::AtomicBool,
+    /// permessage-deflate: the longest plain payload this connection takes compressed (`deflate::Agreement`), 0
+    /// when it did not negotiate the extension. The only compression state a connection has: room fan-out and
+    /// replies read it to choose between the plain and the deflated frame.
+    deflate_max: usize,
 }
 
 impl Outbox {
@@ -227,7 +231,26 @@ impl Outbox {
             max_bytes,
             rpc_inflight: std::sync::atomic::AtomicUsize::new(0),
             has_directives: std::sync::atomic::AtomicBool::new(false),
+            deflate_max: 0,
         }
+    }
+
+    /// The queue of a connection that negotiated permessage-deflate and takes payloads up to `max_plain` bytes
+    /// compressed (`usize::MAX` unless it restricted the gateway's window).
+    pub fn with_deflate(mut self, max_plain: usize) -> Self {
+        self.deflate_max = max_plain;
+        self
+    }
+
+    /// Whether a message of `plain_len` payload bytes goes to this connection compressed, when a compressed frame
+    /// of it exists.
+    pub fn takes_deflated(&self, plain_len: usize) -> bool {
+        plain_len <= self.deflate_max
+    }
+
+    /// Whether this connection negotiated permessage-deflate.
+    pub fn deflate(&self) -> bool {
+        self.deflate_max > 0
     }
 
     /// Takes one of `max` RPC call slots; false when all are taken. Give it back with [`Outbox::release_rpc`].

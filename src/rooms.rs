@@ -34,6 +34,7 @@ pub use hold::{CatchUp, Hold};
 use crate::{
     bridge::{Bridge, BridgeError, HDR_CONN, HDR_ECHO, HDR_GATEWAY},
     config::{Overflow, RoomsConfig},
+    deflate::Settings,
     frame::Frame,
     history::History,
     metrics::{Metrics, SlowConsumer},
@@ -180,6 +181,9 @@ pub struct Rooms {
     /// Presence rooms get a [`RoomPresence`] (`presence.enabled`).
     presence: Option<Arc<Presence>>,
     config: RoomsConfig,
+    /// `[compression]` when enabled: room messages of at least `min_size` bytes get a deflated frame for the members
+    /// that negotiated permessage-deflate.
+    deflate: Option<Settings>,
     /// Rooms per user/address and room-creation rate; updated under `map`'s lock.
     quota: RoomQuota,
     metrics: Arc<Metrics>,
@@ -189,19 +193,22 @@ pub struct Rooms {
 
 impl Rooms {
     /// An empty registry. Room tasks are spawned on `tracker` and end with `shutdown`. `max_tracked_keys`
-    /// (`limits.max_tracked_keys`) bounds the keys of the room-creation rate limiter.
+    /// (`limits.max_tracked_keys`) bounds the keys of the room-creation rate limiter; `deflate` is `[compression]`
+    /// when enabled.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         bridge: Bridge,
         history: Option<Arc<History>>,
         presence: Option<Arc<Presence>>,
         config: RoomsConfig,
+        deflate: Option<Settings>,
         max_tracked_keys: usize,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
+            deflate,
             map: Mutex::default(),
             bridge,
             history,
@@ -439,7 +446,7 @@ impl Rooms {
                 biased;
                 _ = &mut cancelled => break,
                 msg = sub.next() => match msg {
-                    Some(msg) => fan_out(&room, &msg, self.bridge.gateway_id(), &self.metrics),
+                    Some(msg) => fan_out(&room, &msg, self.bridge.gateway_id(), self.deflate, &self.metrics),
                     None => {
                         tracing::warn!(room = %room.name, denied = sub.denied(), "room subscription ended under it");
                         self.end_room(&room);
@@ -504,11 +511,19 @@ fn sequence(msg: &async_nats::Message) -> (Option<u64>, u64) {
 
 /// Delivers one NATS message to every local member of `room` except the echo-suppressed sender. Builds the frame
 /// once; per member it is one refcount increment and one push into a bounded queue, never an await.
-pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics: &Metrics) {
+///
+/// permessage-deflate (`deflate`, `[compression]` when enabled): a message of at least `min_size` bytes is compressed
+/// once, when the first member that negotiated the extension comes up (a room without such members pays nothing),
+/// and every such member gets that same deflated frame; so at most two frames per message, plain and deflated. When
+/// compressing would not make it smaller, everyone gets the plain frame.
+pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, deflate: Option<Settings>, metrics: &Metrics) {
     let skip = echo_skip(msg, gateway_id);
     let from = msg.headers.as_ref().and_then(|h| h.get(HDR_CONN)).map(|v| v.as_str());
     let (seq, prev) = if room.history { sequence(msg) } else { (None, 0) };
     let frame = protocol::message_frame(&room.name, &msg.payload, from, seq);
+    let compressible = deflate.filter(|d| frame.len() >= d.min_size);
+    // Not built yet (`None`), built (`Some(Some)`), or not worth it (`Some(None)`).
+    let mut deflated: Option<Option<Frame>> = None;
     let (mut delivered, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
     {
         let members = room.members.read();
@@ -519,8 +534,15 @@ pub fn fan_out(room: &Room, msg: &async_nats::Message, gateway_id: &str, metrics
             if Some(m.id) == skip {
                 continue;
             }
+            let frame = match compressible {
+                Some(d) if m.outbox.takes_deflated(frame.len()) => deflated
+                    .get_or_insert_with(|| frame.deflated(d.level))
+                    .as_ref()
+                    .unwrap_or(&frame),
+                _ => &frame,
+            };
             if let Some(hold) = &m.hold
-                && hold.offer(seq.unwrap_or(0), prev, &frame)
+                && hold.offer(seq.unwrap_or(0), prev, frame)
             {
                 delivered += 1;
                 continue;
@@ -608,6 +630,86 @@ mod tests {
             .expect("the join of the busy room completes once it is free");
         assert_eq!(rooms.len(), 2, "big and other");
         drop(big);
+    }
+
+    /// Issue 27: a room message goes out as at most two frames, plain and deflated, each shared by the members that
+    /// take it (the same bytes, not a copy per member); a member that restricted the window below the message's
+    /// length gets the plain one; a message under `compression.min_size` is plain for everyone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fan_out_builds_at_most_two_frames_shared_by_their_members() {
+        let (_nats, gw) = crate::test_support::gateway(|_| {}).await;
+        let rooms = gw.rooms().clone();
+        let with = |id: u64, max_plain: usize| {
+            let outbox = Outbox::new(16, 1 << 20);
+            Member {
+                outbox: Arc::new(if max_plain > 0 {
+                    outbox.with_deflate(max_plain)
+                } else {
+                    outbox
+                }),
+                ..member(id)
+            }
+        };
+        let members = [with(1, usize::MAX), with(2, usize::MAX), with(3, 0), with(4, 512)];
+        let outboxes: Vec<Arc<Outbox>> = members.iter().map(|m| m.outbox.clone()).collect();
+        let mut joined = Vec::new();
+        for m in members {
+            joined.push(rooms.join("chat", m).await.expect("join"));
+        }
+        let room = joined[0].room().clone();
+        let settings = Some(crate::deflate::Settings {
+            min_size: 256,
+            level: 1,
+        });
+        let message = |payload: String| async_nats::Message {
+            subject: "rooms.chat".into(),
+            reply: None,
+            payload: payload.into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        };
+        let big = format!(r#"{{"text":"{}"}}"#, "chat message text ".repeat(60));
+        fan_out(&room, &message(big.clone()), "gw", settings, gw.metrics());
+        fan_out(&room, &message(r#"{"text":"hi"}"#.into()), "gw", settings, gw.metrics());
+        let frames: Vec<Vec<Frame>> = outboxes
+            .iter()
+            .map(|o| {
+                let mut batch = std::collections::VecDeque::new();
+                futures_util::FutureExt::now_or_never(o.next_batch(&mut batch)).expect("frames queued");
+                batch
+                    .into_iter()
+                    .map(|i| match i {
+                        crate::outbox::Item::Room { frame, .. } | crate::outbox::Item::Control(frame) => frame,
+                    })
+                    .collect()
+            })
+            .collect();
+        let [a, b, plain, narrow] = &frames[..] else {
+            panic!("four members");
+        };
+        assert!(
+            a[0].is_deflated() && b[0].is_deflated(),
+            "deflating members get the deflated frame"
+        );
+        assert_eq!(a[0].wire().as_ptr(), b[0].wire().as_ptr(), "one deflated frame, shared");
+        assert!(
+            !plain[0].is_deflated() && !narrow[0].is_deflated(),
+            "the others get the plain frame"
+        );
+        assert_eq!(
+            plain[0].wire().as_ptr(),
+            narrow[0].wire().as_ptr(),
+            "one plain frame, shared"
+        );
+        assert!(big.len() > 512, "over the narrow member's window");
+        let inflated = crate::deflate::inflate(a[0].payload(), 1 << 20).expect("inflate");
+        assert_eq!(inflated, plain[0].payload(), "the same message");
+        for f in [a, b, plain, narrow] {
+            assert!(!f[1].is_deflated(), "a message under min_size is plain for everyone");
+        }
+        drop(joined);
     }
 
     /// The map and the rooms agree under concurrent joins and leaves of a few rooms: every room in the map has

@@ -17,7 +17,9 @@
 //!   produces while reading land in a small control buffer ([`MAX_CONTROL_BYTES`]) written before the next frame.
 //!
 //! Every incoming frame is still charged to the rate limits as its header arrives ([`FrameMeter`], `crate::frames`),
-//! on both read paths.
+//! on both read paths. On a connection that negotiated permessage-deflate the meter also marks compressed messages
+//! (and shows them to tungstenite as binary); the read then inflates them here, bounded by `limits.max_message_size`,
+//! with the worker thread's inflater (`crate::deflate`): the connection keeps no inflater of its own.
 
 use std::{
     cell::RefCell,
@@ -35,8 +37,8 @@ use tokio::{
     time::Instant,
 };
 use tokio_tungstenite::tungstenite::{
-    self, Message,
-    error::ProtocolError,
+    self, Message, Utf8Bytes,
+    error::{CapacityError, ProtocolError},
     protocol::{Role, WebSocketConfig, WebSocketContext},
 };
 
@@ -46,8 +48,9 @@ use sync_io::SyncIo;
 
 use crate::{
     config::LimitsConfig,
+    deflate::InflateError,
     frame::Frame,
-    frames::FrameMeter,
+    frames::{Deflated, FrameMeter},
     metrics::Metrics,
     outbox::{CloseRequest, Item, Outbox},
 };
@@ -184,8 +187,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             write_size: config.write_buffer_size.max(1),
         };
         if !pending.is_empty() {
-            wire.meter.charge(pending);
-            wire.ctx = Some(Reading::new(pending.to_vec(), config));
+            let mut part = pending.to_vec();
+            wire.meter.charge(&mut part);
+            wire.ctx = Some(Reading::new(part, config));
         }
         wire
     }
@@ -274,14 +278,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             return Poll::Ready(Err(abuse()));
         }
         if self.ctx.is_none() {
-            let part = ready!(read_idle(&mut self.io, cx, self.read_size))?;
+            let mut part = ready!(read_idle(&mut self.io, cx, self.read_size))?;
             if part.is_empty() {
                 // What tungstenite reports for a TCP end without a close frame, so both paths close alike.
                 return Poll::Ready(Err(tungstenite::Error::Protocol(
                     ProtocolError::ResetWithoutClosingHandshake,
                 )));
             }
-            if !self.meter.charge(&part) {
+            if !self.meter.charge(&mut part) {
                 return Poll::Ready(Err(abuse()));
             }
             self.ctx = Some(Reading::new(part, config));
@@ -320,8 +324,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
                     self.peer_closed = true;
                     let _ = ctx.flush(&mut io);
                 }
-                let refused = self.meter.next_refused();
-                Poll::Ready(Ok(Incoming::Message(msg, refused)))
+                let verdict = self.meter.next_verdict();
+                let msg = match verdict.deflated {
+                    Some(kind) => inflated(msg, kind, verdict.refused, config)?,
+                    None => msg,
+                };
+                Poll::Ready(Ok(Incoming::Message(msg, verdict.refused)))
             }
             Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Dry at a message boundary, with every pong handed over: the context holds nothing worth keeping.
@@ -556,6 +564,60 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
     }
 }
 
+/// The error a read fails with when a compressed message is not valid deflate data (close 1007 `invalid compressed
+/// data`, `crate::connection::read_error_close`).
+#[derive(Debug)]
+pub struct InvalidDeflate;
+
+impl fmt::Display for InvalidDeflate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid permessage-deflate data")
+    }
+}
+
+impl std::error::Error for InvalidDeflate {}
+
+impl InvalidDeflate {
+    /// Whether `e` is this error.
+    pub fn is(e: &tungstenite::Error) -> bool {
+        matches!(e, tungstenite::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<InvalidDeflate>()))
+    }
+}
+
+/// A compressed message (`crate::frames::Deflated`), which tungstenite assembled as binary, inflated within
+/// `max_message_size` (over it: the `Capacity` error, close 1009, having inflated at most one byte more) with this
+/// thread's inflater, and made text again (UTF-8 checked: close 1007) if it was text. A message over the rate limits
+/// is not inflated: the connection only answers it `rate_limited`.
+fn inflated(
+    msg: Message,
+    kind: Deflated,
+    refused: bool,
+    config: &WebSocketConfig,
+) -> Result<Message, tungstenite::Error> {
+    let Message::Binary(data) = msg else {
+        // The meter made the message binary: anything else is a control frame, which is never compressed.
+        return Ok(msg);
+    };
+    if refused {
+        return Ok(match kind {
+            Deflated::Text => Message::Text(Default::default()),
+            Deflated::Binary => Message::Binary(data),
+        });
+    }
+    let max = config.max_message_size.unwrap_or(usize::MAX);
+    let plain = crate::deflate::inflate(&data, max).map_err(|e| match e {
+        InflateError::TooBig { max } => tungstenite::Error::Capacity(CapacityError::MessageTooLong {
+            size: max.saturating_add(1),
+            max_size: max,
+        }),
+        InflateError::Invalid => tungstenite::Error::Io(io::Error::new(io::ErrorKind::InvalidData, InvalidDeflate)),
+    })?;
+    Ok(match kind {
+        Deflated::Text => Message::Text(Utf8Bytes::try_from(plain)?),
+        Deflated::Binary => Message::Binary(Bytes::from(plain)),
+    })
+}
+
 fn item_frame(item: &Item) -> &Frame {
     match item {
         Item::Control(frame) | Item::Room { frame, .. } => frame,
@@ -697,6 +759,52 @@ mod tests {
         wire.shrink_if_idle(&outbox);
         assert_eq!(wire.retained_bytes(), 0, "the batch's storage was not given back");
         assert_eq!(outbox.capacity(), 0, "the outbox's storage was not given back");
+    }
+
+    /// A compressed message on a deflating connection comes out inflated (text again), keeps nothing afterwards (the
+    /// inflater is the thread's), and one that inflates past `max_message_size` fails as a capacity error (1009).
+    #[tokio::test]
+    async fn a_compressed_message_is_inflated_and_leaves_nothing_behind() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let config = crate::Config::default();
+        let limits = std::sync::Arc::new(crate::limits::Limits::new(&config));
+        let ws = WebSocketConfig::default()
+            .read_buffer_size(config.limits.read_buffer_size)
+            .max_message_size(Some(config.limits.max_message_size))
+            .max_frame_size(Some(config.limits.max_frame_size));
+        let meter = FrameMeter::new(limits.message_limiter(None)).deflate(true);
+        let mut wire = Wire::new(server, &[], meter, &ws);
+        let masked = |payload: &[u8]| {
+            let mut frame = vec![0xC1, 0x80 | 127];
+            frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            frame.extend_from_slice(&[0; 4]);
+            frame.extend_from_slice(payload);
+            frame
+        };
+        let text: String = (0..2000).map(|i| format!("{{\"n\":{i}}} ")).collect();
+        let mut compressed = Vec::new();
+        crate::deflate::compress(text.as_bytes(), 1, &mut compressed);
+        client.write_all(&masked(&compressed)).await.expect("send");
+        let read = std::future::poll_fn(|cx| wire.poll_read(cx, &ws)).await.expect("read");
+        let Incoming::Message(Message::Text(got), false) = read else {
+            panic!("not a text message");
+        };
+        assert_eq!(got.as_str(), text);
+        drop(got);
+        let dry = std::future::poll_fn(|cx| Poll::Ready(wire.poll_read(cx, &ws).is_pending())).await;
+        assert!(dry, "nothing more to read");
+        assert_eq!(wire.retained_bytes(), 0, "a compressed message left state behind");
+
+        let mut bomb = Vec::new();
+        crate::deflate::compress(&vec![b'a'; config.limits.max_message_size + 1], 9, &mut bomb);
+        client.write_all(&masked(&bomb)).await.expect("send");
+        let read = std::future::poll_fn(|cx| wire.poll_read(cx, &ws)).await;
+        assert!(matches!(read, Err(tungstenite::Error::Capacity(_))), "{:?}", read.err());
     }
 
     /// After a read error tungstenite's state is never read again: the close lingers on raw reads. It used to read

@@ -16,6 +16,7 @@
 //! WebSocket: `0{..}` → `40` → `40{..}`, `420["join",r]` → `430[]`, `2` → `3`, events `42["msg",..]`) and `uws`
 //! (`{"op":"join"}` → `{"op":"ack"}`, then plain JSON text).
 
+mod deflate;
 mod recover;
 mod rpc;
 
@@ -82,9 +83,17 @@ struct Args {
     /// Fraction of subscribers that stop reading after joining (0.01 = 1%).
     #[arg(long, default_value_t = 0.0)]
     stalled: f64,
-    /// Payload size in bytes (at least 40: it carries the timestamp).
+    /// Payload size in bytes (at least 40: it carries the timestamp). Ignored with `--payload-kind chat`.
     #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// What the published payloads look like: `pad` (a timestamp and `--payload` bytes of "x") or `chat` (chat-like
+    /// JSON of 200 to 800 bytes, the same sequence every run: see `chat_payload`).
+    #[arg(long, value_enum, default_value = "pad")]
+    payload_kind: PayloadKind,
+    /// Subscribers offer permessage-deflate (`permessage-deflate; client_max_window_bits`) and inflate what arrives
+    /// compressed, with this generator's own minimal client (tungstenite has no deflate). Roomwire and uws only.
+    #[arg(long)]
+    deflate: bool,
     /// Processes holding the subscribers; 0 = one per 15,000 connections.
     #[arg(long, default_value_t = 0)]
     procs: usize,
@@ -145,6 +154,13 @@ enum Target {
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+enum PayloadKind {
+    Pad,
+    Chat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 enum Scenario {
     /// Connect, join, measure memory, hold.
     Idle,
@@ -171,10 +187,16 @@ struct Stats {
     hist: Mutex<Histogram<u64>>,
 }
 
+/// Bytes the subscribers of this process read from their sockets (WebSocket bytes: after TLS), handshakes included.
+static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Serialize, Deserialize, Default)]
 struct Snapshot {
     delivered: u64,
     frames: u64,
+    /// WebSocket bytes read by the subscribers since the last snapshot.
+    #[serde(default)]
+    wire_bytes: u64,
     closed: u64,
     /// Sparse histogram: (latency µs, count).
     hist: Vec<(u64, u64)>,
@@ -222,6 +244,7 @@ impl Stats {
         Snapshot {
             delivered: self.delivered.swap(0, Relaxed),
             frames: self.frames.swap(0, Relaxed),
+            wire_bytes: WIRE_BYTES.swap(0, Relaxed),
             closed: self.closed.swap(0, Relaxed),
             hist: sparse,
         }
@@ -236,6 +259,47 @@ fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Chat-like JSON of 200 to 800 bytes for message `i` (`--payload-kind chat`): a sender, a room, a kind and a text of
+/// words drawn from a fixed 64-word vocabulary, the length and the words chosen by a xorshift64 generator seeded
+/// with `i` (splitmix64), so every run publishes the same sequence; only `ts` (the send time) differs. What a chat
+/// message compresses like: repeated keys and common words, no shared context between messages.
+fn chat_payload(ts: u64, i: u64) -> String {
+    const WORDS: [&str; 64] = [
+        "the", "to", "and", "a", "of", "in", "is", "it", "you", "that", "for", "on", "with", "this", "we", "are",
+        "meeting", "deploy", "today", "tomorrow", "release", "review", "please", "thanks", "ok", "sure", "lunch",
+        "build", "fixed", "broken", "issue", "ticket", "customer", "call", "later", "now", "done", "merged", "branch",
+        "test", "green", "red", "server", "client", "latency", "room", "message", "channel", "team", "weekend",
+        "monday", "friday", "coffee", "lol", "great", "idea", "let's", "ship", "it", "again", "why", "how", "when",
+        "where",
+    ];
+    let mut x = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let target = 200 + (next() % 601) as usize;
+    let head = format!(
+        r#"{{"ts":{ts},"id":"m{i}","user":{{"id":"u{}","name":"user-{}"}},"kind":"chat","text":""#,
+        next() % 10_000,
+        next() % 500
+    );
+    let tail = r#"","reactions":[]}"#;
+    let mut text = String::new();
+    while head.len() + text.len() + tail.len() < target {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(WORDS[(next() % 64) as usize]);
+    }
+    text.truncate(target.saturating_sub(head.len() + tail.len()).max(1));
+    format!("{head}{text}{tail}")
 }
 
 /// Every `"ts":<digits>` in `data`, appended to `out`.
@@ -292,15 +356,20 @@ impl Endpoint {
         })
     }
 
-    async fn connect(&self, source: Option<IpAddr>) -> anyhow::Result<Ws> {
+    /// TCP (from `source`), then TLS for wss.
+    async fn stream(&self, source: Option<IpAddr>) -> anyhow::Result<BenchStream> {
         let tcp = tcp_connect(self.addr, source).await?;
-        let stream = match &self.tls {
+        Ok(match &self.tls {
             None => BenchStream::Plain(tcp),
             Some(connector) => {
                 let name = rustls::pki_types::ServerName::try_from(self.host.clone())?;
                 BenchStream::Tls(Box::new(connector.connect(name, tcp).await.context("TLS handshake")?))
             }
-        };
+        })
+    }
+
+    async fn connect(&self, source: Option<IpAddr>) -> anyhow::Result<Ws> {
+        let stream = self.stream(source).await?;
         let config = WebSocketConfig::default()
             .read_buffer_size(8 * 1024)
             .write_buffer_size(0);
@@ -338,10 +407,14 @@ enum BenchStream {
 
 impl AsyncRead for BenchStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len() as u64;
         match self.get_mut() {
             BenchStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             BenchStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
+        .map_ok(|()| {
+            WIRE_BYTES.fetch_add(buf.filled().len() as u64 - before, Relaxed);
+        })
     }
 }
 
@@ -603,6 +676,10 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
     } else {
         0
     };
+    let deflating = args.deflate;
+    if deflating && !matches!(args.target, Target::Roomwire | Target::Uws) {
+        bail!("--deflate is for roomwire and uws");
+    }
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<bool, String>>();
     for i in offset..offset + count {
@@ -613,6 +690,34 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
             .then(|| args.sources[i % args.sources.len()]);
         let room = format!("r{}", i % args.rooms.max(1));
         let (target, stalled) = (args.target, stalled_every > 0 && i % stalled_every == stalled_every / 2);
+        if deflating {
+            tokio::spawn(async move {
+                let joined = tokio::time::timeout(Duration::from_secs(30), async {
+                    let mut ws = deflate::connect(&endpoint, source).await?;
+                    deflate::join(&mut ws, target, &room).await?;
+                    anyhow::Ok(ws)
+                })
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("connect+join timed out")));
+                drop(permit);
+                match joined {
+                    Ok(ws) => {
+                        let _ = done_tx.send(Ok(stalled));
+                        drop(done_tx);
+                        if stalled {
+                            let _keep = ws;
+                            std::future::pending::<()>().await;
+                        } else {
+                            deflate::read_loop(ws, &stats).await;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = done_tx.send(Err(format!("{e:#}")));
+                    }
+                }
+            });
+            continue;
+        }
         tokio::spawn(async move {
             let joined = tokio::time::timeout(Duration::from_secs(30), async {
                 let mut ws = endpoint.connect(source).await?;
@@ -766,13 +871,17 @@ async fn run_publisher(
     connected: tokio::sync::oneshot::Sender<()>,
 ) -> anyhow::Result<()> {
     let payload_pad = args.payload.saturating_sub(35).max(1);
+    let payload_kind = args.payload_kind;
     let rooms = args.rooms.max(1);
     let mut room_i = 0usize;
     // Appends one publish of the next room, stamped now, in the target's framing.
     let mut encode = move |out: &mut Vec<u8>, target: Target| {
         let room = room_i % rooms;
         room_i += 1;
-        let payload = format!(r#"{{"ts":{},"pad":"{}"}}"#, now_ns(), "x".repeat(payload_pad));
+        let payload = match payload_kind {
+            PayloadKind::Pad => format!(r#"{{"ts":{},"pad":"{}"}}"#, now_ns(), "x".repeat(payload_pad)),
+            PayloadKind::Chat => chat_payload(now_ns(), room_i as u64),
+        };
         match target {
             Target::Roomwire | Target::NatsWs => {
                 out.extend_from_slice(format!("PUB rooms.r{room} {}\r\n{payload}\r\n", payload.len()).as_bytes())
@@ -952,6 +1061,9 @@ struct Step {
     closed: u64,
     server_cpu_s: f64,
     cpu_s_per_million: Option<f64>,
+    /// WebSocket bytes the subscribers read during the step (frame headers included), and per delivered message.
+    wire_bytes: u64,
+    wire_bytes_per_delivery: Option<f64>,
     saturated: bool,
 }
 
@@ -965,6 +1077,8 @@ struct Report {
     procs: usize,
     rooms: usize,
     payload: usize,
+    payload_kind: PayloadKind,
+    deflate: bool,
     connected: u64,
     connect_errors: u64,
     first_error: Option<String>,
@@ -1083,11 +1197,12 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
             rate_tx.send(rate)?;
             tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
             let mut hist = new_histogram();
-            let (mut delivered, mut frames, mut step_closed) = (0, 0, 0);
+            let (mut delivered, mut frames, mut step_closed, mut wire_bytes) = (0, 0, 0, 0);
             for w in &mut workers {
                 let snap = w.snapshot().await?;
                 delivered += snap.delivered;
                 frames += snap.frames;
+                wire_bytes += snap.wire_bytes;
                 step_closed += snap.closed;
                 for (v, c) in snap.hist {
                     hist.saturating_record_n(v, c);
@@ -1116,6 +1231,8 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
                 closed: step_closed,
                 server_cpu_s: cpu,
                 cpu_s_per_million: (!args.server_pid.is_empty() && delivered > 0).then(|| cpu / delivered as f64 * 1e6),
+                wire_bytes,
+                wire_bytes_per_delivery: (delivered > 0).then(|| wire_bytes as f64 / delivered as f64),
                 // A step where the server closed clients (e.g. as slow consumers) is past saturation, whatever it
                 // delivered: the remaining clients are fewer than the scenario asks for.
                 saturated: (delivered as f64) < args.saturation * expected as f64 || step_closed > 0,
@@ -1169,6 +1286,8 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         procs,
         rooms: args.rooms,
         payload: args.payload,
+        payload_kind: args.payload_kind,
+        deflate: args.deflate,
         connected: ready.connected,
         connect_errors: ready.connect_errors,
         first_error: ready.first_error,

@@ -110,6 +110,11 @@ pub fn read_error_close(e: &tungstenite::Error) -> Option<(u16, &'static str, Cl
         e if crate::wire::FragmentTimeout::is(e) => {
             Some((close::POLICY, "message not completed in time", Closed::FragmentTimeout))
         }
+        e if crate::wire::InvalidDeflate::is(e) => Some((
+            close::INVALID_DATA,
+            "invalid compressed data",
+            Closed::InvalidCompressed,
+        )),
         tungstenite::Error::Protocol(_) => Some((close::PROTOCOL, "protocol error", Closed::ProtocolError)),
         tungstenite::Error::Utf8(_) => Some((close::INVALID_DATA, "invalid UTF-8", Closed::InvalidUtf8)),
         _ => None,

@@ -30,7 +30,7 @@ impl<IO: AsyncRead + Unpin> Read for SyncIo<'_, '_, IO> {
         match Pin::new(&mut *self.io).poll_read(self.cx, &mut read) {
             Poll::Ready(Ok(())) => {
                 let n = read.filled().len();
-                if !self.meter.charge(read.filled()) {
+                if !self.meter.charge(read.filled_mut()) {
                     return Err(io::Error::other("rate limit exceeded repeatedly"));
                 }
                 Ok(n)

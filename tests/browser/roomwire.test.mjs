@@ -95,6 +95,17 @@ test("two pages chat in a room over wss", async () => {
   assert.equal(await alice.$eval('#log li[data-text="hello bob"]', (li) => li.classList.contains("mine")), true);
   assert.equal(await bob.$eval('#log li[data-text="hello bob"]', (li) => li.classList.contains("mine")), false);
   assert.equal(await alice.$eval("#status", (s) => s.dataset.state), "open");
+  // permessage-deflate (issue 27): Chromium offers it, the gateway accepts it; a message over compression.min_size
+  // (256 bytes) travels compressed both ways (Chromium compresses what it sends, the gateway the room message).
+  assert.equal(
+    await alice.evaluate(() => window.roomwireDemo.rw.ws.extensions),
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+  );
+  const long = Array.from({ length: 45 }, (_, i) => `word${i % 7}`).join(" ");
+  assert.ok(long.length > 256 && long.length <= 500);
+  await alice.fill("#text", long);
+  await alice.press("#text", "Enter");
+  await until(async () => (await texts(bob)).includes(long), "bob sees alice's long (compressed) message");
   await alice.close();
   await bob.close();
 });

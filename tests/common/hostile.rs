@@ -285,6 +285,8 @@ pub struct RawWs {
     pub rd: ReadHalf<Tls>,
     pub wr: Option<WriteHalf<Tls>>,
     pub buf: Vec<u8>,
+    /// permessage-deflate was negotiated: frames with RSV1 are allowed and [`RawWs::next_json`] inflates them.
+    pub deflate: bool,
 }
 
 impl RawWs {
@@ -298,10 +300,44 @@ impl RawWs {
         let resp = read_response(&mut tls, &mut buf).await.expect("upgrade response");
         assert_eq!(resp.status, 101, "{}", resp.head);
         let (rd, wr) = tokio::io::split(tls);
-        let mut ws = RawWs { rd, wr: Some(wr), buf };
+        let mut ws = RawWs {
+            rd,
+            wr: Some(wr),
+            buf,
+            deflate: false,
+        };
         let welcome = ws.next_json().await;
         assert_eq!(welcome["op"], "welcome", "{welcome}");
         (ws, welcome)
+    }
+
+    /// Upgrades with `headers` (e.g. a `Sec-WebSocket-Extensions` offer) and reads the welcome; returns the 101 too.
+    /// The connection counts as deflating when the 101 accepted permessage-deflate.
+    pub async fn connect_with(gw: &TestGateway, headers: &[(&str, &str)]) -> (Self, HttpResponse) {
+        let mut tls = gw.tls().await;
+        let mut req = upgrade_request(WS);
+        req.truncate(req.len() - 2);
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let resp = read_response(&mut tls, &mut buf).await.expect("upgrade response");
+        assert_eq!(resp.status, 101, "{}", resp.head);
+        let (rd, wr) = tokio::io::split(tls);
+        let deflate = resp
+            .header("sec-websocket-extensions")
+            .is_some_and(|e| e.starts_with("permessage-deflate"));
+        let mut ws = RawWs {
+            rd,
+            wr: Some(wr),
+            buf,
+            deflate,
+        };
+        let welcome = ws.next_json().await;
+        assert_eq!(welcome["op"], "welcome", "{welcome}");
+        (ws, resp)
     }
 
     pub async fn connect(gw: &TestGateway) -> Self {
@@ -320,9 +356,10 @@ impl RawWs {
         loop {
             if let Some((f, used)) = parse(&self.buf) {
                 self.buf.drain(..used);
+                let rsv_ok = f.rsv == 0 || (self.deflate && f.rsv == 4 && matches!(f.opcode, TEXT | BINARY));
                 assert!(
-                    !f.masked && f.rsv == 0,
-                    "server frames are unmasked, without RSV bits: {f:?}"
+                    !f.masked && rsv_ok,
+                    "server frames are unmasked, without RSV bits (RSV1 on data frames if deflating): {f:?}"
                 );
                 return Some(f);
             }
@@ -345,6 +382,10 @@ impl RawWs {
                 .expect("a text frame, not the end of the connection");
             match f.opcode {
                 PING | PONG => continue,
+                TEXT if f.rsv == 4 => {
+                    let plain = roomwire::deflate::inflate(&f.payload, 1 << 24).expect("valid deflate");
+                    return serde_json::from_slice(&plain).expect("JSON");
+                }
                 TEXT => return serde_json::from_slice(&f.payload).expect("JSON"),
                 _ => panic!("expected a text frame, got {f:?}"),
             }
