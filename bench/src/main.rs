@@ -149,6 +149,11 @@ enum Scenario {
     Latency,
     /// Reconnect storm against history rooms (`recover.rs`).
     Recover,
+    /// Connect and join with `--concurrency` attempts in flight per process (the whole `--conns` for a reconnect
+    /// storm, 10 for a paced open), then wait `--settle` seconds (30 for the memory a storm leaves behind) and
+    /// measure like `idle`; adds handshakes/s, the server's CPU for the handshakes and each client's time from its
+    /// TCP connect to its join's confirmation.
+    Storm,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +182,9 @@ struct Ready {
     connect_errors: u64,
     stalled: u64,
     first_error: Option<String>,
+    /// Sparse histogram (µs, count) of each joined client's time from its TCP connect to its join's confirmation
+    /// (TLS, the WebSocket upgrade, the server's first message and the join's ack in between).
+    join_us: Vec<(u64, u64)>,
 }
 
 impl Stats {
@@ -205,10 +213,7 @@ impl Stats {
 
     fn take(&self) -> Snapshot {
         let mut hist = self.hist.lock().expect("stats lock");
-        let sparse = hist
-            .iter_recorded()
-            .map(|v| (v.value_iterated_to(), v.count_at_value()))
-            .collect();
+        let sparse = sparse(&hist);
         hist.reset();
         Snapshot {
             delivered: self.delivered.swap(0, Relaxed),
@@ -217,6 +222,13 @@ impl Stats {
             hist: sparse,
         }
     }
+}
+
+/// A histogram's recorded values as (value, count) pairs, to send between processes.
+fn sparse(hist: &Histogram<u64>) -> Vec<(u64, u64)> {
+    hist.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -595,7 +607,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
         0
     };
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<bool, String>>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<(bool, u64), String>>();
     for i in offset..offset + count {
         let permit = limit.clone().acquire_owned().await?;
         let endpoint = endpoints[i % endpoints.len()].clone();
@@ -605,6 +617,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
         let room = format!("r{}", i % args.rooms.max(1));
         let (target, stalled) = (args.target, stalled_every > 0 && i % stalled_every == stalled_every / 2);
         tokio::spawn(async move {
+            let started = Instant::now();
             let joined = tokio::time::timeout(Duration::from_secs(30), async {
                 let mut ws = endpoint.connect(source).await?;
                 join(&mut ws, target, &room).await?;
@@ -615,7 +628,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
             drop(permit);
             match joined {
                 Ok(ws) => {
-                    let _ = done_tx.send(Ok(stalled));
+                    let _ = done_tx.send(Ok((stalled, started.elapsed().as_micros() as u64)));
                     drop(done_tx);
                     if stalled {
                         // Holds the socket open and never reads: the server's buffers towards it fill up.
@@ -633,12 +646,14 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
     }
     drop(done_tx);
     let mut ready = Ready::default();
+    let mut join_hist = new_histogram();
     for _ in 0..count {
         let Some(result) = done_rx.recv().await else { break };
         match result {
-            Ok(stalled) => {
+            Ok((stalled, join_us)) => {
                 ready.connected += 1;
                 ready.stalled += u64::from(stalled);
+                join_hist.saturating_record(join_us.clamp(1, MAX_LATENCY_US));
             }
             Err(e) => {
                 ready.connect_errors += 1;
@@ -646,6 +661,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
             }
         }
     }
+    ready.join_us = sparse(&join_hist);
     Ok(ready)
 }
 
@@ -905,6 +921,11 @@ fn rss_kib(pid: u32) -> Option<u64> {
     proc_field(&status, "VmRSS:")
 }
 
+fn rss_peak_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    proc_field(&status, "VmHWM:")
+}
+
 fn cpu_secs(pids: &[u32]) -> f64 {
     pids.iter()
         .filter_map(|pid| {
@@ -961,6 +982,17 @@ struct Report {
     first_error: Option<String>,
     stalled: u64,
     connect_secs: f64,
+    /// Clients joined per second of the connect phase (all of it: the first attempt to the last confirmation).
+    handshakes_per_s: f64,
+    /// Server CPU seconds (summed over `--server-pid`) during the connect phase.
+    connect_cpu_s: f64,
+    cpu_s_per_1000_handshakes: Option<f64>,
+    /// Each client's time from its TCP connect to its join's confirmation: p50, p99, max.
+    join_p50_us: u64,
+    join_p99_us: u64,
+    join_max_us: u64,
+    /// The first server process's peak RSS (VmHWM) right after the connect phase.
+    rss_peak_kib: Option<u64>,
     rss_before_kib: Option<u64>,
     rss_after_kib: Option<u64>,
     rss_kib_per_conn: Option<f64>,
@@ -990,6 +1022,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
     let rss_before = pid.and_then(rss_kib);
     let rss_each_before: Vec<Option<u64>> = args.rss_pid.iter().map(|&p| rss_kib(p)).collect();
     let slab_before = slab_kib();
+    let cpu_before = cpu_secs(&args.server_pid);
     let started = Instant::now();
 
     let mut workers = Vec::new();
@@ -1000,6 +1033,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         workers.push(Workers::spawn(&args, offset, count, procs)?);
     }
     let mut ready = Ready::default();
+    let mut join_hist = new_histogram();
     for w in &mut workers {
         let r = w.ready().await?;
         ready.connected += r.connected;
@@ -1008,8 +1042,13 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         if ready.first_error.is_none() {
             ready.first_error = r.first_error;
         }
+        for (v, c) in r.join_us {
+            join_hist.saturating_record_n(v, c);
+        }
     }
     let connect_secs = started.elapsed().as_secs_f64();
+    let connect_cpu_s = cpu_secs(&args.server_pid) - cpu_before;
+    let rss_peak_kib = pid.and_then(rss_peak_kib);
     eprintln!(
         "roomwire-bench: {} connected, {} errors in {connect_secs:.1}s",
         ready.connected, ready.connect_errors
@@ -1045,7 +1084,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs_f64(args.burst_idle)).await;
         rss_after_burst = pid.and_then(rss_kib);
     }
-    if args.scenario == Scenario::Idle {
+    if matches!(args.scenario, Scenario::Idle | Scenario::Storm) {
         tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
         for w in &mut workers {
             closed += w.snapshot().await?.closed;
@@ -1135,7 +1174,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
 
     let limit_us = (args.p99_limit_ms * 1000.0) as u64;
     let best = match args.scenario {
-        Scenario::Idle | Scenario::Recover => None,
+        Scenario::Idle | Scenario::Recover | Scenario::Storm => None,
         Scenario::Fanout => steps
             .iter()
             .filter(|s| s.closed == 0)
@@ -1162,6 +1201,14 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         first_error: ready.first_error,
         stalled: ready.stalled,
         connect_secs,
+        handshakes_per_s: ready.connected as f64 / connect_secs.max(1e-9),
+        connect_cpu_s,
+        cpu_s_per_1000_handshakes: (!args.server_pid.is_empty() && ready.connected > 0)
+            .then(|| connect_cpu_s / ready.connected as f64 * 1000.0),
+        join_p50_us: join_hist.value_at_quantile(0.5),
+        join_p99_us: join_hist.value_at_quantile(0.99),
+        join_max_us: join_hist.max(),
+        rss_peak_kib,
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
         rss_kib_per_conn: per_conn(rss_before, rss_after),
