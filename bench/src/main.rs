@@ -14,8 +14,10 @@
 //! Wire formats per target: `roomwire` (welcome → join/ack → `{"op":"message",..}`), `nats-ws` (NATS text protocol
 //! over WebSocket: CONNECT/SUB/PING → PONG, several `MSG` per frame, PING → PONG), `socketio` (Engine.IO v4 over
 //! WebSocket: `0{..}` → `40` → `40{..}`, `420["join",r]` → `430[]`, `2` → `3`, events `42["msg",..]`) and `uws`
-//! (`{"op":"join"}` → `{"op":"ack"}`, then plain JSON text).
+//! (`{"op":"join"}` → `{"op":"ack"}`, then plain JSON text), `sockudo` (Pusher protocol 7 over WebSocket, published
+//! through Sockudo's HTTP events API: `pusher.rs`).
 
+mod pusher;
 mod recover;
 
 use std::io::Write as _;
@@ -119,6 +121,10 @@ struct Args {
     /// Seconds to idle after the burst before measuring.
     #[arg(long, default_value_t = 30.0)]
     burst_idle: f64,
+    /// `sockudo`: the Pusher app, `id:key:secret`, as in Sockudo's config (subscribers connect to `/app/<key>`, the
+    /// publisher signs with the secret).
+    #[arg(long, default_value = "roomwire-bench:bench-key:bench-secret")]
+    pusher_app: String,
     /// Free text copied into the result (e.g. "run 2").
     #[arg(long)]
     label: Option<String>,
@@ -134,6 +140,7 @@ enum Target {
     NatsWs,
     Socketio,
     Uws,
+    Sockudo,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -241,12 +248,21 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Every `"ts":<digits>` in `data`, appended to `out`.
+/// Every `"ts":<digits>` in `data`, appended to `out`; also `\"ts\":<digits>`, the same inside a JSON string (Pusher
+/// events carry their data as one).
 fn find_timestamps(data: &[u8], out: &mut Vec<u64>) {
-    const KEY: &[u8] = b"\"ts\":";
+    const KEY: &[u8] = b"\"ts";
     let mut i = 0;
     while let Some(pos) = data[i..].windows(KEY.len()).position(|w| w == KEY) {
         let mut j = i + pos + KEY.len();
+        if data[j..].starts_with(b"\":") {
+            j += 2;
+        } else if data[j..].starts_with(b"\\\":") {
+            j += 3;
+        } else {
+            i = j;
+            continue;
+        }
         let mut ts = 0u64;
         while let Some(d) = data.get(j).filter(|b| b.is_ascii_digit()) {
             ts = ts.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
@@ -496,6 +512,20 @@ async fn join(ws: &mut Ws, target: Target, room: &str) -> anyhow::Result<()> {
                 .await?;
             wait_text(ws, |t| t.contains("\"ack\"")).await?;
         }
+        Target::Sockudo => {
+            wait_text(ws, |t| t.contains("pusher:connection_established")).await?;
+            ws.send(Message::text(format!(
+                r#"{{"event":"pusher:subscribe","data":{{"channel":"{room}"}}}}"#
+            )))
+            .await?;
+            let ack = wait_text(ws, |t| {
+                t.contains("pusher_internal:subscription_succeeded") || t.contains("pusher:error")
+            })
+            .await?;
+            if ack.contains("pusher:error") {
+                bail!("subscribe refused: {ack}");
+            }
+        }
         Target::Socketio => {
             wait_text(ws, |t| t.starts_with('0')).await?;
             ws.send(Message::text("40")).await?;
@@ -579,6 +609,9 @@ async fn read_loop(mut ws: Ws, target: Target, stats: &Stats) {
                 ping.then(|| Message::binary(&b"PONG\r\n"[..]))
             }
             Target::Socketio if &data[..] == b"2" => Some(Message::text("3")),
+            Target::Sockudo if data.windows(12).any(|w| w == b"pusher:ping\"") => {
+                Some(Message::text(r#"{"event":"pusher:pong","data":{}}"#))
+            }
             _ => {
                 find_timestamps(&data, &mut stamps);
                 None
@@ -788,10 +821,40 @@ async fn run_publisher(
             Target::Uws => {
                 out.extend_from_slice(format!(r#"{{"op":"pub","room":"r{room}","data":{payload}}}"#).as_bytes())
             }
+            // The channel, a tab, the event's data (split again by the Sockudo publisher).
+            Target::Sockudo => out.extend_from_slice(format!("r{room}\t{payload}").as_bytes()),
         }
     };
     let mut pacer = Pacer::new(rate);
     match args.target {
+        Target::Sockudo => {
+            let base = args.pub_url.clone().unwrap_or_else(|| "http://127.0.0.1:6001".into());
+            let errors = Arc::new(AtomicU64::new(0));
+            let queues = pusher::start(&base, pusher::App::parse(&args.pusher_app)?, errors.clone()).await?;
+            let _ = connected.send(());
+            let (mut next, mut one) = (0usize, Vec::new());
+            loop {
+                let n = pacer.due().await;
+                if errors.load(Relaxed) > 0 {
+                    bail!("the Sockudo events API failed (see above)");
+                }
+                let mut events = Vec::with_capacity(pusher::BATCH);
+                for i in 0..n {
+                    one.clear();
+                    encode(&mut one, args.target);
+                    let text = String::from_utf8_lossy(&one);
+                    let (channel, data) = text.split_once('\t').context("encoded event")?;
+                    events.push((channel.to_string(), data.to_string()));
+                    if events.len() == pusher::BATCH || i + 1 == n {
+                        queues[next % queues.len()]
+                            .send(std::mem::take(&mut events))
+                            .map_err(|_| anyhow!("a Sockudo publishing connection ended"))?;
+                        next += 1;
+                    }
+                }
+                published.fetch_add(n, Relaxed);
+            }
+        }
         Target::Roomwire | Target::NatsWs => {
             let url = args.pub_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
             let addr = url.trim_start_matches("nats://");
