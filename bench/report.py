@@ -178,6 +178,18 @@ def main():
         "'paced': 10 connection attempts in flight; 'storm': every client at once (one generator process). Each case "
         "on a fresh server; RSS is read 30 s after the last client joined one of 100 rooms.",
     )
+    table(
+        "6. CPU per delivery at a fixed load",
+        "cost",
+        [
+            ("server CPU-seconds per million deliveries", best(lambda s: s["cpu_s_per_million"]), "lower is better"),
+            ("delivered/s", best(lambda s: s["delivered_per_s"]), "should be the load: 100k and 30k"),
+            ("p99 latency µs", best(lambda s: s["p99_us"]), "lower is better"),
+        ],
+        "Fan-out to 5,000 subscribers at 20 publishes/s (100k deliveries/s) and 2,000 rooms x 5 at 6,000 publishes/s "
+        "(30k deliveries/s), 10 s each, on one server: a load every target sustains, so CPU per delivery compares "
+        "like with like (the allocator A/B).",
+    )
     lat = {}
     for (key, t), rs in groups.items():
         if key.startswith("latency"):
