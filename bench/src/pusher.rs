@@ -1,6 +1,7 @@
 //! The Pusher side of the generator, for Sockudo (issue 28): the publisher is a backend that sends events through the
 //! HTTP events API, as Pusher backends do (`POST /apps/<id>/batch_events`, up to [`BATCH`] events per request, signed
-//! with the app's secret), over a few keep-alive HTTP/1.1 connections; subscribers speak the Pusher WebSocket protocol
+//! with the app's secret), over a few HTTP/1.1 connections with one request in flight each (Sockudo answers the events
+//! API with `connection: close`, so each request opens a connection anew); subscribers speak the Pusher WebSocket protocol
 //! 7 (`pusher:connection_established` → `pusher:subscribe` → `pusher_internal:subscription_succeeded`, then events;
 //! `pusher:ping` → `pusher:pong`), in `main.rs`'s `join` and `read_loop`.
 //!
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 
 /// Events per `batch_events` request: Sockudo's default `event_limits.max_batch_size` (Pusher's limit too).
 pub const BATCH: usize = 10;
-/// Keep-alive HTTP connections the publisher spreads its requests over (one request in flight on each).
+/// HTTP connections the publisher spreads its requests over (one request in flight on each).
 const CONNECTIONS: usize = 8;
 
 /// The app the generator and Sockudo's config agree on (`--pusher-app id:key:secret`).
@@ -87,18 +88,20 @@ pub async fn start(
         .await?
         .next()
         .context("Sockudo HTTP address")?;
+    // Fail early (before the subscribers wait for events) if nothing listens.
+    drop(
+        TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?,
+    );
     let mut queues = Vec::new();
     for _ in 0..CONNECTIONS {
-        let mut tcp = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect {addr}"))?;
-        tcp.set_nodelay(true)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(String, String)>>();
         let (app, errors) = (app.clone(), errors.clone());
         tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(4096);
+            let (mut tcp, mut buf) = (None, Vec::with_capacity(4096));
             while let Some(events) = rx.recv().await {
-                if let Err(e) = post(&mut tcp, &app, &events, &mut buf).await {
+                if let Err(e) = post(addr, &mut tcp, &app, &events, &mut buf).await {
                     eprintln!("roomwire-bench: Sockudo events API: {e:#}");
                     errors.fetch_add(1, Relaxed);
                     return;
@@ -110,8 +113,25 @@ pub async fn start(
     Ok(queues)
 }
 
-/// One signed `batch_events` request and its response (status 200 expected; the body is read and dropped).
-async fn post(tcp: &mut TcpStream, app: &App, events: &[(String, String)], buf: &mut Vec<u8>) -> anyhow::Result<()> {
+/// One signed `batch_events` request and its response (status 200 expected; the body is read and dropped), on the
+/// connection in `conn`, opened first if there is none; a `connection: close` response leaves none.
+async fn post(
+    addr: std::net::SocketAddr,
+    conn: &mut Option<TcpStream>,
+    app: &App,
+    events: &[(String, String)],
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let tcp = match conn {
+        Some(tcp) => tcp,
+        None => {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connect {addr}"))?;
+            tcp.set_nodelay(true)?;
+            conn.insert(tcp)
+        }
+    };
     let body = batch_body(events);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -127,7 +147,7 @@ async fn post(tcp: &mut TcpStream, app: &App, events: &[(String, String)], buf: 
     // Response: headers up to the blank line, then content-length bytes.
     buf.clear();
     let mut chunk = [0u8; 4096];
-    let (head_end, length) = loop {
+    let (head_end, length, close) = loop {
         let n = tcp.read(&mut chunk).await?;
         if n == 0 {
             bail!("connection closed");
@@ -143,7 +163,8 @@ async fn post(tcp: &mut TcpStream, app: &App, events: &[(String, String)], buf: 
                 .find_map(|l| l.strip_prefix("content-length:"))
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .context("response without content-length")?;
-            break (end + 4, length);
+            let close = head.lines().any(|l| l.trim() == "connection: close");
+            break (end + 4, length, close);
         }
     };
     while buf.len() < head_end + length {
@@ -152,6 +173,9 @@ async fn post(tcp: &mut TcpStream, app: &App, events: &[(String, String)], buf: 
             bail!("connection closed in a response body");
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+    if close {
+        *conn = None;
     }
     Ok(())
 }
