@@ -38,13 +38,11 @@ impl App {
     pub fn parse(spec: &str) -> anyhow::Result<Self> {
         let mut parts = spec.splitn(3, ':');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(id), Some(key), Some(secret)) if !id.is_empty() && !key.is_empty() && !secret.is_empty() => {
-                Ok(App {
-                    id: id.into(),
-                    key: key.into(),
-                    secret: secret.into(),
-                })
-            }
+            (Some(id), Some(key), Some(secret)) if !id.is_empty() && !key.is_empty() && !secret.is_empty() => Ok(App {
+                id: id.into(),
+                key: key.into(),
+                secret: secret.into(),
+            }),
             _ => bail!("--pusher-app wants id:key:secret"),
         }
     }
@@ -156,7 +154,12 @@ async fn post(
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
             if !head.starts_with("http/1.1 200") {
-                bail!("{}", String::from_utf8_lossy(&buf).lines().next().unwrap_or_default().to_string());
+                let status = String::from_utf8_lossy(&buf[..end])
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                bail!("{status}");
             }
             let length = head
                 .lines()
@@ -193,7 +196,10 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(b"secret").unwrap();
         mac.update(format!("POST\n/apps/1/batch_events\n{query}").as_bytes());
         let expected = hex(&mac.finalize().into_bytes());
-        assert_eq!(target, format!("/apps/1/batch_events?{query}&auth_signature={expected}"));
+        assert_eq!(
+            target,
+            format!("/apps/1/batch_events?{query}&auth_signature={expected}")
+        );
     }
 
     #[test]
