@@ -232,8 +232,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     return_large_buffers_to_the_system();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
+        let listener = bind_public(config.server.listen)
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         let gateway = roomwire::Gateway::start(config, shutdown)
@@ -250,6 +249,26 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         roomwire::run(listener, gateway).await;
         Ok(())
     })
+}
+
+/// The public listener's accept queue. A reconnect storm sends thousands of SYNs at once: with tokio's default
+/// backlog (1,024) 10,000 clients at once overflowed it about 30,000 times, and every dropped SYN waited 1 s, 3 s, ...
+/// for the client's retry, which made the storm's p99 time to the first message several seconds (BENCHMARKS.md,
+/// "Reconnect storm"). The kernel caps it at `net.core.somaxconn` (4,096 by default since Linux 5.4), so this asks
+/// for whatever the host allows.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds `server.listen` as `TcpListener::bind` does (`SO_REUSEADDR` on Unix), with [`LISTEN_BACKLOG`].
+fn bind_public(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Starts tracing as `[log]` says: `RUST_LOG` when set, else `log.level` (default `info`), always under the
