@@ -8,7 +8,8 @@ import re
 import statistics
 import sys
 
-PEERS = ["nats-ws", "socketio", "uws"]
+# roomwire-glibc: Roomwire built without jemalloc (scripts/bench's allocator A/B), shown as a peer.
+PEERS = ["roomwire-glibc", "nats-ws", "socketio", "uws", "sockudo"]
 TARGETS = ["roomwire"] + PEERS
 
 
@@ -159,6 +160,35 @@ def main():
         ],
         "One room, fixed publish rate: 50% of the lower peer's fan-out saturation at this size. 'stalled=1%' makes "
         "1% of the clients stop reading after joining; the target is p99 with stalled clients <= 1.2 x p99 without.",
+    )
+    table(
+        "5. Reconnect storm",
+        "storm",
+        [
+            ("server RSS KiB per connection, 30 s after the last join", lambda r: r.get("rss_kib_per_conn"),
+             "lower is better; target: storm <= 1.15 x paced"),
+            ("handshakes/s (connect to join confirmed)", lambda r: r.get("handshakes_per_s"), "higher is better"),
+            ("p99 ms from TCP connect to join confirmed",
+             lambda r: r["join_p99_us"] / 1000 if r.get("join_p99_us") is not None else None, "lower is better"),
+            ("server CPU-s per 1,000 handshakes", lambda r: r.get("cpu_s_per_1000_handshakes"), "lower is better"),
+            ("server peak RSS MiB (VmHWM)",
+             lambda r: r["rss_peak_kib"] / 1024 if r.get("rss_peak_kib") else None, "lower is better"),
+            ("connect errors", lambda r: r.get("connect_errors"), "should be 0"),
+        ],
+        "'paced': 10 connection attempts in flight; 'storm': every client at once (one generator process). Each case "
+        "on a fresh server; RSS is read 30 s after the last client joined one of 100 rooms.",
+    )
+    table(
+        "6. CPU per delivery at a fixed load",
+        "cost",
+        [
+            ("server CPU-seconds per million deliveries", best(lambda s: s["cpu_s_per_million"]), "lower is better"),
+            ("delivered/s", best(lambda s: s["delivered_per_s"]), "should be the load: 100k and 30k"),
+            ("p99 latency µs", best(lambda s: s["p99_us"]), "lower is better"),
+        ],
+        "Fan-out to 5,000 subscribers at 20 publishes/s (100k deliveries/s) and 2,000 rooms x 5 at 6,000 publishes/s "
+        "(30k deliveries/s), 10 s each, on one server: a load every target sustains, so CPU per delivery compares "
+        "like with like (the allocator A/B).",
     )
     lat = {}
     for (key, t), rs in groups.items():

@@ -85,12 +85,36 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The allocator (feature `jemalloc`, on by default). A reconnect storm (thousands of TLS and WebSocket handshakes at
+/// once) allocates far more than the connections keep; glibc's malloc kept that transient memory in its arenas, so the
+/// RSS after the first storm was 1.6-1.7x what a paced open leaves, and stayed there (issue 28). jemalloc with the
+/// options below gives it back within seconds: see [`malloc_conf`] and BENCHMARKS.md ("Performance against the
+/// peers").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read by jemalloc itself before `main` (hence a static and not a call): a background thread
+/// purges unused dirty pages after about 1 s (`dirty_decay_ms:1000`) and returns them to the system at once
+/// (`muzzy_decay_ms:0`: no lazily-freed middle stage that RSS would still count). The default (10 s, then 10 s more
+/// as muzzy) purges only when an allocating thread passes by, which an idle gateway after a storm never does. An
+/// operator can still override any of them with the environment variable `_RJEM_MALLOC_CONF` (read after this).
+/// The symbol is jemalloc's `malloc_conf` under tikv-jemalloc-sys's `_rjem_` prefix (its own test,
+/// `tests/malloc_conf_set.rs`, declares it the same way).
+#[cfg(all(feature = "jemalloc", target_os = "linux"))]
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: Option<&'static std::ffi::c_char> = Some(
+    // SAFETY: a pointer to the first byte of a 'static NUL-terminated string, which is what jemalloc reads.
+    unsafe { &*c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr() },
+);
+
 /// Large transient buffers (a room message of 64 KiB or more, built once and shared by every member) get pages of
 /// their own, returned to the system when the message is gone: in glibc's heap they would leave holes that keep the
-/// process's RSS at its high-water mark long after a burst (BENCHMARKS.md, section 1). A `mallopt` knob of glibc; other
-/// allocators return such memory themselves.
+/// process's RSS at its high-water mark long after a burst (BENCHMARKS.md, section 1). A `mallopt` knob of glibc, for
+/// builds without the `jemalloc` feature (jemalloc returns such memory itself).
 fn return_large_buffers_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
     // SAFETY: mallopt only sets an allocator parameter; called once, before the runtime starts any thread.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
@@ -208,8 +232,7 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     return_large_buffers_to_the_system();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
+        let listener = bind_public(config.server.listen)
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         let gateway = roomwire::Gateway::start(config, shutdown)
@@ -226,6 +249,26 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
         roomwire::run(listener, gateway).await;
         Ok(())
     })
+}
+
+/// The public listener's accept queue. A reconnect storm sends thousands of SYNs at once: with tokio's default
+/// backlog (1,024) 10,000 clients at once overflowed it about 30,000 times, and every dropped SYN waited 1 s, 3 s, ...
+/// for the client's retry, which made the storm's p99 time to the first message several seconds (BENCHMARKS.md,
+/// "Reconnect storm"). The kernel caps it at `net.core.somaxconn` (4,096 by default since Linux 5.4), so this asks
+/// for whatever the host allows.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds `server.listen` as `TcpListener::bind` does (`SO_REUSEADDR` on Unix), with [`LISTEN_BACKLOG`].
+fn bind_public(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Starts tracing as `[log]` says: `RUST_LOG` when set, else `log.level` (default `info`), always under the

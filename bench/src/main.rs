@@ -14,9 +14,11 @@
 //! Wire formats per target: `roomwire` (welcome → join/ack → `{"op":"message",..}`), `nats-ws` (NATS text protocol
 //! over WebSocket: CONNECT/SUB/PING → PONG, several `MSG` per frame, PING → PONG), `socketio` (Engine.IO v4 over
 //! WebSocket: `0{..}` → `40` → `40{..}`, `420["join",r]` → `430[]`, `2` → `3`, events `42["msg",..]`) and `uws`
-//! (`{"op":"join"}` → `{"op":"ack"}`, then plain JSON text).
+//! (`{"op":"join"}` → `{"op":"ack"}`, then plain JSON text), `sockudo` (Pusher protocol 7 over WebSocket, published
+//! through Sockudo's HTTP events API: `pusher.rs`).
 
 mod deflate;
+mod pusher;
 mod recover;
 mod rpc;
 
@@ -135,6 +137,10 @@ struct Args {
     /// `rpc` scenario: the gateway's `rpc.subject_prefix`, for the direct requests.
     #[arg(long, default_value = "rpc")]
     rpc_prefix: String,
+    /// `sockudo`: the Pusher app, `id:key:secret`, as in Sockudo's config (subscribers connect to `/app/<key>`, the
+    /// publisher signs with the secret).
+    #[arg(long, default_value = "roomwire-bench:bench-key:bench-secret")]
+    pusher_app: String,
     /// Free text copied into the result (e.g. "run 2").
     #[arg(long)]
     label: Option<String>,
@@ -150,6 +156,7 @@ enum Target {
     NatsWs,
     Socketio,
     Uws,
+    Sockudo,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -166,7 +173,8 @@ enum Scenario {
     Idle,
     /// One room, rate raised until delivered/s stops following: best = highest delivered/s.
     Fanout,
-    /// Many rooms: best = highest delivered/s with p99 under --p99-limit-ms.
+    /// Many rooms: best = highest delivered/s with p99 under --p99-limit-ms; the ramp ends after two saturated steps
+    /// in a row.
     Rooms,
     /// Fixed rate(s): best = the last step.
     Latency,
@@ -174,6 +182,11 @@ enum Scenario {
     Recover,
     /// RPC calls through the gateway against direct NATS requests to the same responder (`rpc.rs`).
     Rpc,
+    /// Connect and join with `--concurrency` attempts in flight per process (the whole `--conns` for a reconnect
+    /// storm, 10 for a paced open), then wait `--settle` seconds (30 for the memory a storm leaves behind) and
+    /// measure like `idle`; adds handshakes/s, the server's CPU for the handshakes and each client's time from its
+    /// TCP connect to its join's confirmation.
+    Storm,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -208,6 +221,9 @@ struct Ready {
     connect_errors: u64,
     stalled: u64,
     first_error: Option<String>,
+    /// Sparse histogram (µs, count) of each joined client's time from its TCP connect to its join's confirmation
+    /// (TLS, the WebSocket upgrade, the server's first message and the join's ack in between).
+    join_us: Vec<(u64, u64)>,
 }
 
 impl Stats {
@@ -236,10 +252,7 @@ impl Stats {
 
     fn take(&self) -> Snapshot {
         let mut hist = self.hist.lock().expect("stats lock");
-        let sparse = hist
-            .iter_recorded()
-            .map(|v| (v.value_iterated_to(), v.count_at_value()))
-            .collect();
+        let sparse = sparse(&hist);
         hist.reset();
         Snapshot {
             delivered: self.delivered.swap(0, Relaxed),
@@ -249,6 +262,13 @@ impl Stats {
             hist: sparse,
         }
     }
+}
+
+/// A histogram's recorded values as (value, count) pairs, to send between processes.
+fn sparse(hist: &Histogram<u64>) -> Vec<(u64, u64)> {
+    hist.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -302,12 +322,21 @@ fn chat_payload(ts: u64, i: u64) -> String {
     format!("{head}{text}{tail}")
 }
 
-/// Every `"ts":<digits>` in `data`, appended to `out`.
+/// Every `"ts":<digits>` in `data`, appended to `out`; also `\"ts\":<digits>`, the same inside a JSON string (Pusher
+/// events carry their data as one).
 fn find_timestamps(data: &[u8], out: &mut Vec<u64>) {
-    const KEY: &[u8] = b"\"ts\":";
+    const KEY: &[u8] = b"\"ts";
     let mut i = 0;
     while let Some(pos) = data[i..].windows(KEY.len()).position(|w| w == KEY) {
         let mut j = i + pos + KEY.len();
+        if data[j..].starts_with(b"\":") {
+            j += 2;
+        } else if data[j..].starts_with(b"\\\":") {
+            j += 3;
+        } else {
+            i = j;
+            continue;
+        }
         let mut ts = 0u64;
         while let Some(d) = data.get(j).filter(|b| b.is_ascii_digit()) {
             ts = ts.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
@@ -566,6 +595,20 @@ async fn join(ws: &mut Ws, target: Target, room: &str) -> anyhow::Result<()> {
                 .await?;
             wait_text(ws, |t| t.contains("\"ack\"")).await?;
         }
+        Target::Sockudo => {
+            wait_text(ws, |t| t.contains("pusher:connection_established")).await?;
+            ws.send(Message::text(format!(
+                r#"{{"event":"pusher:subscribe","data":{{"channel":"{room}"}}}}"#
+            )))
+            .await?;
+            let ack = wait_text(ws, |t| {
+                t.contains("pusher_internal:subscription_succeeded") || t.contains("pusher:error")
+            })
+            .await?;
+            if ack.contains("pusher:error") {
+                bail!("subscribe refused: {ack}");
+            }
+        }
         Target::Socketio => {
             wait_text(ws, |t| t.starts_with('0')).await?;
             ws.send(Message::text("40")).await?;
@@ -649,6 +692,9 @@ async fn read_loop(mut ws: Ws, target: Target, stats: &Stats) {
                 ping.then(|| Message::binary(&b"PONG\r\n"[..]))
             }
             Target::Socketio if &data[..] == b"2" => Some(Message::text("3")),
+            Target::Sockudo if data.windows(12).any(|w| w == b"pusher:ping\"") => {
+                Some(Message::text(r#"{"event":"pusher:pong","data":{}}"#))
+            }
             _ => {
                 find_timestamps(&data, &mut stamps);
                 None
@@ -681,7 +727,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
         bail!("--deflate is for roomwire and uws");
     }
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<bool, String>>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<(bool, u64), String>>();
     for i in offset..offset + count {
         let permit = limit.clone().acquire_owned().await?;
         let endpoint = endpoints[i % endpoints.len()].clone();
@@ -692,6 +738,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
         let (target, stalled) = (args.target, stalled_every > 0 && i % stalled_every == stalled_every / 2);
         if deflating {
             tokio::spawn(async move {
+                let started = Instant::now();
                 let joined = tokio::time::timeout(Duration::from_secs(30), async {
                     let mut ws = deflate::connect(&endpoint, source).await?;
                     deflate::join(&mut ws, target, &room).await?;
@@ -702,7 +749,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
                 drop(permit);
                 match joined {
                     Ok(ws) => {
-                        let _ = done_tx.send(Ok(stalled));
+                        let _ = done_tx.send(Ok((stalled, started.elapsed().as_micros() as u64)));
                         drop(done_tx);
                         if stalled {
                             let _keep = ws;
@@ -719,6 +766,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
             continue;
         }
         tokio::spawn(async move {
+            let started = Instant::now();
             let joined = tokio::time::timeout(Duration::from_secs(30), async {
                 let mut ws = endpoint.connect(source).await?;
                 join(&mut ws, target, &room).await?;
@@ -729,7 +777,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
             drop(permit);
             match joined {
                 Ok(ws) => {
-                    let _ = done_tx.send(Ok(stalled));
+                    let _ = done_tx.send(Ok((stalled, started.elapsed().as_micros() as u64)));
                     drop(done_tx);
                     if stalled {
                         // Holds the socket open and never reads: the server's buffers towards it fill up.
@@ -747,12 +795,14 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
     }
     drop(done_tx);
     let mut ready = Ready::default();
+    let mut join_hist = new_histogram();
     for _ in 0..count {
         let Some(result) = done_rx.recv().await else { break };
         match result {
-            Ok(stalled) => {
+            Ok((stalled, join_us)) => {
                 ready.connected += 1;
                 ready.stalled += u64::from(stalled);
+                join_hist.saturating_record(join_us.clamp(1, MAX_LATENCY_US));
             }
             Err(e) => {
                 ready.connect_errors += 1;
@@ -760,6 +810,7 @@ async fn run_subscribers(args: &Args, offset: usize, count: usize, stats: Arc<St
             }
         }
     }
+    ready.join_us = sparse(&join_hist);
     Ok(ready)
 }
 
@@ -890,10 +941,40 @@ async fn run_publisher(
             Target::Uws => {
                 out.extend_from_slice(format!(r#"{{"op":"pub","room":"r{room}","data":{payload}}}"#).as_bytes())
             }
+            // The channel, a tab, the event's data (split again by the Sockudo publisher).
+            Target::Sockudo => out.extend_from_slice(format!("r{room}\t{payload}").as_bytes()),
         }
     };
     let mut pacer = Pacer::new(rate);
     match args.target {
+        Target::Sockudo => {
+            let base = args.pub_url.clone().unwrap_or_else(|| "http://127.0.0.1:6001".into());
+            let errors = Arc::new(AtomicU64::new(0));
+            let queues = pusher::start(&base, pusher::App::parse(&args.pusher_app)?, errors.clone()).await?;
+            let _ = connected.send(());
+            let (mut next, mut one) = (0usize, Vec::new());
+            loop {
+                let n = pacer.due().await;
+                if errors.load(Relaxed) > 0 {
+                    bail!("the Sockudo events API failed (see above)");
+                }
+                let mut events = Vec::with_capacity(pusher::BATCH);
+                for i in 0..n {
+                    one.clear();
+                    encode(&mut one, args.target);
+                    let text = String::from_utf8_lossy(&one);
+                    let (channel, data) = text.split_once('\t').context("encoded event")?;
+                    events.push((channel.to_string(), data.to_string()));
+                    if events.len() == pusher::BATCH || i + 1 == n {
+                        queues[next % queues.len()]
+                            .send(std::mem::take(&mut events))
+                            .map_err(|_| anyhow!("a Sockudo publishing connection ended"))?;
+                        next += 1;
+                    }
+                }
+                published.fetch_add(n, Relaxed);
+            }
+        }
         Target::Roomwire | Target::NatsWs => {
             let url = args.pub_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
             let addr = url.trim_start_matches("nats://");
@@ -1023,6 +1104,11 @@ fn rss_kib(pid: u32) -> Option<u64> {
     proc_field(&status, "VmRSS:")
 }
 
+fn rss_peak_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    proc_field(&status, "VmHWM:")
+}
+
 fn cpu_secs(pids: &[u32]) -> f64 {
     pids.iter()
         .filter_map(|pid| {
@@ -1084,6 +1170,17 @@ struct Report {
     first_error: Option<String>,
     stalled: u64,
     connect_secs: f64,
+    /// Clients joined per second of the connect phase (all of it: the first attempt to the last confirmation).
+    handshakes_per_s: f64,
+    /// Server CPU seconds (summed over `--server-pid`) during the connect phase.
+    connect_cpu_s: f64,
+    cpu_s_per_1000_handshakes: Option<f64>,
+    /// Each client's time from its TCP connect to its join's confirmation: p50, p99, max.
+    join_p50_us: u64,
+    join_p99_us: u64,
+    join_max_us: u64,
+    /// The first server process's peak RSS (VmHWM) right after the connect phase.
+    rss_peak_kib: Option<u64>,
     rss_before_kib: Option<u64>,
     rss_after_kib: Option<u64>,
     rss_kib_per_conn: Option<f64>,
@@ -1116,6 +1213,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
     let rss_before = pid.and_then(rss_kib);
     let rss_each_before: Vec<Option<u64>> = args.rss_pid.iter().map(|&p| rss_kib(p)).collect();
     let slab_before = slab_kib();
+    let cpu_before = cpu_secs(&args.server_pid);
     let started = Instant::now();
 
     let mut workers = Vec::new();
@@ -1126,6 +1224,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         workers.push(Workers::spawn(&args, offset, count, procs)?);
     }
     let mut ready = Ready::default();
+    let mut join_hist = new_histogram();
     for w in &mut workers {
         let r = w.ready().await?;
         ready.connected += r.connected;
@@ -1134,8 +1233,13 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         if ready.first_error.is_none() {
             ready.first_error = r.first_error;
         }
+        for (v, c) in r.join_us {
+            join_hist.saturating_record_n(v, c);
+        }
     }
     let connect_secs = started.elapsed().as_secs_f64();
+    let connect_cpu_s = cpu_secs(&args.server_pid) - cpu_before;
+    let rss_peak_kib = pid.and_then(rss_peak_kib);
     eprintln!(
         "roomwire-bench: {} connected, {} errors in {connect_secs:.1}s",
         ready.connected, ready.connect_errors
@@ -1171,7 +1275,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs_f64(args.burst_idle)).await;
         rss_after_burst = pid.and_then(rss_kib);
     }
-    if args.scenario == Scenario::Idle {
+    if matches!(args.scenario, Scenario::Idle | Scenario::Storm) {
         tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
         for w in &mut workers {
             closed += w.snapshot().await?.closed;
@@ -1189,6 +1293,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         rate_tx.send(args.rate[0])?;
         tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
         let readers = ready.connected.saturating_sub(ready.stalled);
+        let mut saturated_in_a_row = 0;
         for &rate in &args.rate {
             for w in &mut workers {
                 closed += w.snapshot().await?.closed; // discard what arrived before this step
@@ -1243,9 +1348,16 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
                 step.p99_us,
                 if step.saturated { " (saturated)" } else { "" }
             );
-            let saturated = step.saturated;
+            saturated_in_a_row = if step.saturated { saturated_in_a_row + 1 } else { 0 };
             steps.push(step);
-            if saturated && args.scenario != Scenario::Latency {
+            // Many rooms goes on past one saturated step: on a shared machine one step can lose its core for a moment,
+            // and the best step is chosen by p99 anyway. Two in a row end it.
+            let enough = match args.scenario {
+                Scenario::Latency => false,
+                Scenario::Rooms => saturated_in_a_row >= 2,
+                _ => saturated_in_a_row >= 1,
+            };
+            if enough {
                 break;
             }
         }
@@ -1264,7 +1376,7 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
 
     let limit_us = (args.p99_limit_ms * 1000.0) as u64;
     let best = match args.scenario {
-        Scenario::Idle | Scenario::Recover | Scenario::Rpc => None,
+        Scenario::Idle | Scenario::Recover | Scenario::Rpc | Scenario::Storm => None,
         Scenario::Fanout => steps
             .iter()
             .filter(|s| s.closed == 0)
@@ -1293,6 +1405,14 @@ async fn coordinator_main(args: Args) -> anyhow::Result<()> {
         first_error: ready.first_error,
         stalled: ready.stalled,
         connect_secs,
+        handshakes_per_s: ready.connected as f64 / connect_secs.max(1e-9),
+        connect_cpu_s,
+        cpu_s_per_1000_handshakes: (!args.server_pid.is_empty() && ready.connected > 0)
+            .then(|| connect_cpu_s / ready.connected as f64 * 1000.0),
+        join_p50_us: join_hist.value_at_quantile(0.5),
+        join_p99_us: join_hist.value_at_quantile(0.99),
+        join_max_us: join_hist.max(),
+        rss_peak_kib,
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
         rss_kib_per_conn: per_conn(rss_before, rss_after),
