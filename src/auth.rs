@@ -31,7 +31,7 @@ use std::{
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, Permissions};
+use crate::config::AuthConfig;
 pub use error::AuthError;
 pub use identity::{Identity, MAX_JTI_LEN, MAX_SUB_LEN, valid_sub};
 use keys::load_keys;
@@ -52,7 +52,9 @@ pub use crate::token::{extract_token, redact_uri};
 pub struct Authenticator {
     verifier: Arc<Verifier>,
     allow_anonymous: bool,
-    anonymous: Permissions,
+    /// The identity of every anonymous connection, built once: its pattern lists are shared (`Arc`), so an idle
+    /// anonymous connection holds none of its own.
+    anonymous: Identity,
     /// Signature checks running at once. Bound: `auth.max_concurrent_verifications`; a permit moves into the
     /// blocking task and is released when the check ends, even if its requester has gone.
     permits: Arc<Semaphore>,
@@ -96,7 +98,7 @@ impl Authenticator {
                 verifications: AtomicU64::new(0),
             }),
             allow_anonymous: cfg.allow_anonymous,
-            anonymous: cfg.anonymous.clone(),
+            anonymous: Identity::anonymous(&cfg.anonymous),
             permits: Arc::new(Semaphore::new(permits)),
             max_wait: cfg.max_verification_wait,
         })
@@ -110,7 +112,7 @@ impl Authenticator {
     pub fn authenticate(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         match token {
             Some(t) => self.verify(t),
-            None if self.allow_anonymous => Ok(Identity::anonymous(&self.anonymous)),
+            None if self.allow_anonymous => Ok(self.anonymous.clone()),
             None => Err(AuthError::Missing),
         }
     }
@@ -124,7 +126,7 @@ impl Authenticator {
     ) -> Result<Identity, AuthError> {
         match token {
             Some(t) => self.verify_bounded(t, None, cancel).await,
-            None if self.allow_anonymous => Ok(Identity::anonymous(&self.anonymous)),
+            None if self.allow_anonymous => Ok(self.anonymous.clone()),
             None => Err(AuthError::Missing),
         }
     }
@@ -200,6 +202,7 @@ mod tests {
     use jsonwebtoken::{Algorithm, EncodingKey};
 
     use super::*;
+    use crate::config::Permissions;
     use testkit::*;
     use verifier::MAX_TOKEN_LEN;
 

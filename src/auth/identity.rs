@@ -2,7 +2,10 @@
 //! verified token's claims (or from `auth.anonymous`), and the rules a claim meets before it may reach a NATS header,
 //! a log line or a room name ([`valid_sub`], [`pattern_list`]). Uses only [`super::error`].
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use serde_json::Value;
 
@@ -65,11 +68,11 @@ pub struct Identity {
     /// `auth.leeway_secs`: the identity is valid until `exp` plus this ([`Identity::expires_in`]).
     pub(super) grace: Duration,
     /// `*` glob patterns of rooms that may be joined.
-    pub(super) join: Vec<RoomPattern>,
+    pub(super) join: Arc<[RoomPattern]>,
     /// `*` glob patterns of rooms that may be published to.
-    pub(super) publish: Vec<RoomPattern>,
+    pub(super) publish: Arc<[RoomPattern]>,
     /// `*` glob patterns of RPC methods that may be called.
-    pub(super) rpc: Vec<RoomPattern>,
+    pub(super) rpc: Arc<[RoomPattern]>,
     /// The personal room (`auth.personal_room` with `{sub}` replaced), matched exactly, never as a glob: a `sub`
     /// containing `*` must not widen the grant.
     pub(super) personal: Option<String>,
@@ -90,9 +93,9 @@ impl Identity {
             user: None,
             expires_at: None,
             grace: Duration::ZERO,
-            join: perms.join.clone(),
-            publish: perms.publish.clone(),
-            rpc: perms.rpc.clone(),
+            join: perms.join.as_slice().into(),
+            publish: perms.publish.as_slice().into(),
+            rpc: perms.rpc.as_slice().into(),
             personal: None,
             subs: Vec::new(),
             jti: None,

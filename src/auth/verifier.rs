@@ -123,9 +123,13 @@ impl Verifier {
             Some(v) => v.as_u64().or_else(|| v.as_f64().map(|f| f.round() as u64)),
             None => None,
         };
-        let join = pattern_list(claims.get(&self.rooms_claim))?.unwrap_or_default();
-        let publish = pattern_list(claims.get(&self.publish_claim))?.unwrap_or_else(|| join.clone());
-        let rpc = pattern_list(claims.get(&self.rpc_claim))?.unwrap_or_default();
+        let join: std::sync::Arc<[_]> = pattern_list(claims.get(&self.rooms_claim))?.unwrap_or_default().into();
+        // Without a publish claim the join patterns are shared, not copied.
+        let publish = match pattern_list(claims.get(&self.publish_claim))? {
+            Some(p) => p.into(),
+            None => join.clone(),
+        };
+        let rpc = pattern_list(claims.get(&self.rpc_claim))?.unwrap_or_default().into();
         let mut subs = room_list(claims.get(&self.subs_claim))?;
         if self.join_personal_room
             && let Some(room) = &personal
