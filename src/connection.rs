@@ -18,8 +18,10 @@
 //! keeps an idle connection small (`BENCHMARKS.md`, section 1; `size_tests` below pins it).
 //!
 //! The parts: [`deadlines`] (one timer for every deadline), [`ops`] (the client's ops), [`presence`] (the
-//! `presence` and `presence_stats` ops), [`recovery`] (history joins), [`replies`] (what a refused op looks like to the client) and [`ending`] (what each ending means, and the
-//! end itself).
+//! `presence` and `presence_stats` ops), [`recovery`] (history joins), [`server_rooms`] (the token's server-side rooms
+//! before the `welcome`, and the room changes backends ask for, `crate::control`), [`rpc`] (calls to NATS services),
+//! [`replies`] (what a refused op looks like to the client) and [`ending`] (what each ending means, and the end
+//! itself).
 //!
 //! How a connection always ends (a task that cannot end would hold its socket and slots until restart):
 //! - the loop ends on the gateway's stop state (`shutdown::StopWatch`: the drain sets this connection's moment, the

@@ -12,7 +12,10 @@
 //! [`protocol`] (wire format), [`frame`] (one server frame, built once and shared, and its deflated twin),
 //! [`deflate`] (permessage-deflate: negotiation, one compression per message, bounded inflation), [`metrics`] and [`shutdown`].
 //! [`history`] keeps room history in a JetStream stream and reads stored room messages back from it (JetStream
-//! direct gets); [`presence`] keeps who is in each room, over every gateway, in a JetStream KV bucket. No module imports another in a circle (`scripts/modgraph`, run by `scripts/test`).
+//! direct gets); [`presence`] keeps who is in each room, over every gateway, in a JetStream KV bucket; [`control`] acts
+//! on backend commands over NATS (disconnect, subscribe, unsubscribe, revoke) through a registry of the open
+//! connections; [`deflate`] is permessage-deflate (negotiation, compress once, bounded inflate). No module imports
+//! another in a circle (`scripts/modgraph`, run by `scripts/test`).
 //! [`assets`] holds the files served as they are (the browser client library, the demo chat).
 #![warn(missing_docs)]
 
